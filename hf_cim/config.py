@@ -1,0 +1,217 @@
+"""``AnalogNoiseConfig``: everything that defines a simulated analog chip and how training sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .noise.base import NoiseModel, check_range, noise_model_from_dict
+from .noise.gaussian import GaussianWeightNoise, OutputNoise
+
+__all__ = ["CONFIG_VERSION", "GRADIENT_MODES", "INPUT_QUANT_MODES", "AnalogNoiseConfig"]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_VERSION = 1
+GRADIENT_MODES = ("ste", "ste_detach", "full")
+INPUT_QUANT_MODES = ("per_token", "per_tensor")
+
+
+def _default_noise() -> list[NoiseModel]:
+    return [GaussianWeightNoise(std=0.02), OutputNoise(std=0.04)]
+
+
+def _check_bits(name: str, value: Any, low: int, high: int) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"AnalogNoiseConfig: `{name}` must be an int or None, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"AnalogNoiseConfig: `{name}` must be in [{low}, {high}] or None (converter off), got {value}")
+
+
+def _check_patterns(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise ValueError(f"AnalogNoiseConfig: `{name}` must not be an empty string")
+        return value
+    if isinstance(value, (list, tuple, set)):
+        items = list(value)
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise ValueError(f"AnalogNoiseConfig: `{name}` must be a non-empty list of non-empty strings, got {value!r}")
+        return sorted(items) if isinstance(value, set) else items
+    raise TypeError(f"AnalogNoiseConfig: `{name}` must be None, a regex string or a list of names, got {value!r}")
+
+
+@dataclass
+class AnalogNoiseConfig:
+    """How a model's linear layers are simulated on an analog compute-in-memory chip.
+
+    The analog product of one layer is: DAC (quantize inputs) → quantize weights per output channel → noise models'
+    ``program`` and ``read`` hooks → per-tile matrix-vector product → ``output`` hooks → ADC (clip + quantize each
+    tile's partial sum) → digital sum over tiles → rescale → bias added digitally. All analog quantities are in
+    normalized units: inputs in [-1, 1] after the DAC, weights in [-1, 1] (1 ↔ ``g_max``).
+
+    Args:
+        gradient: how gradients are formed. ``"ste"``: extended straight-through estimation as one autograd Function
+            that runs only the noisy forward and saves only ``x`` and ``W`` (fast path). ``"ste_detach"``: the
+            paper's literal ``y_clean + (y_noisy - y_clean).detach()`` (arXiv 2508.11940, Alg. 1). ``"full"``:
+            autograd through the whole simulation (rounding passes straight through): the baseline.
+        input_bits: DAC resolution in bits, in [2, 16]; ``None`` turns the DAC off (inputs stay float but are
+            still normalized to the DAC range). 8 bits give the integer levels -127…127.
+        input_quant: DAC range: ``"per_token"`` (dynamic abs-max of each input vector) or ``"per_tensor"``
+            (dynamic abs-max of the whole input).
+        weight_bits: weight resolution in bits, in [2, 16], per output channel (abs-max); ``None`` = float weights.
+        output_bits: ADC resolution in bits, in [2, 24]; ``None`` turns the ADC off (no clipping, no rounding).
+        out_bound: ADC clipping range ``b_out`` in normalized units (> 0): each tile's partial sum is clipped to
+            [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset).
+        tile_size: crossbar rows, in [1, 65536]; layers with more inputs are split into tiles along the input
+            dimension, each with its own ADC, summed digitally. ``None``: one tile of any size.
+        input_slice_bits: input bit-slicing (SplitInput): the magnitude of the ``input_bits`` integer input is
+            applied ``input_slice_bits`` bits at a time (sign kept on every slice), each slice through the ADC and
+            recombined digitally with its power of two. ``None``: the whole input at once. Needs ``input_bits``.
+        noise: the noise models, applied in order: instances of registered :class:`~hf_cim.NoiseModel`\\ s or
+            their dicts ``{"name": ..., **fields}``. Default: 2 % Gaussian weight noise (per channel) and 0.04
+            output noise. An empty list means quantization only.
+        level: global noise scale (dimensionless, in [0, 100]): multiplies every noise magnitude; 0 leaves only
+            the converters. Schedules and level sampling change it at run time.
+        noise_in_eval: whether noise (and the converters) stay on in ``model.eval()``. ``True`` (default) makes
+            ``Trainer.evaluate`` measure the analog model, as a hardware user expects; use
+            :func:`hf_cim.noise_disabled` for the digital baseline.
+        target_modules: which modules to patch: ``None`` (every linear-like layer), ``"all-linear"`` (peft's
+            meaning: every linear-like layer but the output embedding), a regex (full match on the module name)
+            or a list of names (exact name or ``.name`` suffix). A target that matches nothing is an error.
+        exclude_modules: modules left digital, with the same syntax (e.g. ``["lm_head", "classifier"]``).
+        seed: seed of the noise (int >= 0). Each layer's generator is seeded from (seed, layer name, process rank).
+    """
+
+    gradient: str = field(default="ste", metadata={"help": "Gradient mode: ste, ste_detach or full."})
+    input_bits: int | None = field(default=8, metadata={"help": "DAC bits in [2, 16], None = off."})
+    input_quant: str = field(default="per_token", metadata={"help": "DAC range: per_token or per_tensor."})
+    weight_bits: int | None = field(default=8, metadata={"help": "Weight bits in [2, 16], None = float weights."})
+    output_bits: int | None = field(default=8, metadata={"help": "ADC bits in [2, 24], None = off."})
+    out_bound: float = field(default=10.0, metadata={"help": "ADC clipping range (normalized units, > 0)."})
+    tile_size: int | None = field(default=512, metadata={"help": "Crossbar rows per tile, None = untiled."})
+    input_slice_bits: int | None = field(default=None, metadata={"help": "Bits per input slice, None = no slicing."})
+    noise: Any = field(default_factory=_default_noise, metadata={"help": "Noise models (objects or dicts)."})
+    level: float = field(default=1.0, metadata={"help": "Global noise scale in [0, 100]."})
+    noise_in_eval: bool = field(default=True, metadata={"help": "Keep noise on in model.eval()."})
+    target_modules: Any = field(default=None, metadata={"help": "Modules to patch (None, 'all-linear', regex, list)."})
+    exclude_modules: Any = field(default=None, metadata={"help": "Modules left digital (regex or list)."})
+    seed: int = field(default=0, metadata={"help": "Noise seed (int >= 0)."})
+
+    def __post_init__(self) -> None:
+        if self.gradient not in GRADIENT_MODES:
+            raise ValueError(f"AnalogNoiseConfig: `gradient` must be one of {GRADIENT_MODES}, got {self.gradient!r}")
+        _check_bits("input_bits", self.input_bits, 2, 16)
+        _check_bits("weight_bits", self.weight_bits, 2, 16)
+        _check_bits("output_bits", self.output_bits, 2, 24)
+        if self.input_quant not in INPUT_QUANT_MODES:
+            raise ValueError(
+                f"AnalogNoiseConfig: `input_quant` must be one of {INPUT_QUANT_MODES}, got {self.input_quant!r}"
+            )
+        check_range("AnalogNoiseConfig", "out_bound", self.out_bound, 0.0, None, low_inclusive=False)
+        self.out_bound = float(self.out_bound)
+        if self.tile_size is not None:
+            if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int):
+                raise TypeError(f"AnalogNoiseConfig: `tile_size` must be an int or None, got {self.tile_size!r}")
+            if not 1 <= self.tile_size <= 65536:
+                raise ValueError(f"AnalogNoiseConfig: `tile_size` must be in [1, 65536] or None, got {self.tile_size}")
+        if self.input_slice_bits is not None:
+            if self.input_bits is None:
+                raise ValueError("AnalogNoiseConfig: `input_slice_bits` needs `input_bits` (slices of an integer input)")
+            _check_bits("input_slice_bits", self.input_slice_bits, 1, self.input_bits - 1)
+        self.noise = self._normalize_noise(self.noise)
+        check_range("AnalogNoiseConfig", "level", self.level, 0.0, 100.0)
+        self.level = float(self.level)
+        if not isinstance(self.noise_in_eval, bool):
+            raise TypeError(f"AnalogNoiseConfig: `noise_in_eval` must be a bool, got {self.noise_in_eval!r}")
+        self.target_modules = _check_patterns("target_modules", self.target_modules)
+        self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"AnalogNoiseConfig: `seed` must be an int >= 0, got {self.seed!r}")
+
+    @staticmethod
+    def _normalize_noise(noise: Any) -> list[NoiseModel]:
+        if noise is None:
+            return []
+        if isinstance(noise, (NoiseModel, dict)):
+            noise = [noise]
+        if not isinstance(noise, (list, tuple)):
+            raise TypeError(
+                f"AnalogNoiseConfig: `noise` must be a list of noise models or dicts, got {type(noise).__name__}"
+            )
+        out: list[NoiseModel] = []
+        for i, item in enumerate(noise):
+            if isinstance(item, NoiseModel):
+                out.append(item)
+            elif isinstance(item, dict):
+                try:
+                    out.append(noise_model_from_dict(item))
+                except (ValueError, TypeError) as err:
+                    raise type(err)(f"AnalogNoiseConfig: `noise[{i}]`: {err}") from err
+            else:
+                raise TypeError(
+                    f"AnalogNoiseConfig: `noise[{i}]` must be a NoiseModel or a dict, got {type(item).__name__}"
+                )
+        return out
+
+    @property
+    def uses_noise(self) -> bool:
+        return self.level > 0.0 and len(self.noise) > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "noise":
+                value = [m.to_dict() for m in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        out["hf_cim_config_version"] = CONFIG_VERSION
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AnalogNoiseConfig:
+        """Build a config from :meth:`to_dict` output. Unknown keys are dropped with a warning naming them."""
+        data = dict(data)
+        version = data.pop("hf_cim_config_version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(
+                f"AnalogNoiseConfig: `hf_cim_config_version` {version!r} is newer than this hf_cim supports "
+                f"({CONFIG_VERSION}); upgrade hf_cim"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("AnalogNoiseConfig.from_dict: ignoring unknown field(s) %s", unknown)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> AnalogNoiseConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> AnalogNoiseConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AnalogNoiseConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    def output_step(self) -> float:
+        """ADC step ``Δ_out = 2·b_out/(2^m − 2)`` in normalized units (``inf`` when the ADC is off)."""
+        if self.output_bits is None:
+            return math.inf
+        return 2.0 * self.out_bound / (2**self.output_bits - 2)

@@ -1,0 +1,329 @@
+"""Noisy versions of the linear-like layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``nn.Conv2d``.
+
+A patched layer *is* the original module with its class swapped for a subclass: the same object, the same
+``weight``/``bias`` Parameters (``state_dict`` keys unchanged, tied weights stay tied, hooks kept). Layout quirks live
+here: the noise simulation always sees weights as ``(out, in)``; ``Conv1D`` stores ``(in, out)``; ``Conv2d`` is
+lowered to a matrix product over its unfolded patches (im2col), as a crossbar computes a convolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import AnalogNoiseConfig
+from .noise.base import NoiseContext
+from .ste import AnalogSTEFunction, ste_detach_forward
+from .tile import analog_matmul, program_weights
+
+__all__ = [
+    "LAYER_MAP",
+    "AnalogLayerMixin",
+    "NoisyConv1D",
+    "NoisyConv2d",
+    "NoisyLinear",
+    "derive_seed",
+    "process_rank",
+]
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed run (0 when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and any labels (layer name, rank, chip...), stable across runs and platforms."""
+    text = "\x1f".join([str(seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class AnalogLayerMixin:
+    """Analog behaviour shared by the noisy layers; the per-layer classes supply the layout adapters."""
+
+    hf_cim_config: AnalogNoiseConfig
+    hf_cim_name: str
+    hf_cim_level: float
+    hf_cim_disabled: bool
+    hf_cim_t_inference: float
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _hf_cim_init(self, name: str, config: AnalogNoiseConfig) -> None:
+        self.hf_cim_config = config
+        self.hf_cim_name = name
+        self.hf_cim_level = config.level
+        self.hf_cim_disabled = False
+        self.hf_cim_t_inference = 0.0
+        self._hf_cim_seed = config.seed
+        self._hf_cim_generator: torch.Generator | None = None
+        self._hf_cim_chip: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _hf_cim_clear(self) -> None:
+        for attr in (
+            "hf_cim_config",
+            "hf_cim_name",
+            "hf_cim_level",
+            "hf_cim_disabled",
+            "hf_cim_t_inference",
+            "_hf_cim_seed",
+            "_hf_cim_generator",
+            "_hf_cim_chip",
+        ):
+            self.__dict__.pop(attr, None)
+
+    def reseed(self, seed: int) -> None:
+        """Restart this layer's noise stream from ``seed`` (combined with the layer name and process rank)."""
+        self._hf_cim_seed = seed
+        self._hf_cim_generator = None
+
+    def noise_generator(self, device: torch.device) -> torch.Generator:
+        """The layer's generator on ``device``, created on first use (after the process group exists)."""
+        gen = self._hf_cim_generator
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(derive_seed(self._hf_cim_seed, self.hf_cim_name, process_rank()))
+            self._hf_cim_generator = gen
+        return gen
+
+    def _noise_context(self, device: torch.device, generator: torch.Generator | None = None) -> NoiseContext:
+        cfg = self.hf_cim_config
+        return NoiseContext(
+            generator=generator if generator is not None else self.noise_generator(device),
+            level=self.hf_cim_level,
+            training=self.training,
+            t_inference=self.hf_cim_t_inference,
+            tile_rows=cfg.tile_size or self.in_dim,
+            layer_name=self.hf_cim_name,
+        )
+
+    # -- chip programming ----------------------------------------------------------------------------------------
+    def program(self, seed: int, t_inference: float = 0.0) -> None:
+        """Program a simulated chip: draw the static non-idealities once and keep them for every product in eval.
+
+        The draw uses its own generator seeded from (``seed``, layer name, process rank), so the same seed programs
+        the same chip whatever happened before; programming the same seed at another ``t_inference`` gives the same
+        chip drifted to that time.
+        """
+        weight = self._weight_oi(self.weight).detach()
+        device = weight.device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(seed, self.hf_cim_name, process_rank(), "chip"))
+        self.hf_cim_t_inference = float(t_inference)
+        ctx = self._noise_context(device, generator=gen)
+        ctx.training = False
+        with torch.no_grad():
+            self._hf_cim_chip = program_weights(weight.float(), self.hf_cim_config, ctx, self.hf_cim_config.noise)
+
+    def clear_program(self) -> None:
+        """Forget the programmed chip: evaluation draws the static noise anew at every forward again."""
+        self._hf_cim_chip = None
+
+    @property
+    def is_programmed(self) -> bool:
+        return self._hf_cim_chip is not None
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return x.dtype
+
+    def _noisy_forward(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, differentiable: bool
+    ) -> torch.Tensor:
+        out_dtype = self._compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x2d = self._to_rows(x).float()
+            cfg = self.hf_cim_config
+            ctx = self._noise_context(x.device)
+            if self._hf_cim_chip is not None and not self.training:
+                w_prog, w_scale = self._hf_cim_chip
+            else:
+                w_oi = self._weight_oi(weight).float()
+                w_prog, w_scale = program_weights(w_oi, cfg, ctx, cfg.noise, differentiable=differentiable)
+            y2d = analog_matmul(x2d, w_prog, w_scale, bias, cfg, ctx, cfg.noise, differentiable=differentiable)
+            return self._from_rows(y2d, x).to(out_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf_cim_config
+        if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
+            return self._clean_forward(x)
+        if not torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._noisy_forward(x, self.weight, self.bias, differentiable=False)
+        if cfg.gradient == "ste":
+            return AnalogSTEFunction.apply(x, self.weight, self.bias, self)
+        if cfg.gradient == "ste_detach":
+            return ste_detach_forward(self, x, self.weight, self.bias)
+        return self._noisy_forward(x, self.weight, self.bias, differentiable=True)
+
+    # -- per-layer adapters (overridden) -------------------------------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        raise NotImplementedError
+
+    def _weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight as ``(out, in)``."""
+        raise NotImplementedError
+
+    def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer input → the ``(vectors, in)`` matrix the crossbar sees."""
+        raise NotImplementedError
+
+    def _from_rows(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``(vectors, out)`` crossbar output → the layer's output layout."""
+        raise NotImplementedError
+
+    def _clean_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+        raise NotImplementedError
+
+    def _bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.reshape(-1, grad.shape[-1]).sum(0).to(self.bias.dtype)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return a.to(dtype) @ b.to(dtype)
+
+
+class NoisyLinear(AnalogLayerMixin, nn.Linear):
+    """``nn.Linear`` computed on a simulated analog crossbar; weight ``(out, in)``."""
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_features
+
+    def _weight_oi(self, weight):
+        return weight
+
+    def _to_rows(self, x):
+        return x.reshape(-1, self.in_features)
+
+    def _from_rows(self, y, x):
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _clean_forward(self, x):
+        return nn.Linear.forward(self, x)
+
+    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+        grad_x = _mm(grad, weight, dtype).to(x.dtype) if need_x else None
+        grad_w = None
+        if need_w:
+            g2d = grad.reshape(-1, grad.shape[-1])
+            grad_w = _mm(g2d.t(), x.reshape(-1, x.shape[-1]), dtype).to(weight.dtype)
+        return grad_x, grad_w
+
+
+class NoisyConv1D(AnalogLayerMixin, Conv1D):
+    """transformers' ``Conv1D`` (GPT-2) on a simulated crossbar; its weight is stored ``(in, out)``."""
+
+    @property
+    def in_dim(self) -> int:
+        return self.weight.shape[0]
+
+    def _weight_oi(self, weight):
+        return weight.t()
+
+    def _to_rows(self, x):
+        return x.reshape(-1, self.weight.shape[0])
+
+    def _from_rows(self, y, x):
+        return y.reshape(*x.shape[:-1], self.nf)
+
+    def _clean_forward(self, x):
+        return Conv1D.forward(self, x)
+
+    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+        grad_x = _mm(grad, weight.t(), dtype).to(x.dtype) if need_x else None
+        grad_w = None
+        if need_w:
+            g2d = grad.reshape(-1, grad.shape[-1])
+            grad_w = _mm(x.reshape(-1, x.shape[-1]).t(), g2d, dtype).to(weight.dtype)
+        return grad_x, grad_w
+
+
+class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` lowered to a crossbar product over its unfolded patches (``groups == 1``).
+
+    Each output pixel's receptive field (``in_channels·kh·kw`` values) is one input vector of the crossbar; the
+    weight is viewed as ``(out_channels, in_channels·kh·kw)``. Padding modes other than zeros are applied first.
+    """
+
+    @property
+    def in_dim(self) -> int:
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def _weight_oi(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0, 0)
+        if isinstance(self.padding, str):
+            if self.padding == "valid":
+                return x, (0, 0)
+            return F.pad(x, self._reversed_padding_repeated_twice), (0, 0)  # "same" (stride 1)
+        return x, tuple(self.padding)
+
+    def _output_hw(self, x: torch.Tensor) -> tuple[int, int]:
+        xp, pad = self._padded(x[:1, :1])
+        out = []
+        for i in range(2):
+            size = xp.shape[2 + i] + 2 * pad[i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1
+            out.append(size // self.stride[i] + 1)
+        return out[0], out[1]
+
+    def _to_rows(self, x):
+        xp, pad = self._padded(x)
+        cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N·L, C·kh·kw)
+
+    def _from_rows(self, y, x):
+        n = x.shape[0] if x.dim() == 4 else 1
+        oh, ow = self._output_hw(x if x.dim() == 4 else x.unsqueeze(0))
+        y = y.reshape(n, oh * ow, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, oh, ow)
+        return y if x.dim() == 4 else y.squeeze(0)
+
+    def _clean_forward(self, x):
+        return nn.Conv2d.forward(self, x)
+
+    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+        if self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad.to(dtype), x.to(dtype), weight.to(dtype), None, list(self.stride), list(self.padding),
+                list(self.dilation), False, [0, 0], self.groups, [need_x, need_w, False],
+            )
+            return (grad_x.to(x.dtype) if need_x else None), (grad_w.to(weight.dtype) if need_w else None)
+        # Other padding modes: the clean convolution's vector-Jacobian product, recomputed from the saved x and W.
+        with torch.enable_grad():
+            xd = x.detach().to(dtype).requires_grad_(need_x)
+            wd = weight.detach().to(dtype).requires_grad_(need_w)
+            y = self._conv_forward(xd, wd, None)
+            inputs = [t for t, need in ((xd, need_x), (wd, need_w)) if need]
+            grads = list(torch.autograd.grad(y, inputs, grad.to(dtype)))
+        grad_x = grads.pop(0).to(x.dtype) if need_x else None
+        grad_w = grads.pop(0).to(weight.dtype) if need_w else None
+        return grad_x, grad_w
+
+    def _bias_grad(self, grad):
+        dims = (0, 2, 3) if grad.dim() == 4 else (1, 2)
+        return grad.sum(dims).to(self.bias.dtype)
+
+
+#: Exact layer type → its noisy class. Dispatch is on exact types: a subclass of nn.Linear with its own forward
+#: would lose that forward if swapped.
+LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: NoisyLinear,
+    Conv1D: NoisyConv1D,
+    nn.Conv2d: NoisyConv2d,
+}

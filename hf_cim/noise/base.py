@@ -1,0 +1,191 @@
+"""The noise-model protocol and its registry.
+
+A noise model is a small dataclass with a registered ``name`` and up to three hooks, each optional:
+
+* ``program(w, ctx)``: static, at programming time. Receives the normalized, quantized weights ``w`` of shape
+  ``(out, in)`` with ``|w| <= 1`` (``|w| = 1`` maps to ``g_max``) and returns what the devices actually store
+  (programming noise, stuck devices, drift to ``ctx.t_inference``...). In training it runs at every forward
+  (the weights change every step); on a programmed chip (:func:`hf_cim.program_chip`) it runs once per chip.
+* ``read(w, ctx)``: dynamic, at every product, on the programmed weights (read noise, temperature).
+* ``output(y, x, w, ctx)``: on the analog partial sums of each crossbar tile, before the ADC. ``y`` is
+  ``(tiles, tokens, out)``, ``x`` the DAC outputs ``(tiles, tokens, rows)`` and ``w`` the read weights
+  ``(tiles, out, rows)``, all in normalized units (IR-drop, output noise, output-referred read noise).
+
+Hooks may be non-differentiable (numpy, lookup tables, an external simulator): set ``differentiable = False`` and
+the ``full`` gradient mode passes that hook straight through instead of differentiating it. The ``ste`` modes never
+differentiate any hook. All randomness must come from ``ctx.generator`` and all magnitudes must scale with
+``ctx.level`` (``level = 0`` means the model adds no noise).
+
+Models serialise as ``{"name": ..., **fields}`` and are rebuilt only through the registry, never from an import path
+or a pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "NoiseContext",
+    "NoiseModel",
+    "check_range",
+    "get_noise_model_class",
+    "list_noise_models",
+    "noise_model_from_dict",
+    "register_noise_model",
+]
+
+_REGISTRY: dict[str, type[NoiseModel]] = {}
+
+
+@dataclass
+class NoiseContext:
+    """What a hook may know about the product it perturbs.
+
+    Args:
+        generator: the layer's ``torch.Generator``; every random draw must use it.
+        level: global noise scale (dimensionless, >= 0); every magnitude is multiplied by it.
+        training: whether the layer is in training mode.
+        t_inference: seconds since programming (drift and accumulated read noise); 0 means right after programming.
+        tile_rows: rows of a crossbar tile (the input dimension of one tile).
+        layer_name: fully qualified module name, for models that keep per-layer data (e.g. a measured table).
+        weight_scale: per-output-channel abs-max of the float weights, shape ``(out, 1)``: the factor that maps the
+            normalized weights back to the layer's units (for models whose magnitude is relative to the tensor).
+    """
+
+    generator: torch.Generator | None
+    level: float = 1.0
+    training: bool = True
+    t_inference: float = 0.0
+    tile_rows: int = 0
+    layer_name: str = ""
+    weight_scale: torch.Tensor | None = None
+
+    def randn_like(self, t: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like ``t``, drawn from the layer's generator."""
+        return torch.randn(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
+
+    def rand_like(self, t: torch.Tensor) -> torch.Tensor:
+        """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""
+        return torch.rand(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
+
+
+def check_range(
+    owner: str,
+    field: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """Raise a ``ValueError`` naming ``owner.field`` unless ``value`` is a finite number in the given range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: `{field}` must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: `{field}` must be finite, got {value!r}")
+    lo_ok = low is None or (value >= low if low_inclusive else value > low)
+    hi_ok = high is None or (value <= high if high_inclusive else value < high)
+    if not (lo_ok and hi_ok):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        lb = "[" if low_inclusive and low is not None else "("
+        hb = "]" if high_inclusive and high is not None else ")"
+        raise ValueError(f"{owner}: `{field}` must be in {lb}{lo}, {hi}{hb}, got {value!r}")
+
+
+class NoiseModel:
+    """Base class of every noise model; subclasses are ``@dataclass``es registered with :func:`register_noise_model`.
+
+    Class attributes:
+        name: the registry name (set by :func:`register_noise_model`).
+        differentiable: whether the hooks are written in differentiable torch ops. When ``False``, the ``full``
+            gradient mode passes the hooks straight through (identity gradient) instead of differentiating them.
+        static: whether ``program`` draws randomness that a programmed chip must keep fixed.
+    """
+
+    name: ClassVar[str] = ""
+    differentiable: ClassVar[bool] = True
+
+    # Hooks: subclasses override the ones they need; the tile simulation calls only the overridden ones.
+    def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:  # pragma: no cover - protocol default
+        return w
+
+    def read(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:  # pragma: no cover - protocol default
+        return w
+
+    def output(
+        self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext
+    ) -> torch.Tensor:  # pragma: no cover - protocol default
+        return y
+
+    def has_hook(self, hook: str) -> bool:
+        return getattr(type(self), hook) is not getattr(NoiseModel, hook)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def register_noise_model(name: str, cls: type[NoiseModel] | None = None, *, overwrite: bool = False):
+    """Register a noise model class under ``name``; usable as ``register_noise_model(name, cls)`` or as a decorator.
+
+    Raises:
+        ValueError: if ``name`` is taken (pass ``overwrite=True`` to replace it) or ``cls`` is not a dataclass
+            subclass of :class:`NoiseModel`.
+    """
+
+    def _register(klass: type[NoiseModel]) -> type[NoiseModel]:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"register_noise_model: `name` must be a non-empty string, got {name!r}")
+        if not (isinstance(klass, type) and issubclass(klass, NoiseModel)):
+            raise ValueError(f"register_noise_model: `cls` must subclass hf_cim.NoiseModel, got {klass!r}")
+        if not dataclasses.is_dataclass(klass):
+            raise ValueError(f"register_noise_model: `cls` {klass.__name__} must be a @dataclass")
+        if name in _REGISTRY and not overwrite and _REGISTRY[name] is not klass:
+            raise ValueError(
+                f"register_noise_model: a noise model named {name!r} is already registered "
+                f"({_REGISTRY[name].__qualname__}); pass overwrite=True to replace it"
+            )
+        klass.name = name
+        _REGISTRY[name] = klass
+        return klass
+
+    return _register if cls is None else _register(cls)
+
+
+def list_noise_models() -> list[str]:
+    """Names of all registered noise models, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_noise_model_class(name: str) -> type[NoiseModel]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown noise model {name!r}; registered: {', '.join(list_noise_models())}")
+    return _REGISTRY[name]
+
+
+def noise_model_from_dict(data: dict[str, Any]) -> NoiseModel:
+    """Rebuild a noise model from ``{"name": ..., **fields}`` through the registry (unknown fields are errors)."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ValueError(f"a noise model dict needs a `name` key, got {data!r}")
+    cls = get_noise_model_class(data["name"])
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {k: v for k, v in data.items() if k != "name"}
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise ValueError(
+            f"noise model {data['name']!r}: unknown field(s) {unknown}; allowed: {sorted(known)}"
+        )
+    for k, v in fields.items():
+        if isinstance(v, list):
+            fields[k] = tuple(v)
+    return cls(**fields)

@@ -1,0 +1,191 @@
+"""``patch_model`` / ``unpatch_model`` / ``noise_disabled`` / ``set_noise_level``: the in-place verbs.
+
+Target selection follows peft's ``target_modules`` semantics: a string is a regex that must match a module's full
+name; a list holds exact names or ``.suffix`` matches; ``"all-linear"`` means every linear-like layer but the
+output embedding. Every target is checked before anything changes, so a failure never leaves a half-patched model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from .config import AnalogNoiseConfig
+from .layers import LAYER_MAP, AnalogLayerMixin
+
+__all__ = [
+    "analog_layers",
+    "get_config",
+    "noise_disabled",
+    "patch_model",
+    "reseed",
+    "set_noise_level",
+    "unpatch_model",
+]
+
+_CONFIG_ATTR = "hf_cim_config"
+
+
+def _matches(name: str, pattern: str | list[str]) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == key or name.endswith(f".{key}") for key in pattern)
+
+
+def _entry_matches(name: str, key: str) -> bool:
+    return name == key or name.endswith(f".{key}")
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if getter is None:
+        return None
+    try:
+        return getter()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _check_unsupported(name: str, module: nn.Module) -> None:
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        raise ValueError(
+            f"patch_model: module {name!r} is a grouped Conv2d (groups={module.groups}); only groups=1 maps onto "
+            "one crossbar. Leave it digital with `exclude_modules`."
+        )
+
+
+def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.Module]]:
+    named = [(name, m) for name, m in model.named_modules() if name]
+    candidates = [(name, m) for name, m in named if type(m) in LAYER_MAP or isinstance(m, AnalogLayerMixin)]
+    if not candidates:
+        raise ValueError(
+            "patch_model: the model has no linear-like layer (nn.Linear, transformers Conv1D, nn.Conv2d) to patch"
+        )
+    target = config.target_modules
+    if target is None:
+        selected = candidates
+    elif target == "all-linear":
+        out_emb = _output_embedding(model)
+        selected = [(n, m) for n, m in candidates if m is not out_emb]
+    elif isinstance(target, str):
+        selected = [(n, m) for n, m in candidates if _matches(n, target)]
+        if not selected:
+            raise ValueError(
+                f"patch_model: `target_modules` regex {target!r} matches no linear-like layer; "
+                f"linear-like layers are e.g. {[n for n, _ in candidates[:8]]}"
+            )
+    else:
+        for key in target:
+            hits = [(n, m) for n, m in named if _entry_matches(n, key)]
+            if not hits:
+                raise ValueError(
+                    f"patch_model: `target_modules` entry {key!r} matches no module; "
+                    f"linear-like layers are e.g. {[n for n, _ in candidates[:8]]}"
+                )
+            bad = [(n, type(m).__name__) for n, m in hits if (n, m) not in candidates]
+            if len(bad) == len(hits):
+                raise ValueError(
+                    f"patch_model: `target_modules` entry {key!r} matches only unsupported modules {bad[:4]}; "
+                    f"supported types: {sorted(t.__name__ for t in LAYER_MAP)}"
+                )
+        selected = [(n, m) for n, m in candidates if _matches(n, target)]
+
+    exclude = config.exclude_modules
+    if exclude is not None:
+        if isinstance(exclude, str):
+            if not any(_matches(n, exclude) for n, _ in named):
+                raise ValueError(f"patch_model: `exclude_modules` regex {exclude!r} matches no module")
+        else:
+            for key in exclude:
+                if not any(_entry_matches(n, key) for n, _ in named):
+                    raise ValueError(f"patch_model: `exclude_modules` entry {key!r} matches no module")
+        selected = [(n, m) for n, m in selected if not _matches(n, exclude)]
+
+    if not selected:
+        raise ValueError("patch_model: `target_modules` minus `exclude_modules` leaves no layer to patch")
+    already = [n for n, m in selected if isinstance(m, AnalogLayerMixin)]
+    if already:
+        raise ValueError(
+            f"patch_model: module(s) {already[:4]} are already patched; call hf_cim.unpatch_model(model) first"
+        )
+    for name, module in selected:
+        _check_unsupported(name, module)
+    return selected
+
+
+def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
+    """Swap the selected linear-like layers of ``model`` for their noisy versions, in place; returns ``model``.
+
+    The layers keep their Parameters (same objects): ``state_dict`` keys do not change, tied weights stay tied and
+    an optimizer built before patching still updates them.
+
+    Raises:
+        TypeError: if ``config`` is not an :class:`AnalogNoiseConfig`.
+        ValueError: if a target matches nothing, an exclude matches nothing, a selected module is already patched
+            or unsupported. Nothing is changed then.
+    """
+    if not isinstance(config, AnalogNoiseConfig):
+        raise TypeError(f"patch_model: `config` must be an AnalogNoiseConfig, got {type(config).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_model: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    selected = _select(model, config)
+    for name, module in selected:
+        module.__class__ = LAYER_MAP[type(module)]
+        module._hf_cim_init(name, config)
+    setattr(model, _CONFIG_ATTR, config)
+    return model
+
+
+def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogLayerMixin]]:
+    """The patched layers of ``model`` with their names."""
+    for name, module in model.named_modules():
+        if isinstance(module, AnalogLayerMixin):
+            yield name, module
+
+
+def get_config(model: nn.Module) -> AnalogNoiseConfig | None:
+    """The config ``model`` was patched with, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Turn every patched layer back into its plain class, keeping the (trained) Parameters; returns ``model``."""
+    inverse = {v: k for k, v in LAYER_MAP.items()}
+    for _, module in list(analog_layers(model)):
+        module._hf_cim_clear()
+        module.__class__ = inverse[type(module)]
+    model.__dict__.pop(_CONFIG_ATTR, None)
+    return model
+
+
+@contextmanager
+def noise_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, patched layers compute the exact digital product (equal to the unpatched model's)."""
+    layers = [m for _, m in analog_layers(model)]
+    previous = [m.hf_cim_disabled for m in layers]
+    for m in layers:
+        m.hf_cim_disabled = True
+    try:
+        yield model
+    finally:
+        for m, prev in zip(layers, previous):
+            m.hf_cim_disabled = prev
+
+
+def set_noise_level(model: nn.Module, level: float) -> None:
+    """Scale every noise magnitude of every patched layer by ``level`` (>= 0; 0 keeps only the converters)."""
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 100.0:
+        raise ValueError(f"set_noise_level: `level` must be a number in [0, 100], got {level!r}")
+    for _, m in analog_layers(model):
+        m.hf_cim_level = float(level)
+
+
+def reseed(model: nn.Module, seed: int) -> None:
+    """Restart every patched layer's noise stream from ``seed``: the next forwards repeat the same noise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"reseed: `seed` must be an int >= 0, got {seed!r}")
+    for _, m in analog_layers(model):
+        m.reseed(seed)

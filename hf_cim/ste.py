@@ -1,0 +1,55 @@
+"""The straight-through mechanism of arXiv 2508.11940, in one place, at the layer output.
+
+Three gradient modes:
+
+* ``ste`` — :class:`AnalogSTEFunction`: forward = the noisy analog simulation only (no clean product), saving only
+  ``x`` and ``W``; backward = the clean layer's gradients (``g·W``, ``gᵀ·x``, ``Σg``). Same gradient as the paper's
+  form, without its extra clean forward and without keeping the noisy output alive.
+* ``ste_detach`` — :func:`ste_detach_forward`: the paper's literal Algorithm 1,
+  ``y = y_clean + (y_noisy − y_clean).detach()`` with ``y_noisy`` computed under ``no_grad``.
+* ``full`` — the baseline: autograd through the whole simulation (the layer calls it with ``differentiable=True``).
+
+The layer supplies three callables (see :class:`hf_cim.layers.AnalogLayerMixin`): the noisy forward, the clean
+forward and the clean backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.autograd.function import once_differentiable
+
+__all__ = ["AnalogSTEFunction", "ste_detach_forward"]
+
+
+class AnalogSTEFunction(torch.autograd.Function):
+    """``y = analog(x, W, b)`` forward; ``∂L/∂x = clean``, ``∂L/∂W = clean``, ``∂L/∂b = Σg`` backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: Any):
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.compute_dtype = layer._compute_dtype(x)
+        ctx.save_for_backward(x, weight)
+        with torch.no_grad():
+            return layer._noisy_forward(x, weight, bias, differentiable=False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, grad_w = ctx.layer._clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
+        grad_b = None
+        if ctx.has_bias and need_b:
+            grad_b = ctx.layer._bias_grad(grad_output)
+        return grad_x, grad_w, grad_b, None
+
+
+def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The paper's Algorithm 1: a clean forward with autograd plus the detached noisy correction."""
+    y_clean = layer._clean_forward(x)
+    with torch.no_grad():
+        y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False)
+    return y_clean + (y_noisy - y_clean).detach()
