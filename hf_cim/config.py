@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .noise.base import NoiseModel, check_range, noise_model_from_dict
+from .noise.base import NoiseModel, check_range, get_noise_model_class, noise_model_from_dict
 from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
 __all__ = ["CONFIG_VERSION", "GRADIENT_MODES", "INPUT_QUANT_MODES", "AnalogNoiseConfig"]
@@ -31,7 +31,9 @@ def _check_bits(name: str, value: Any, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"AnalogNoiseConfig: `{name}` must be an int or None, got {value!r}")
     if not low <= value <= high:
-        raise ValueError(f"AnalogNoiseConfig: `{name}` must be in [{low}, {high}] or None (converter off), got {value}")
+        raise ValueError(
+            f"AnalogNoiseConfig: `{name}` must be in [{low}, {high}] or None (converter off), got {value}"
+        )
 
 
 def _check_patterns(name: str, value: Any) -> Any:
@@ -44,7 +46,9 @@ def _check_patterns(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple, set)):
         items = list(value)
         if not items or not all(isinstance(v, str) and v for v in items):
-            raise ValueError(f"AnalogNoiseConfig: `{name}` must be a non-empty list of non-empty strings, got {value!r}")
+            raise ValueError(
+                f"AnalogNoiseConfig: `{name}` must be a non-empty list of non-empty strings, got {value!r}"
+            )
         return sorted(items) if isinstance(value, set) else items
     raise TypeError(f"AnalogNoiseConfig: `{name}` must be None, a regex string or a list of names, got {value!r}")
 
@@ -125,7 +129,9 @@ class AnalogNoiseConfig:
                 raise ValueError(f"AnalogNoiseConfig: `tile_size` must be in [1, 65536] or None, got {self.tile_size}")
         if self.input_slice_bits is not None:
             if self.input_bits is None:
-                raise ValueError("AnalogNoiseConfig: `input_slice_bits` needs `input_bits` (slices of an integer input)")
+                raise ValueError(
+                    "AnalogNoiseConfig: `input_slice_bits` needs `input_bits` (slices of an integer input)"
+                )
             _check_bits("input_slice_bits", self.input_slice_bits, 1, self.input_bits - 1)
         self.noise = self._normalize_noise(self.noise)
         check_range("AnalogNoiseConfig", "level", self.level, 0.0, 100.0)
@@ -150,6 +156,11 @@ class AnalogNoiseConfig:
         out: list[NoiseModel] = []
         for i, item in enumerate(noise):
             if isinstance(item, NoiseModel):
+                if not type(item).name or get_noise_model_class(type(item).name) is not type(item):
+                    raise ValueError(
+                        f"AnalogNoiseConfig: `noise[{i}]` is a {type(item).__name__}, which is not registered; "
+                        "register it with hf_cim.register_noise_model(name, cls) so the config can be saved"
+                    )
                 out.append(item)
             elif isinstance(item, dict):
                 try:

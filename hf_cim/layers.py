@@ -300,8 +300,17 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
     def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad.to(dtype), x.to(dtype), weight.to(dtype), None, list(self.stride), list(self.padding),
-                list(self.dilation), False, [0, 0], self.groups, [need_x, need_w, False],
+                grad.to(dtype),
+                x.to(dtype),
+                weight.to(dtype),
+                None,
+                list(self.stride),
+                list(self.padding),
+                list(self.dilation),
+                False,
+                [0, 0],
+                self.groups,
+                [need_x, need_w, False],
             )
             return (grad_x.to(x.dtype) if need_x else None), (grad_w.to(weight.dtype) if need_w else None)
         # Other padding modes: the clean convolution's vector-Jacobian product, recomputed from the saved x and W.

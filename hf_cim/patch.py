@@ -58,7 +58,7 @@ def _check_unsupported(name: str, module: nn.Module) -> None:
 
 
 def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.Module]]:
-    named = [(name, m) for name, m in model.named_modules() if name]
+    named = list(model.named_modules())
     candidates = [(name, m) for name, m in named if type(m) in LAYER_MAP or isinstance(m, AnalogLayerMixin)]
     if not candidates:
         raise ValueError(

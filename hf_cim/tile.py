@@ -138,9 +138,9 @@ def analog_matmul(
         x_t = x_t.reshape(n_tiles, n_slices, -1, rows).transpose(0, 1).reshape(n_slices * n_tiles, -1, rows)
         w_t = w_t.unsqueeze(0).expand(n_slices, *w_t.shape).reshape(n_slices * n_tiles, *w_t.shape[1:])
         # Each slice lies in [-1, 1]: the slice's share of x_n is slice_weight / qmax.
-        recombine = torch.tensor(
-            [s / qmax for s in slice_weights], dtype=x.dtype, device=x.device
-        ).repeat_interleave(n_tiles)
+        recombine = torch.tensor([s / qmax for s in slice_weights], dtype=x.dtype, device=x.device).repeat_interleave(
+            n_tiles
+        )
     else:
         x_t, w_t = _tile(x_n, w if output_models else w_mm, config.tile_size)
         recombine = None

@@ -1,0 +1,157 @@
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from hf_cim import AnalogNoiseConfig, NoiseModel
+from hf_cim.noise import NoiseContext, register_noise_model
+from hf_cim.tile import analog_matmul, program_weights
+
+
+def _run(cfg, x, w, b=None, gen_seed=0, differentiable=False):
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(gen_seed), level=cfg.level)
+    w_prog, scale = program_weights(w, cfg, ctx, cfg.noise, differentiable=differentiable)
+    return analog_matmul(x, w_prog, scale, b, cfg, ctx, cfg.noise, differentiable=differentiable)
+
+
+@pytest.fixture
+def data():
+    gen = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(24, 700, generator=gen),
+        torch.randn(48, 700, generator=gen) * 0.05,
+        torch.randn(48, generator=gen),
+    )
+
+
+def test_converters_off_equals_float_product(data):
+    x, w, b = data
+    cfg = AnalogNoiseConfig(input_bits=None, weight_bits=None, output_bits=None, noise=[], tile_size=None)
+    assert torch.allclose(_run(cfg, x, w, b), x @ w.T + b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tile_size", [1, 64, 256, 699, 700, 1000])
+def test_tiled_equals_untiled_without_noise_and_adc(data, tile_size):
+    x, w, b = data
+    base = dict(input_bits=8, weight_bits=8, output_bits=None, noise=[])
+    ref = _run(AnalogNoiseConfig(tile_size=None, **base), x, w, b)
+    out = _run(AnalogNoiseConfig(tile_size=tile_size, **base), x, w, b)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_8bit_product_is_close_to_float(data):
+    x, w, b = data
+    out = _run(AnalogNoiseConfig(noise=[], output_bits=None), x, w, b)
+    ref = x @ w.T + b
+    rel = (out - ref).norm() / ref.norm()
+    assert 1e-4 < rel < 0.02
+
+
+def test_adc_clips_each_tile_and_quantizes():
+    # All-ones inputs and weights: each tile's partial sum is its row count; the ADC clips it to out_bound.
+    x = torch.ones(2, 40)
+    w = torch.ones(3, 40)
+    cfg = AnalogNoiseConfig(noise=[], out_bound=8.0, output_bits=8, tile_size=10)
+    assert torch.allclose(_run(cfg, x, w), torch.full((2, 3), 4 * 8.0))
+    cfg = AnalogNoiseConfig(noise=[], out_bound=100.0, output_bits=4, tile_size=None)
+    step = 2 * 100.0 / 14
+    assert torch.allclose(_run(cfg, x, w), torch.full((2, 3), round(40 / step) * step))
+
+
+def test_bias_is_added_on_the_adc_grid():
+    x = torch.ones(1, 4)
+    w = torch.ones(2, 4)
+    b = torch.tensor([0.3, -0.31])
+    cfg = AnalogNoiseConfig(noise=[], out_bound=4.0, output_bits=4, tile_size=None)
+    step = 2 * 4.0 / 14  # in units of |x|max·|w|max = 1
+    expected = torch.round(torch.tensor(4.0) / step) * step + torch.round(b / step) * step
+    assert torch.allclose(_run(cfg, x, w, b), expected.reshape(1, 2), atol=1e-6)
+
+
+@pytest.mark.parametrize("slice_bits", [1, 2, 4])
+@pytest.mark.parametrize("tile_size", [None, 128])
+def test_bit_slicing_without_noise_and_adc_equals_unsliced(data, slice_bits, tile_size):
+    x, w, b = data
+    base = dict(output_bits=None, noise=[], tile_size=tile_size)
+    ref = _run(AnalogNoiseConfig(**base), x, w, b)
+    out = _run(AnalogNoiseConfig(input_slice_bits=slice_bits, **base), x, w, b)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_output_noise_statistics_and_level_scaling(data):
+    x, w, _ = data
+    cfg = AnalogNoiseConfig(noise=[{"name": "output_noise", "std": 0.05}], output_bits=None, tile_size=None)
+    clean = _run(cfg.replace(level=0.0), x, w)
+    # In the layer's units the normalized noise is scaled by |x|max (per token) · |w|max (per channel).
+    unit = x.abs().amax(1, keepdim=True) * w.abs().amax(1).unsqueeze(0)
+    for level in (1.0, 2.0):
+        noisy = _run(cfg.replace(level=level), x, w)
+        z = (noisy - clean) / unit
+        assert z.mean().abs() < 0.01
+        assert z.std().item() == pytest.approx(0.05 * level, rel=0.05)
+
+
+def test_gaussian_weight_noise_statistics():
+    w = torch.linspace(-1, 1, 2000).repeat(64, 1)
+    x = torch.eye(2000)[:1]
+    cfg = AnalogNoiseConfig(
+        noise=[{"name": "gaussian_weight", "std": 0.03}], input_bits=None, weight_bits=None, output_bits=None
+    )
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(3))
+    w_prog, scale = program_weights(w, cfg, ctx, cfg.noise)
+    assert torch.allclose(scale, torch.ones(64, 1))
+    dw = w_prog - w
+    assert dw.std().item() == pytest.approx(0.03, rel=0.02)
+    assert dw.mean().abs() < 0.001
+    del x
+
+
+@register_noise_model("test_numpy_sign_flip")
+@dataclass
+class NumpySignFlip(NoiseModel):
+    """A deliberately non-differentiable model: numpy, in-place sign flips of a fixed fraction."""
+
+    fraction: float = 0.1
+    differentiable = False
+
+    def program(self, w, ctx):
+        arr = w.detach().cpu().numpy().copy()
+        rng = np.random.default_rng(int(torch.randint(0, 2**31, (1,), generator=ctx.generator)))
+        flip = rng.random(arr.shape) < self.fraction * ctx.level
+        arr[flip] *= -1
+        return torch.from_numpy(arr).to(w)
+
+
+def test_non_differentiable_hook_passes_straight_through_in_full_mode(data):
+    x, w, _ = data
+    cfg = AnalogNoiseConfig(noise=[NumpySignFlip(0.2)], output_bits=None, gradient="full")
+    wr = w.clone().requires_grad_()
+    out = _run(cfg, x, wr, differentiable=True)
+    assert out.requires_grad
+    out.sum().backward()
+    assert torch.isfinite(wr.grad).all() and wr.grad.abs().sum() > 0
+    same = _run(cfg, x, w, differentiable=False)
+    assert torch.allclose(out.detach(), same, atol=1e-5)
+
+
+def test_unregistered_models_are_refused_at_config_time():
+    @dataclass
+    class Unregistered(NoiseModel):
+        pass
+
+    with pytest.raises(ValueError, match=r"`noise\[0\]` is a Unregistered, which is not registered"):
+        AnalogNoiseConfig(noise=[Unregistered()])
+
+
+def test_hook_with_wrong_shape_is_reported(data):
+    @register_noise_model("test_bad_shape")
+    @dataclass
+    class Bad(NoiseModel):
+        def program(self, w, ctx):
+            return w[:1]
+
+    x, w, _ = data
+    cfg = AnalogNoiseConfig(noise=[Bad()])
+    with pytest.raises(RuntimeError, match="must return a tensor of shape"):
+        _run(cfg, x, w)
