@@ -47,7 +47,7 @@ def quantize_input(
         absmax.clamp_(min=_TINY)
     qmax = 1.0 if bits is None else float(2 ** (bits - 1) - 1)
     scale = absmax / qmax
-    x_int = x / scale
+    x_int = x * (qmax / absmax)  # the same float formula as the fused kernel (hf_cim.kernels.dac_eager)
     if bits is not None:
         # Dividing by the abs-max can give qmax·(1 + ε); clipping keeps the level count at 2^bits − 1.
         x_int = _round(x_int, inplace).clamp_(-qmax, qmax) if inplace else _round(x_int, False).clamp(-qmax, qmax)

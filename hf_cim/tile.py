@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import AnalogNoiseConfig
+from . import kernels
 from .converters import adc_levels, quantize_input, quantize_weight, round_ste, slice_input
 from .noise.base import NoiseContext, NoiseModel
 
@@ -61,6 +62,19 @@ def program_weights(
             if model.has_hook("program"):
                 w_n = _run_hook(model, model.program, differentiable, w_n, ctx)
     return w_n, scale
+
+
+_RECOMBINE_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _recombine_weights(shares: tuple[float, ...], n_tiles: int, device: torch.device) -> torch.Tensor:
+    """Digital weight of each (slice, tile) output, cached: building it per call would copy host→device each time."""
+    key = (shares, n_tiles, str(device))
+    out = _RECOMBINE_CACHE.get(key)
+    if out is None:
+        out = torch.tensor(shares, dtype=torch.float32).repeat_interleave(n_tiles).to(device)
+        _RECOMBINE_CACHE[key] = out
+    return out
 
 
 def _tile(x: torch.Tensor, w: torch.Tensor, rows: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,73 +127,62 @@ def analog_matmul(
             if model.has_hook("read"):
                 w = _run_hook(model, model.read, differentiable, w, ctx)
 
-    x_n, x_scale = quantize_input(x, config.input_bits, config.input_quant, inplace=inplace)
-    if config.input_bits is not None:
-        qmax = float(2 ** (config.input_bits - 1) - 1)
+    qmax = 1.0 if config.input_bits is None else float(2 ** (config.input_bits - 1) - 1)
+    per_token = config.input_quant == "per_token"
+    if inplace:
+        x_n, x_absmax = kernels.dac(x, qmax, per_token, config.input_bits is not None)
     else:
-        qmax = 1.0
-    # x_n holds integer levels: the 1/qmax that maps them to [-1, 1] is folded into the (small) weight tensor
-    # unless a hook needs the normalized inputs.
+        x_n, x_scale = quantize_input(x, config.input_bits, config.input_quant)
+        x_absmax = x_scale * qmax
+    # x ≈ (x_n / qmax) · x_absmax. x_n holds integer levels: the 1/qmax that maps them to [-1, 1] is folded into the
+    # (small) weight tensor unless a hook needs the normalized inputs.
     output_models = [m for m in noise if m.has_hook("output")] if noisy else []
-    x_absmax = x_scale * qmax  # x ≈ (x_n / qmax) · x_absmax: the DAC's full-scale range per token
     if output_models:
         x_n = x_n.div_(qmax) if inplace else x_n / qmax
-        w_mm = w
+        x_int_scale = qmax
     else:
-        w_mm = w / qmax
+        x_int_scale = 1.0
 
     if config.input_slice_bits is not None:
-        # Slices of the integer input: rescale to integers first if x_n was normalized above.
-        x_int = x_n * qmax if output_models else x_n
-        slices, slice_weights = slice_input(x_int, config.input_bits, config.input_slice_bits)
+        slices, slice_weights = slice_input(x_n * x_int_scale, config.input_bits, config.input_slice_bits)
         n_slices = slices.shape[0]
         x_t, w_t = _tile(slices.reshape(-1, slices.shape[-1]), w, config.tile_size)
         n_tiles, rows = x_t.shape[0], x_t.shape[-1]
         x_t = x_t.reshape(n_tiles, n_slices, -1, rows).transpose(0, 1).reshape(n_slices * n_tiles, -1, rows)
         w_t = w_t.unsqueeze(0).expand(n_slices, *w_t.shape).reshape(n_slices * n_tiles, *w_t.shape[1:])
-        # Each slice lies in [-1, 1]: the slice's share of x_n is slice_weight / qmax.
-        recombine = torch.tensor([s / qmax for s in slice_weights], dtype=x.dtype, device=x.device).repeat_interleave(
-            n_tiles
-        )
+        # Each slice lies in [-1, 1]: its share of the normalized input is slice_weight / qmax.
+        shares = [s / qmax for s in slice_weights]
     else:
-        x_t, w_t = _tile(x_n, w if output_models else w_mm, config.tile_size)
-        recombine = None
+        x_t, w_t = _tile(x_n, w if output_models else w / qmax, config.tile_size)
+        n_tiles = x_t.shape[0]
+        shares = [1.0]
+    recombine = _recombine_weights(tuple(shares), n_tiles, x.device)
 
-    y = torch.bmm(x_t, w_t.transpose(1, 2))  # (tiles[*slices], T, out), normalized units
+    y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out), normalized units
 
     for model in output_models:
         y = _run_hook(model, model.output, differentiable, y, x_t, w_t, ctx)
 
+    w_row = w_scale.reshape(1, -1)
     if config.output_bits is not None:
         step = config.output_step()
         levels = adc_levels(config.output_bits)
+        row_scale = w_row * step
+        bias_row = (
+            torch.zeros_like(w_row) if bias is None else bias.reshape(1, -1).to(torch.float32)
+        )  # QuantBias: added on the ADC's integer output grid
         if inplace:
-            y = y.div_(step).round_().clamp_(-levels, levels)
-        else:
-            y = torch.clamp(round_ste(y / step), -levels, levels)
-        out_unit = step
-    else:
-        out_unit = 1.0
+            return kernels.adc_epilogue(y, recombine, x_absmax, row_scale, bias_row, 1.0 / step, levels)
+        y_int = torch.clamp(round_ste(y * (1.0 / step)), -levels, levels)
+        y_sum = (y_int * recombine.reshape(-1, 1, 1)).sum(0)
+        unit = x_absmax * row_scale
+        return (y_sum + round_ste(bias_row / unit)) * unit
 
-    if recombine is not None:
-        y = torch.tensordot(recombine, y, dims=1)
-    elif y.shape[0] == 1:
-        y = y[0]
+    if y.shape[0] == 1 and shares == [1.0]:
+        y_sum = y[0]
     else:
-        y = y.sum(0)
-
-    # Back to the layer's units: per-token input scale × per-channel weight scale (× ADC step).
-    row_scale = w_scale.reshape(1, -1) * out_unit
-    if bias is not None and config.output_bits is not None:
-        # QuantBias: the bias is added digitally on the ADC's integer output grid.
-        b_int = bias.reshape(1, -1).float() / row_scale / x_absmax
-        b_int = b_int.round_() if inplace else round_ste(b_int)
-        y = y.add_(b_int) if inplace else y + b_int
-        bias = None
-    if inplace:
-        y = y.mul_(x_absmax).mul_(row_scale)
-    else:
-        y = y * x_absmax * row_scale
+        y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
+    out = y_sum * x_absmax * w_row
     if bias is not None:
-        y = y.add_(bias.float()) if inplace else y + bias.float()
-    return y
+        out = out + bias.to(torch.float32)
+    return out

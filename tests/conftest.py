@@ -4,6 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The fused kernels are compiled once per process (tens of seconds): tests use the eager kernels, except
+# tests/test_kernels.py, which checks that compiled and eager agree.
+os.environ.setdefault("HF_CIM_COMPILE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
