@@ -7,18 +7,22 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .noise.base import NoiseModel, check_range, get_noise_model_class, noise_model_from_dict
 from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
-__all__ = ["CONFIG_VERSION", "GRADIENT_MODES", "INPUT_QUANT_MODES", "AnalogNoiseConfig"]
+__all__ = ["CONFIG_VERSION", "GRADIENT_MODES", "INPUT_QUANT_MODES", "QUANT_METHOD", "AnalogNoiseConfig"]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
 INPUT_QUANT_MODES = ("per_token", "per_tensor")
+#: The transformers ``quant_method`` under which the config travels in ``config.json`` (see ``hf_cim/quantizer.py``).
+QUANT_METHOD = "hf_cim"
 
 
 def _default_noise() -> list[NoiseModel]:
@@ -54,7 +58,7 @@ def _check_patterns(name: str, value: Any) -> Any:
 
 
 @dataclass
-class AnalogNoiseConfig:
+class AnalogNoiseConfig(QuantizationConfigMixin):
     """How a model's linear layers are simulated on an analog compute-in-memory chip.
 
     The analog product of one layer is: DAC (quantize inputs) → quantize weights per output channel → noise models'
@@ -81,8 +85,9 @@ class AnalogNoiseConfig:
             applied ``input_slice_bits`` bits at a time (sign kept on every slice), each slice through the ADC and
             recombined digitally with its power of two. ``None``: the whole input at once. Needs ``input_bits``.
         noise: the noise models, applied in order: instances of registered :class:`~hf_cim.NoiseModel`\\ s or
-            their dicts ``{"name": ..., **fields}``. Default: 2 % Gaussian weight noise (per channel) and 0.04
-            output noise. An empty list means quantization only.
+            their dicts ``{"name": ..., **fields}``, or a preset name (``"paper"``, ``"pcm"``...; see
+            :mod:`hf_cim.presets`) for that preset's noise models. Default: 2 % Gaussian weight noise (per
+            channel) and 0.04 output noise. An empty list means quantization only.
         level: global noise scale (dimensionless, in [0, 100]): multiplies every noise magnitude; 0 leaves only
             the converters. Schedules and level sampling change it at run time.
         noise_in_eval: whether noise (and the converters) stay on in ``model.eval()``. ``True`` (default) makes
@@ -94,6 +99,8 @@ class AnalogNoiseConfig:
         exclude_modules: modules left digital, with the same syntax (e.g. ``["lm_head", "classifier"]``).
         seed: seed of the noise (int >= 0). Each layer's generator is seeded from (seed, layer name, process rank).
     """
+
+    quant_method: ClassVar[str] = QUANT_METHOD
 
     gradient: str = field(default="ste", metadata={"help": "Gradient mode: ste, ste_detach or full."})
     input_bits: int | None = field(default=8, metadata={"help": "DAC bits in [2, 16], None = off."})
@@ -147,11 +154,19 @@ class AnalogNoiseConfig:
     def _normalize_noise(noise: Any) -> list[NoiseModel]:
         if noise is None:
             return []
+        if isinstance(noise, str):
+            from .presets import preset_noise  # lazy: presets imports this module
+
+            try:
+                return preset_noise(noise)
+            except ValueError as err:
+                raise ValueError(f"AnalogNoiseConfig: `noise` {err}") from err
         if isinstance(noise, (NoiseModel, dict)):
             noise = [noise]
         if not isinstance(noise, (list, tuple)):
             raise TypeError(
-                f"AnalogNoiseConfig: `noise` must be a list of noise models or dicts, got {type(noise).__name__}"
+                f"AnalogNoiseConfig: `noise` must be a preset name or a list of noise models or dicts, "
+                f"got {type(noise).__name__}"
             )
         out: list[NoiseModel] = []
         for i, item in enumerate(noise):
@@ -187,6 +202,7 @@ class AnalogNoiseConfig:
                 value = list(value)
             out[f.name] = value
         out["hf_cim_config_version"] = CONFIG_VERSION
+        out["quant_method"] = QUANT_METHOD
         return out
 
     @classmethod
@@ -194,6 +210,9 @@ class AnalogNoiseConfig:
         """Build a config from :meth:`to_dict` output. Unknown keys are dropped with a warning naming them."""
         data = dict(data)
         version = data.pop("hf_cim_config_version", CONFIG_VERSION)
+        method = data.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise ValueError(f"AnalogNoiseConfig: `quant_method` must be {QUANT_METHOD!r}, got {method!r}")
         if not isinstance(version, int) or version > CONFIG_VERSION:
             raise ValueError(
                 f"AnalogNoiseConfig: `hf_cim_config_version` {version!r} is newer than this hf_cim supports "

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import AnalogNoiseConfig
 from . import kernels
+from .config import AnalogNoiseConfig
 from .converters import adc_levels, quantize_input, quantize_weight, round_ste, slice_input
 from .noise.base import NoiseContext, NoiseModel
 

@@ -182,9 +182,7 @@ def noise_model_from_dict(data: dict[str, Any]) -> NoiseModel:
     fields = {k: v for k, v in data.items() if k != "name"}
     unknown = sorted(set(fields) - set(known))
     if unknown:
-        raise ValueError(
-            f"noise model {data['name']!r}: unknown field(s) {unknown}; allowed: {sorted(known)}"
-        )
+        raise ValueError(f"noise model {data['name']!r}: unknown field(s) {unknown}; allowed: {sorted(known)}")
     for k, v in fields.items():
         if isinstance(v, list):
             fields[k] = tuple(v)

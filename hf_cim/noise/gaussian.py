@@ -1,7 +1,8 @@
-"""Additive Gaussian noise on the weights and on the analog outputs: the two simplest non-idealities.
+"""Generic statistical noise: additive and lognormal weight noise, output noise, output-referred read noise.
 
-Both follow the generic forms used by noise-aware training since Joshi et al., Nat. Commun. 11, 2473 (2020), and by
-aihwkit(-lightning)'s ``WeightNoiseType.ADDITIVE_CONSTANT`` and ``out_noise``.
+The additive forms follow noise-aware training since Joshi et al., Nat. Commun. 11, 2473 (2020), and aihwkit(-lightning)'s
+``WeightNoiseType.ADDITIVE_CONSTANT`` / ``PCM_READ`` and ``out_noise``; the lognormal form is the device-to-device
+variation used for RRAM (e.g. the paper arXiv 2508.11940's lognormal noise levels).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import torch
 
 from .base import NoiseContext, NoiseModel, check_range, register_noise_model
 
-__all__ = ["GaussianWeightNoise", "OutputNoise"]
+__all__ = ["GaussianWeightNoise", "LogNormalNoise", "OutputNoise", "ReadNoise"]
+
+READ_NOISE_SHAPES = ("constant", "pcm")
 
 
 @register_noise_model("gaussian_weight")
@@ -75,3 +78,80 @@ class OutputNoise(NoiseModel):
             return y + sigma * ctx.randn_like(y)
         # No autograd: add in place to spare one (tiles × tokens × out) allocation in the hot path.
         return y.add_(ctx.randn_like(y), alpha=sigma)
+
+
+@register_noise_model("lognormal")
+@dataclass
+class LogNormalNoise(NoiseModel):
+    """Multiplicative device-to-device variation: ``g' = g·exp(σ·ξ)`` with ``σ = level·std``, i.e. ``ln g' ~ N(ln g, σ²)``.
+
+    Static (a ``program`` hook). A weight is a differential pair ``w = g⁺ − g⁻`` of which only one device is
+    programmed away from zero, and a multiplicative error leaves a zero conductance at zero, so the model acts on
+    each weight: ``w' = w·exp(σ·ξ)`` (sign kept, zero weights stay zero).
+
+    Moments (the tests check them): ``E[w'/w] = exp(σ²/2)``, ``Var[ln(w'/w)] = σ²``. With ``mean_corrected=True``
+    the factor is ``exp(σ·ξ − σ²/2)`` so that ``E[w'] = w`` (the weights are unbiased; the median shrinks).
+
+    Args:
+        std: ``σ`` of ``ln g`` (dimensionless, in [0, 5]) at ``level = 1``. The ``"paper"`` preset uses 0.1 per
+            unit of ``level`` (see :mod:`hf_cim.presets`).
+        mean_corrected: subtract ``σ²/2`` in the exponent so that the mean conductance is unchanged.
+    """
+
+    std: float = 0.1
+    mean_corrected: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("LogNormalNoise", "std", self.std, 0.0, 5.0)
+        if not isinstance(self.mean_corrected, bool):
+            raise TypeError(f"LogNormalNoise: `mean_corrected` must be a bool, got {self.mean_corrected!r}")
+
+    def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        sigma = self.std * ctx.level
+        if sigma == 0.0:
+            return w
+        log_factor = ctx.randn_like(w).mul_(sigma)
+        if self.mean_corrected:
+            log_factor.sub_(0.5 * sigma * sigma)
+        return w * log_factor.exp_()
+
+
+@register_noise_model("read_noise")
+@dataclass
+class ReadNoise(NoiseModel):
+    """Output-referred weight read noise, fresh at every product (an ``output`` hook on each tile, before the ADC).
+
+    ``shape="constant"``: ``y_i += σ·‖x‖₂·ξ_i``, exactly the output of fresh ``N(0, σ²)`` noise on every weight
+    (``Σ_j δW_ij·x_j`` has variance ``σ²·Σ_j x_j²``). ``shape="pcm"``: ``y_i += σ·sqrt(Σ_j |W_ij|·x_j²)·ξ_i``, the
+    variance of read noise whose variance is proportional to the conductance ``|W_ij|`` (aihwkit's
+    ``WeightNoiseType.PCM_READ``). ``σ = level·std``. Sums run over the rows of one tile, in normalized units
+    (``|x| <= 1`` after the DAC, ``|W| <= 1`` ↔ ``g_max``).
+
+    Args:
+        std: ``σ`` in normalized weight units (in [0, 10]). aihwkit's hardware-aware training preset: 0.0175
+            (``w_noise``, ``PCM_READ``).
+        shape: ``"constant"`` or ``"pcm"`` (the ``"pcm"`` shape costs one more matrix product per tile).
+    """
+
+    std: float = 0.0175
+    shape: str = "pcm"
+
+    def __post_init__(self) -> None:
+        check_range("ReadNoise", "std", self.std, 0.0, 10.0)
+        if self.shape not in READ_NOISE_SHAPES:
+            raise ValueError(f"ReadNoise: `shape` must be one of {READ_NOISE_SHAPES}, got {self.shape!r}")
+
+    def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        sigma = self.std * ctx.level
+        if sigma == 0.0:
+            return y
+        grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
+        if self.shape == "constant":
+            spread = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (tiles, T, 1)
+        else:
+            var = torch.bmm(x * x, w.abs().transpose(1, 2))  # (tiles, T, out)
+            # The floor keeps the ``full`` mode's gradient finite where a token is all zeros.
+            spread = var.clamp(min=1e-12).sqrt() if grad else var.clamp_(min=1e-12).sqrt_()
+        if grad:
+            return y + ctx.randn_like(y) * spread * sigma
+        return y.add_(ctx.randn_like(y).mul_(spread), alpha=sigma)

@@ -1,0 +1,94 @@
+"""IR-drop: the wire resistance of a crossbar lowers the voltage across devices far from the read-out.
+
+First-order analytic model, as in IBM aihwkit's forward pass (``IOParameters.ir_drop``, ``ir_drop_g_ratio``; Rasch
+et al., "Hardware-aware training for large-scale and diverse deep learning inference workloads using in-memory
+computing-based accelerators", Nat. Commun. 14, 5282, 2023). IBM's tile-circuit study (arXiv 2506.00004) finds
+IR-drop the most significant circuit non-ideality. The full resistive-network solve (Kirchhoff's laws on the
+crossbar, as Sandia CrossSim does) is not implemented here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import NoiseContext, NoiseModel, check_range, register_noise_model
+
+__all__ = ["COLUMN_CURRENT_MODES", "IRDrop", "ir_drop_position_weights"]
+
+COLUMN_CURRENT_MODES = ("exact", "mean")
+
+
+def ir_drop_position_weights(rows: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``p_j = 1 − (1 − j/n)²`` for rows ``j = 0 … n−1`` of a tile (row 0 sits next to the column read-out).
+
+    Why this shape and direction: a column (bit line) is held at virtual ground by the read-out at one end and every
+    device injects its current into it. The wire segment ``k`` rows from the read-out carries the current of all the
+    ``n − k`` devices beyond it, so the bit-line voltage at a device ``d`` rows away is ``r·Σ_{k<d} I·(n − k)``
+    ``≈ r·I·n²·(u − u²/2)`` with ``u = d/n``: zero next to the read-out, largest at the far end, and
+    ``(2u − u²) = 1 − (1 − u)²`` once normalized. That raised bit-line voltage is subtracted from the voltage across
+    the device, so its current (and its contribution to ``y``) shrinks: IR-drop always pulls outputs towards zero.
+    """
+    u = torch.arange(rows, device=device, dtype=dtype) / rows
+    return 1.0 - (1.0 - u) ** 2
+
+
+@register_noise_model("ir_drop")
+@dataclass
+class IRDrop(NoiseModel):
+    """Deterministic, input- and position-dependent IR-drop on each tile's analog output (an ``output`` hook).
+
+    With ``n`` the rows of the tile, ``x`` its (DAC) inputs and ``W`` its weights in normalized units:
+    ``a_i = (n/γ)·Σ_j |W_ij|·|x_j|`` (the column's total current relative to the wire conductance),
+    ``c_i = a_i·(0.05·a_i² − 0.2·a_i + 0.5)`` (> 0 for every ``a_i > 0``), and
+    ``y_i ← y_i − level·scale·c_i·Σ_j W_ij·x_j·p_j`` with :func:`ir_drop_position_weights` ``p_j``.
+
+    Properties the tests check: zero at zero input; no randomness; grows with the tile rows ``n`` and with the input
+    magnitude (``c_i`` grows with ``a_i`` ∝ ``n·|x|``; the product itself grows with ``|x|``).
+
+    ``column_current="mean"`` replaces ``Σ_j |W_ij|·|x_j|`` by ``(Σ_j |W_ij|)·mean_j |x_j|`` (the current if
+    every row carried the token's mean input magnitude): it ignores how the active rows line up with the large
+    weights, changes only the magnitude ``c_i`` of the correction (not its position or sign dependence), and saves
+    one of the two extra matrix products.
+
+    Cost: two extra matrix products per tile (``|x|·|W|ᵀ`` and ``(x·p)·Wᵀ``); one with ``column_current="mean"``.
+
+    Args:
+        scale: IR-drop strength ``s`` (dimensionless, >= 0); aihwkit's training preset uses 1.0.
+        g_ratio: ``γ``, the ratio of the wire-segment conductance to ``g_max`` (> 0). Default 5.7·10⁵ (aihwkit's
+            ``ir_drop_g_ratio`` default).
+        column_current: ``"exact"`` (one matrix product) or ``"mean"`` (rank-one estimate, see above).
+    """
+
+    scale: float = 1.0
+    g_ratio: float = 5.7e5
+    column_current: str = "exact"
+
+    def __post_init__(self) -> None:
+        check_range("IRDrop", "scale", self.scale, 0.0, 1000.0)
+        check_range("IRDrop", "g_ratio", self.g_ratio, 0.0, None, low_inclusive=False)
+        if self.column_current not in COLUMN_CURRENT_MODES:
+            raise ValueError(
+                f"IRDrop: `column_current` must be one of {COLUMN_CURRENT_MODES}, got {self.column_current!r}"
+            )
+
+    def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        s = ctx.level * self.scale
+        if s == 0.0:
+            return y
+        rows = x.shape[-1]
+        grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
+        pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)
+        w_t = w.transpose(1, 2)
+        # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
+        x_abs = x.abs() * (rows / self.g_ratio)
+        if self.column_current == "exact":
+            a = torch.bmm(x_abs, w_t.abs())  # (tiles, T, out)
+        else:  # (tiles, T, 1) · (tiles, 1, out)
+            a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
+        y_pos = torch.bmm(x * (pos * s), w_t)  # s·Σ_j W_ij·x_j·p_j
+        if grad:
+            return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
+        c = torch.mul(a, 0.05).sub_(0.2).mul_(a).add_(0.5).mul_(a)  # a·(0.05a² − 0.2a + 0.5)
+        return y.sub_(c.mul_(y_pos))

@@ -1,0 +1,113 @@
+"""Named, realistic chip configurations with one ``level`` knob that scales every noise magnitude.
+
+``level`` is :attr:`AnalogNoiseConfig.level`: every noise model multiplies its magnitudes by it (standard
+deviations, drift exponents, fault probabilities); ``level = 0`` leaves only the converters (DAC, ADC, weight
+quantization). ``AnalogNoiseConfig(noise="pcm")`` takes a preset's noise models without its converter settings.
+
+==============  ==========================================================================================
+``"paper"``     arXiv 2508.11940's setting: int8 inputs and weights (per-token DAC, per-channel weights), no
+                ADC, no tiling, lognormal device variation ``w' = w·exp(σ·ξ)`` with ``σ = 0.1·level``: the
+                paper's lognormal levels 1.0 / 2.0 / 3.0 are ``level=1.0/2.0/3.0``, i.e. σ = 0.1 / 0.2 / 0.3
+                (a multiplicative spread of about ±10 / 20 / 30 % at one standard deviation).
+``"pcm"``       close to aihwkit's ``StandardHWATrainingPreset``: 8-bit DAC and ADC (``out_bound`` 10), float
+                weights, 512-row tiles, PCM-shaped read noise 0.0175, IR-drop (scale 1), output noise 0.04.
+``"pcm_drift"`` the ``"pcm"`` converters and tiles with the statistical PCM device model (programming noise,
+                drift with global compensation, 1/f read noise; Nandakumar 2019), IR-drop and output noise
+                0.04: for evaluation over time with :func:`hf_cim.program_chip` and ``t_inference``.
+``"rram"``      8-bit DAC, weights and ADC, 256-row tiles, Wan 2022 ReRAM programming noise (40 µS),
+                stuck-at faults (0.5 % off, 0.1 % on; illustrative), IR-drop and output noise 0.04.
+==============  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .config import AnalogNoiseConfig
+from .noise.base import NoiseModel
+from .noise.faults import StuckAtFaults
+from .noise.gaussian import LogNormalNoise, OutputNoise, ReadNoise
+from .noise.ir_drop import IRDrop
+from .noise.pcm import PCMNoise
+from .noise.reram import ReRAMNoise
+
+__all__ = ["get_preset", "list_presets", "preset_noise"]
+
+
+def _paper() -> dict[str, Any]:
+    return dict(
+        input_bits=8,
+        weight_bits=8,
+        output_bits=None,
+        tile_size=None,
+        noise=[LogNormalNoise(std=0.1)],
+    )
+
+
+def _pcm() -> dict[str, Any]:
+    return dict(
+        input_bits=8,
+        weight_bits=None,
+        output_bits=8,
+        out_bound=10.0,
+        tile_size=512,
+        noise=[ReadNoise(std=0.0175, shape="pcm"), IRDrop(scale=1.0), OutputNoise(std=0.04)],
+    )
+
+
+def _pcm_drift() -> dict[str, Any]:
+    return dict(_pcm(), noise=[PCMNoise(), IRDrop(scale=1.0), OutputNoise(std=0.04)])
+
+
+def _rram() -> dict[str, Any]:
+    return dict(
+        input_bits=8,
+        weight_bits=8,
+        output_bits=8,
+        out_bound=10.0,
+        tile_size=256,
+        noise=[ReRAMNoise(), StuckAtFaults(p_off=0.005, p_on=0.001), IRDrop(scale=1.0), OutputNoise(std=0.04)],
+    )
+
+
+_PRESETS: dict[str, Callable[[], dict[str, Any]]] = {
+    "paper": _paper,
+    "pcm": _pcm,
+    "pcm_drift": _pcm_drift,
+    "rram": _rram,
+}
+
+
+def list_presets() -> list[str]:
+    """Names of the presets, sorted."""
+    return sorted(_PRESETS)
+
+
+def _fields(name: str) -> dict[str, Any]:
+    if not isinstance(name, str) or name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}")
+    return _PRESETS[name]()
+
+
+def preset_noise(name: str) -> list[NoiseModel]:
+    """A fresh copy of the noise models of preset ``name`` (the converters and tiling are left out)."""
+    return _fields(name)["noise"]
+
+
+def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:
+    """The :class:`AnalogNoiseConfig` of preset ``name`` at noise ``level``, with any field overridden.
+
+    Args:
+        name: one of :func:`list_presets`.
+        level: global noise scale (in [0, 100]); 0 = quantization only.
+        overrides: any other :class:`AnalogNoiseConfig` field (e.g. ``gradient="ste_detach"``, ``seed=3``,
+            ``exclude_modules=["lm_head"]``).
+
+    Raises:
+        ValueError: for an unknown preset (listing the known ones) or an invalid field value.
+    """
+    fields = _fields(name)
+    fields.update(overrides)
+    fields["level"] = level
+    return AnalogNoiseConfig(**fields)

@@ -1,0 +1,81 @@
+"""Statistics of the generic models: gaussian_weight, lognormal, output_noise, read_noise."""
+
+import math
+
+import pytest
+import torch
+
+from hf_cim.noise import GaussianWeightNoise, LogNormalNoise, NoiseContext, OutputNoise, ReadNoise
+
+
+def ctx(seed=0, level=1.0, **kw):
+    return NoiseContext(generator=torch.Generator().manual_seed(seed), level=level, **kw)
+
+
+def test_gaussian_weight_std_per_channel_and_per_tensor():
+    w = torch.zeros(400, 1000)
+    out = GaussianWeightNoise(std=0.03).program(w, ctx())
+    assert out.std().item() == pytest.approx(0.03, rel=0.01)
+    # Per tensor: channel i's normalized unit is scale_i, so its σ is std·max(scale)/scale_i.
+    scale = torch.linspace(0.5, 2.0, 400).reshape(-1, 1)
+    c = ctx(level=2.0)
+    c.weight_scale = scale
+    out = GaussianWeightNoise(std=0.01, per_channel=False).program(w, c)
+    expected = 0.02 * 2.0 / scale.squeeze(1)
+    z = out / expected.reshape(-1, 1)  # standardized per channel: all N(0, 1)
+    assert z.std().item() == pytest.approx(1.0, rel=0.01)
+    assert (z.std(dim=1) - 1).abs().max().item() < 0.12  # 1000 samples a channel: 2.2 % standard error
+
+
+@pytest.mark.parametrize("mean_corrected", [False, True], ids=["plain", "mean_corrected"])
+def test_lognormal_moments(mean_corrected):
+    sigma = 0.3
+    w = torch.full((1_000_000,), 0.5)
+    w[::2] = -0.5  # the sign is kept
+    out = LogNormalNoise(std=0.1, mean_corrected=mean_corrected).program(w, ctx(level=3.0))
+    assert torch.equal(torch.sign(out), torch.sign(w))
+    log_ratio = torch.log(out / w)
+    shift = -0.5 * sigma**2 if mean_corrected else 0.0
+    assert log_ratio.mean().item() == pytest.approx(shift, abs=0.002)
+    assert log_ratio.std().item() == pytest.approx(sigma, rel=0.01)
+    expected_mean = 1.0 if mean_corrected else math.exp(sigma**2 / 2)
+    assert (out / w).mean().item() == pytest.approx(expected_mean, rel=0.003)
+    # Zero weights stay zero (a multiplicative error of a device at zero conductance).
+    assert torch.equal(LogNormalNoise(std=1.0).program(torch.zeros(10), ctx()), torch.zeros(10))
+
+
+def test_output_noise_std_scales_with_level():
+    y = torch.zeros(2, 500, 300)
+    out = OutputNoise(std=0.04).output(y.clone(), y, y, ctx(level=0.5))
+    assert out.std().item() == pytest.approx(0.02, rel=0.01)
+
+
+def test_read_noise_constant_equals_fresh_weight_noise_variance():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 2000, 64, generator=gen) * 2 - 1
+    w = torch.rand(1, 50, 64, generator=gen) * 2 - 1
+    y = torch.zeros(1, 2000, 50)
+    out = ReadNoise(std=0.05, shape="constant").output(y, x, w, ctx())
+    z = out / x.norm(dim=-1, keepdim=True)  # standardized: N(0, σ²) whatever the token
+    assert z.std().item() == pytest.approx(0.05, rel=0.01)
+    assert z.mean().abs().item() < 0.001
+
+
+def test_read_noise_pcm_shape_variance_formula():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 1000, 64, generator=gen) * 2 - 1
+    w = torch.rand(2, 80, 64, generator=gen) * 2 - 1
+    y = torch.zeros(2, 1000, 80)
+    out = ReadNoise(std=0.0175, shape="pcm").output(y, x, w, ctx(level=2.0))
+    spread = torch.einsum("ktj,koj->kto", x * x, w.abs()).sqrt()
+    z = out / spread
+    assert z.std().item() == pytest.approx(0.035, rel=0.01)
+
+
+def test_invalid_fields_name_the_field():
+    with pytest.raises(ValueError, match="`std` must be in"):
+        LogNormalNoise(std=-0.1)
+    with pytest.raises(ValueError, match="`shape` must be one of"):
+        ReadNoise(shape="gaussian")
+    with pytest.raises(TypeError, match="`mean_corrected`"):
+        LogNormalNoise(mean_corrected=1)

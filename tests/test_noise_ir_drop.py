@@ -1,0 +1,105 @@
+"""IR-drop: the analytic formula, zero at zero input, growth with rows and inputs, no randomness."""
+
+import pytest
+import torch
+
+from hf_cim.noise import IRDrop, NoiseContext
+from hf_cim.noise.ir_drop import ir_drop_position_weights
+
+
+def ctx(level=1.0):
+    return NoiseContext(generator=torch.Generator().manual_seed(0), level=level)
+
+
+def data(rows, tokens=16, out=12, seed=0, positive=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(2, tokens, rows, generator=gen)
+    w = torch.rand(2, out, rows, generator=gen)
+    if not positive:
+        x, w = 2 * x - 1, 2 * w - 1
+    return x, w, torch.bmm(x, w.transpose(1, 2))
+
+
+def reference(y, x, w, s, gamma, mean=False):
+    """The formula written out element by element (float64)."""
+    x, w, y = x.double(), w.double(), y.double()
+    n = x.shape[-1]
+    out = y.clone()
+    for k in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for i in range(w.shape[1]):
+                if mean:
+                    a = n / gamma * w[k, i].abs().sum() * x[k, t].abs().mean()
+                else:
+                    a = n / gamma * sum(abs(w[k, i, j]) * abs(x[k, t, j]) for j in range(n))
+                c = a * (0.05 * a * a - 0.2 * a + 0.5)
+                pos = sum(w[k, i, j] * x[k, t, j] * (1 - (1 - j / n) ** 2) for j in range(n))
+                out[k, t, i] = y[k, t, i] - s * c * pos
+    return out
+
+
+@pytest.mark.parametrize("mean", [False, True], ids=["exact", "mean"])
+def test_matches_the_formula(mean):
+    x, w, y = data(rows=8, tokens=3, out=4)
+    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact")
+    got = model.output(y.clone(), x, w, ctx(level=1.5))
+    torch.testing.assert_close(got.double(), reference(y, x, w, 3.0, 50.0, mean), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_input_gives_zero_drop_and_no_randomness():
+    x, w, y = data(rows=64)
+    model = IRDrop(g_ratio=100.0)
+    zero = torch.zeros_like(x)
+    assert torch.equal(model.output(torch.zeros_like(y), zero, w, ctx()), torch.zeros_like(y))
+    c = ctx()
+    state = c.generator.get_state()
+    a = model.output(y.clone(), x, w, c)
+    b = model.output(y.clone(), x, w, c)
+    assert torch.equal(a, b)
+    assert torch.equal(c.generator.get_state(), state)  # nothing drawn
+
+
+def _relative_drop(rows, scale_x=1.0):
+    x, w, y = data(rows=rows, tokens=64, out=32, seed=1, positive=True)
+    x = x * scale_x
+    y = y * scale_x
+    got = IRDrop(g_ratio=1e4).output(y.clone(), x, w, ctx())
+    return ((y - got) / y).mean().item()
+
+
+def test_grows_with_tile_rows_and_input_magnitude_and_pulls_towards_zero():
+    d64, d256, d1024 = _relative_drop(64), _relative_drop(256), _relative_drop(1024)
+    assert 0 < d64 < d256 < d1024
+    assert _relative_drop(256, 0.25) < _relative_drop(256, 0.5) < d256
+    x, w, y = data(rows=256, positive=True)
+    got = IRDrop(g_ratio=1e4).output(y.clone(), x, w, ctx())
+    assert (got < y).all() and (got > 0).all()
+
+
+def test_devices_far_from_the_read_out_drop_more():
+    p = ir_drop_position_weights(8)
+    torch.testing.assert_close(p, 1 - (1 - torch.arange(8) / 8) ** 2)
+    drops = []
+    for j in range(8):  # one active row at a time
+        x = torch.zeros(1, 1, 8)
+        x[..., j] = 1.0
+        w = torch.ones(1, 1, 8)
+        y = torch.bmm(x, w.transpose(1, 2))
+        drops.append((y - IRDrop(g_ratio=10.0).output(y.clone(), x, w, ctx())).item())
+    assert drops[0] == 0.0 and all(a < b for a, b in zip(drops, drops[1:]))
+
+
+def test_level_scales_and_level_zero_is_identity():
+    x, w, y = data(rows=32)
+    model = IRDrop(g_ratio=100.0)
+    d1 = y - model.output(y.clone(), x, w, ctx(1.0))
+    d2 = y - model.output(y.clone(), x, w, ctx(2.0))
+    torch.testing.assert_close(d2, 2 * d1)
+    assert torch.equal(model.output(y.clone(), x, w, ctx(0.0)), y)
+
+
+def test_invalid_fields():
+    with pytest.raises(ValueError, match="`column_current`"):
+        IRDrop(column_current="solver")
+    with pytest.raises(ValueError, match="`g_ratio`"):
+        IRDrop(g_ratio=0.0)

@@ -1,0 +1,46 @@
+"""ReRAM programming noise against Wan et al. 2022's polynomial."""
+
+import math
+
+import pytest
+import torch
+
+from hf_cim.noise import NoiseContext, ReRAMNoise
+from hf_cim.noise.reram import reram_programming_std
+
+N = 200_000
+
+
+def ctx(seed=0, level=1.0):
+    return NoiseContext(generator=torch.Generator().manual_seed(seed), level=level)
+
+
+def test_polynomial_values_in_microsiemens():
+    g = torch.tensor([0.0, 0.5, 1.0])
+    expected_us = torch.tensor([0.348, 0.348 + 8.015 - 10.96325 + 5.674125 - 1.0509375, 1.103])
+    torch.testing.assert_close(reram_programming_std(g) * 40.0, expected_us)
+
+
+@pytest.mark.parametrize("g_hat", [0.5, 1.0])
+@pytest.mark.parametrize("level", [1.0, 2.0])
+def test_programming_std_within_5_percent(g_hat, level):
+    out = ReRAMNoise().program(torch.full((N,), g_hat), ctx(seed=2, level=level))
+    sigma0 = level * 0.348 / 40.0  # the unused device targets 0 and is clipped there
+    clipped_var = sigma0**2 * (0.5 - 1.0 / (2.0 * math.pi))
+    estimate = math.sqrt(out.var().item() - clipped_var)
+    assert estimate == pytest.approx(level * reram_programming_std(torch.tensor(g_hat)).item(), rel=0.05)
+
+
+def test_larger_g_max_means_relatively_less_noise_and_clip_max_bounds():
+    a = ReRAMNoise(g_max=40.0).program(torch.full((N,), 0.5), ctx())
+    b = ReRAMNoise(g_max=80.0).program(torch.full((N,), 0.5), ctx())
+    assert b.std().item() == pytest.approx(a.std().item() / 2, rel=0.02)
+    c = ReRAMNoise(scale=20.0, clip_max=1.0).program(torch.full((N,), 1.0), ctx())
+    assert c.max().item() <= 1.0
+
+
+def test_invalid_fields():
+    with pytest.raises(ValueError, match="`clip_max`"):
+        ReRAMNoise(clip_max=0.5)
+    with pytest.raises(ValueError, match="`coeff`"):
+        ReRAMNoise(coeff=())
