@@ -107,14 +107,15 @@ class AnalogLayerMixin:
     def program(self, seed: int, t_inference: float = 0.0) -> None:
         """Program a simulated chip: draw the static non-idealities once and keep them for every product in eval.
 
-        The draw uses its own generator seeded from (``seed``, layer name, process rank), so the same seed programs
-        the same chip whatever happened before; programming the same seed at another ``t_inference`` gives the same
-        chip drifted to that time.
+        The draw uses its own generator seeded from (``seed``, layer name), so the same seed programs the same chip
+        whatever happened before, on every process of a distributed run (each rank evaluating its shard of the data
+        sees the same devices); programming the same seed at another ``t_inference`` gives the same chip drifted to
+        that time.
         """
         weight = self._weight_oi(self.weight).detach()
         device = weight.device
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, self.hf_cim_name, process_rank(), "chip"))
+        gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
         self.hf_cim_t_inference = float(t_inference)
         ctx = self._noise_context(device, generator=gen)
         ctx.training = False

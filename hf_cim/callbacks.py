@@ -1,0 +1,580 @@
+"""``TrainerCallback``\\ s for noise-aware training: memory and speed, gradient alignment, noise-level schedules.
+
+Each callback is a thin adapter over plain logic that also works outside ``Trainer`` (:class:`MemoryTracker`,
+:func:`gradient_alignment`, :meth:`NoiseLevelCallback.level_at`).
+
+How the values reach the logs: ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before it calls
+``on_log``, and user callbacks come after the reporting integrations (TensorBoard, W&B...) in the callback list, so a
+callback that only adds keys in ``on_log`` reaches neither. The callbacks here therefore (1) move themselves to the
+front of the ``Trainer``'s callback list when the ``Trainer`` announces them (``on_init_end``, ``on_train_begin``),
+so their ``on_log`` runs before every integration and the keys they add to ``logs`` reach all of them, and (2) also
+write the same keys into the record just appended to ``state.log_history``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.trainer_callback import CallbackHandler, TrainerCallback
+
+from .layers import derive_seed, process_rank
+from .noise.base import check_range
+from .patch import analog_layers, set_noise_level
+
+__all__ = [
+    "GradientAlignmentCallback",
+    "MemoryTracker",
+    "NoiseLevelCallback",
+    "PeakMemoryCallback",
+    "gradient_alignment",
+]
+
+logger = logging.getLogger(__name__)
+
+_MB = 1024.0 * 1024.0
+
+
+# -- logging plumbing -------------------------------------------------------------------------------------------------
+def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
+    """The ``CallbackHandler`` whose ``call_event`` is calling ``callback`` right now (found on the call stack)."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class _LoggingCallback(TrainerCallback):
+    """Base: values gathered during the steps are merged into the next ``Trainer.log`` record.
+
+    Subclasses implement :meth:`_collect_logs`, called at every ``on_log`` on every process (it may run collectives,
+    since ``Trainer.log`` is called on all ranks at the same points).
+    """
+
+    #: Position among hf_cim callbacks at the front of the list: lower runs first.
+    _front_rank = 1
+
+    def __init__(self) -> None:
+        self._moved = False
+
+    def _move_to_front(self) -> None:
+        if self._moved:
+            return
+        handler = _calling_handler(self)
+        if handler is None:
+            logger.warning(
+                "%s could not find the Trainer's callback list; its values reach state.log_history and the callbacks "
+                "after it, but not reporting integrations listed before it",
+                type(self).__name__,
+            )
+            self._moved = True
+            return
+        callbacks = handler.callbacks
+        old = next(i for i, cb in enumerate(callbacks) if cb is self)
+        callbacks.pop(old)
+        new = 0
+        while (
+            new < old
+            and isinstance(callbacks[new], _LoggingCallback)
+            and callbacks[new]._front_rank <= self._front_rank
+        ):
+            new += 1
+        # Inserting at or before the old index keeps the handler's ongoing iteration over the list correct.
+        callbacks.insert(new, self)
+        self._moved = True
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._move_to_front()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._move_to_front()
+
+    def _collect_logs(self, args, state) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = self._collect_logs(args, state)
+        if not values:
+            return
+        if logs is not None:
+            logs.update(values)
+        # Trainer.log appended {**logs, "step": global_step} just before calling on_log: that is the record.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(values)
+
+
+# -- distributed helpers ----------------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_gather(values: list[float]) -> list[list[float]]:
+    """Every rank's ``values`` (one list per rank, in rank order); ``[values]`` when not distributed."""
+    rank, world = _world()
+    if world == 1:
+        return [list(values)]
+    device = torch.device("cpu")
+    if torch.distributed.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
+# -- memory -----------------------------------------------------------------------------------------------------------
+def _proc_status_mb(key: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
+class MemoryTracker:
+    """Current and peak memory of this process, in MiB.
+
+    Args:
+        device: ``"cuda"`` (or a CUDA ``torch.device``): tensors allocated by PyTorch's caching allocator on the
+            current CUDA device (``torch.cuda.memory_allocated`` / ``max_memory_allocated``). Anything else: the
+            process's resident set size (RSS). On Linux the peak RSS is the kernel's high-water mark ``VmHWM``,
+            reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0); where that is not possible, the
+            lifetime peak ``getrusage(RUSAGE_SELF).ru_maxrss``, which cannot be reset (``resettable`` is then False).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        device = torch.device(device)
+        self.kind = "cuda" if device.type == "cuda" else "cpu"
+        self.device = device
+        self.resettable = True
+
+    def current_mb(self) -> float:
+        if self.kind == "cuda":
+            return torch.cuda.memory_allocated(self.device) / _MB
+        rss = _proc_status_mb("VmRSS")
+        if rss is not None:
+            return rss
+        import psutil  # not Linux: fall back to psutil (a transformers dependency chain, usually installed)
+
+        return psutil.Process().memory_info().rss / _MB
+
+    def peak_mb(self) -> float:
+        """Peak since the last :meth:`reset_peak` (or process start)."""
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / _MB
+        hwm = _proc_status_mb("VmHWM")
+        if hwm is not None and self.resettable:
+            return hwm
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return maxrss / _MB if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, kB on Linux
+
+    def reset_peak(self) -> bool:
+        """Start a new peak window; returns whether the peak could be reset."""
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            if self.resettable:
+                logger.info("MemoryTracker: cannot reset the peak RSS here; reporting the lifetime peak")
+            self.resettable = False
+        return self.resettable
+
+
+class PeakMemoryCallback(_LoggingCallback):
+    """Per logging window: peak memory, its growth since training started, step time and throughput.
+
+    Logged keys (into ``state.log_history`` and every reporting integration):
+
+    * ``peak_memory_mb``: peak of the window, MiB. CUDA: ``torch.cuda.max_memory_allocated`` (reset at each log);
+      CPU: the process's peak RSS (reset at each log where Linux allows, else the lifetime peak).
+    * ``peak_memory_growth_mb``: ``peak_memory_mb`` minus the memory in use when training began, MiB.
+    * ``step_time_s``: mean wall time of one optimizer step (``on_step_begin`` → ``on_step_end``: forward,
+      backward and optimizer of all accumulation micro-batches; data loading and logging excluded), seconds.
+    * ``samples_per_second``: samples of all ranks / the slowest rank's summed step time. Samples per step are
+      ``per_device_train_batch_size × gradient_accumulation_steps`` per rank (a short last batch counts as full).
+    * ``tokens_per_second``: ``samples_per_second × tokens_per_sample`` when given, else from
+      ``state.num_input_tokens_seen`` when ``TrainingArguments.include_num_input_tokens_seen`` is on.
+
+    With several processes each rank measures itself and every rank logs the maximum over ranks (the slowest step
+    time, the largest peak). At the end of training rank 0 writes ``hf_cim_memory.json`` into ``output_dir``: the
+    overall peak, mean step time, throughput, device, world size and the per-rank numbers.
+
+    Args:
+        output_dir: where to write ``hf_cim_memory.json`` (default: ``TrainingArguments.output_dir``).
+        tokens_per_sample: tokens in one sample (e.g. the block size of a language model), for ``tokens_per_second``.
+    """
+
+    _front_rank = 0  # runs first among hf_cim callbacks, so their work at step end is not timed as training
+    FILENAME = "hf_cim_memory.json"
+
+    def __init__(self, output_dir: str | None = None, tokens_per_sample: int | None = None) -> None:
+        super().__init__()
+        if tokens_per_sample is not None and (
+            isinstance(tokens_per_sample, bool) or not isinstance(tokens_per_sample, int) or tokens_per_sample < 1
+        ):
+            raise ValueError(f"PeakMemoryCallback: `tokens_per_sample` must be an int >= 1, got {tokens_per_sample!r}")
+        self.output_dir = output_dir
+        self.tokens_per_sample = tokens_per_sample
+        self.tracker: MemoryTracker | None = None
+        self.summary: dict[str, Any] | None = None
+
+    # The window holds the steps since the last log; the totals hold the whole run (this rank).
+    def _reset_window(self, state) -> None:
+        self._w_steps = 0
+        self._w_time = 0.0
+        self._w_samples = 0
+        self._w_tokens_seen = state.num_input_tokens_seen or 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self.tracker = MemoryTracker(args.device)
+        self.tracker.reset_peak()
+        self._start_mb = self.tracker.current_mb()
+        self._reset_window(state)
+        self._tokens_seen_start = state.num_input_tokens_seen or 0
+        self._t_steps = 0
+        self._t_time = 0.0
+        self._t_samples = 0
+        self._t_peak = self.tracker.peak_mb()
+        self._t_step_start: float | None = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.tracker is not None and self.tracker.kind == "cuda":
+            torch.cuda.synchronize(self.tracker.device)
+        self._t_step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t_step_start is None or self.tracker is None:
+            return
+        if self.tracker.kind == "cuda":
+            torch.cuda.synchronize(self.tracker.device)
+        dt = time.perf_counter() - self._t_step_start
+        self._t_step_start = None
+        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self._w_steps += 1
+        self._w_time += dt
+        self._w_samples += samples
+        self._t_steps += 1
+        self._t_time += dt
+        self._t_samples += samples
+
+    def _reduce(self, peak: float, time_s: float, steps: int, samples: int) -> dict[str, Any]:
+        """Gather this rank's numbers with every other rank's; report the worst rank (largest peak, slowest step)."""
+        rows = _all_gather([float(process_rank()), peak, time_s, float(steps), float(samples), self._start_mb])
+        worst = max(rows, key=lambda r: r[1])
+        slowest = max(r[2] for r in rows)
+        total_samples = sum(r[4] for r in rows)
+        return {
+            "peak_memory_mb": worst[1],
+            "peak_memory_growth_mb": worst[1] - worst[5],  # against that rank's own memory at the start
+            "step_time_s": max(r[2] / r[3] for r in rows if r[3] > 0) if any(r[3] > 0 for r in rows) else math.nan,
+            "samples_per_second": total_samples / slowest if slowest > 0 else math.nan,
+            "slowest_time_s": slowest,
+            "ranks": rows,
+        }
+
+    def _tokens_per_second(self, samples_per_second: float, tokens_seen_delta: float, slowest_time: float):
+        if self.tokens_per_sample is not None:
+            return samples_per_second * self.tokens_per_sample
+        if tokens_seen_delta > 0 and slowest_time > 0:
+            return tokens_seen_delta / slowest_time
+        return None
+
+    def _collect_logs(self, args, state) -> dict[str, float]:
+        if self.tracker is None or self._w_steps == 0:
+            return {}
+        peak = self.tracker.peak_mb()
+        self._t_peak = max(self._t_peak, peak)
+        red = self._reduce(peak, self._w_time, self._w_steps, self._w_samples)
+        slowest = red["slowest_time_s"]
+        tokens_delta = (state.num_input_tokens_seen or 0) - self._w_tokens_seen
+        values = {k: red[k] for k in ("peak_memory_mb", "peak_memory_growth_mb", "step_time_s", "samples_per_second")}
+        tps = self._tokens_per_second(red["samples_per_second"], tokens_delta, slowest)
+        if tps is not None:
+            values["tokens_per_second"] = tps
+        self.tracker.reset_peak()
+        self._reset_window(state)
+        return {k: round(v, 6) for k, v in values.items()}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.tracker is None:
+            return
+        self._t_peak = max(self._t_peak, self.tracker.peak_mb())
+        red = self._reduce(self._t_peak, self._t_time, self._t_steps, self._t_samples)
+        slowest = red["slowest_time_s"]
+        tokens_delta = (state.num_input_tokens_seen or 0) - self._tokens_seen_start
+        _, world = _world()
+        self.summary = {
+            "peak_memory_mb": red["peak_memory_mb"],
+            "peak_memory_growth_mb": red["peak_memory_growth_mb"],
+            "start_memory_mb": max(r[5] for r in red["ranks"]),
+            "mean_step_time_s": red["step_time_s"] if self._t_steps else None,
+            "samples_per_second": red["samples_per_second"] if self._t_steps else None,
+            "tokens_per_second": self._tokens_per_second(red["samples_per_second"], tokens_delta, slowest),
+            "steps": self._t_steps,
+            "device": str(self.tracker.device),
+            "memory_kind": "cuda_max_memory_allocated" if self.tracker.kind == "cuda" else "cpu_peak_rss",
+            "peak_resettable": self.tracker.resettable,
+            "world_size": world,
+            "ranks": [
+                {
+                    "rank": int(r[0]),
+                    "peak_memory_mb": r[1],
+                    "start_memory_mb": r[5],
+                    "mean_step_time_s": r[2] / r[3] if r[3] else None,
+                    "steps": int(r[3]),
+                }
+                for r in red["ranks"]
+            ],
+        }
+        if state.is_world_process_zero:
+            out_dir = self.output_dir or args.output_dir
+            os.makedirs(out_dir, exist_ok=True)
+            path = os.path.join(out_dir, self.FILENAME)
+            with open(path, "w") as f:
+                json.dump(self.summary, f, indent=2)
+            logger.info("PeakMemoryCallback: wrote %s", path)
+
+
+# -- gradient alignment -----------------------------------------------------------------------------------------------
+def _loss_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None and isinstance(output, (tuple, list)):
+        loss = output[0]
+    if loss is None:
+        raise ValueError("gradient_alignment: the model's output has no `loss`; the probe batch needs labels")
+    return loss
+
+
+def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
+    """Cosine similarity and norm ratio ``|a|/|b|`` of two lists of tensors seen as one vector each (float64)."""
+    dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    na = math.sqrt(sum(float((x.double() ** 2).sum()) for x in a))
+    nb = math.sqrt(sum(float((y.double() ** 2).sum()) for y in b))
+    if na == 0.0 or nb == 0.0:
+        return math.nan, math.nan
+    return float(dot) / (na * nb), na / nb
+
+
+def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0) -> dict[str, float]:
+    """Cosine similarity between the STE gradient and the ``full`` gradient (through the noise model) on ``batch``.
+
+    The paper's check of its Eq. 10 (arXiv 2508.11940): extended STE keeps the direction of the true gradient.
+    Both passes see the *same* noise sample (every patched layer draws from a fresh probe generator seeded from
+    ``seed``, the layer name and the rank) and run with dropout off; patched layers run in training mode (static
+    noise drawn anew, as in a training step). The model is left exactly as it was: training flags, each layer's
+    config and noise generator (the training noise stream is not advanced), and ``.grad`` (the gradients are taken
+    with ``torch.autograd.grad`` and never accumulated). No optimizer is involved.
+
+    Args:
+        model: a patched model whose output has a ``loss`` (``batch`` carries the labels).
+        batch: keyword inputs of the model; tensors are moved to the model's device.
+        seed: seed of the probe noise (int >= 0).
+
+    Returns:
+        ``{"grad_cosine": overall, "grad_norm_ratio": |g_ste|/|g_full|, "grad_cosine/<layer>": per layer}``; the
+        overall values cover every trainable parameter, the per-layer ones the layer's weight and bias.
+    """
+    layers = list(analog_layers(model))
+    if not layers:
+        raise ValueError("gradient_alignment: the model has no patched layer; call hf_cim.patch_model first")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("gradient_alignment: the model has no trainable parameter")
+    device = params[0][1].device
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    rank = process_rank()
+
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(layer, layer.hf_cim_config, layer._hf_cim_generator) for _, layer in layers]
+    grads: dict[str, list[torch.Tensor | None]] = {}
+    try:
+        model.eval()  # dropout off: both passes must see the same network
+        for _, layer in layers:
+            layer.training = True  # but the analog layers behave as in a training step
+        for mode in ("ste", "full"):
+            for layer, cfg, _ in saved:
+                layer.hf_cim_config = cfg.replace(gradient=mode)
+                gen = torch.Generator(device=device)
+                gen.manual_seed(derive_seed(seed, layer.hf_cim_name, rank, "probe"))
+                layer._hf_cim_generator = gen
+            with torch.enable_grad():
+                loss = _loss_of(model(**inputs))
+                grads[mode] = list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
+    finally:
+        for layer, cfg, gen in saved:
+            layer.hf_cim_config = cfg
+            layer._hf_cim_generator = gen
+        for m, flag in modes:
+            m.training = flag
+
+    def pick(mode: str, keep: set[int]) -> list[torch.Tensor]:
+        return [g if g is not None else torch.zeros_like(params[i][1]) for i, g in enumerate(grads[mode]) if i in keep]
+
+    everything = set(range(len(params)))
+    overall, ratio = _cosine(pick("ste", everything), pick("full", everything))
+    out = {"grad_cosine": overall, "grad_norm_ratio": ratio}
+    index = {id(p): i for i, (_, p) in enumerate(params)}
+    for name, layer in layers:
+        own = {index[id(p)] for p in layer.parameters(recurse=False) if id(p) in index}
+        if own:
+            out[f"grad_cosine/{name}"] = _cosine(pick("ste", own), pick("full", own))[0]
+    return out
+
+
+class GradientAlignmentCallback(_LoggingCallback):
+    """Every ``every_n_steps`` optimizer steps, logs :func:`gradient_alignment` on a fixed probe batch.
+
+    Logged keys: ``grad_cosine`` (all trainable parameters), ``grad_norm_ratio`` and ``grad_cosine/<layer>``; with
+    several processes each rank probes with its own noise sample and every rank logs the mean over ranks. The
+    values computed at step ``k`` are added to the next log record (choose ``every_n_steps`` as a multiple of
+    ``logging_steps`` to have them on the same step). Training is not disturbed: no optimizer state, no ``.grad``,
+    no training noise stream and no global RNG is touched (see :func:`gradient_alignment`).
+
+    Args:
+        probe_batch: keyword inputs of the model with labels, e.g. ``data_collator([train_dataset[i] for i in
+            range(8)])``; kept on the CPU and moved to the model's device at each probe.
+        every_n_steps: probe period in optimizer steps (int >= 1).
+    """
+
+    _front_rank = 2
+
+    def __init__(self, probe_batch: dict, every_n_steps: int = 50) -> None:
+        super().__init__()
+        if not isinstance(probe_batch, Mapping) or not probe_batch:
+            raise ValueError(f"GradientAlignmentCallback: `probe_batch` must be a non-empty dict, got {probe_batch!r}")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"GradientAlignmentCallback: `every_n_steps` must be an int >= 1, got {every_n_steps!r}")
+        self.probe_batch = dict(probe_batch)
+        self.every_n_steps = every_n_steps
+        self.history: list[dict[str, float]] = []
+        self._pending: dict[str, float] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every_n_steps != 0:
+            return
+        values = gradient_alignment(model, self.probe_batch, seed=state.global_step)
+        self.history.append({"step": state.global_step, **values})
+        self._pending = values
+
+    def _collect_logs(self, args, state) -> dict[str, float]:
+        # Every rank probed with its own noise sample: log the mean over ranks (the same on every rank).
+        values, self._pending = self._pending, {}
+        if not values or _world()[1] == 1:
+            return values
+        keys = sorted(values)
+        rows = _all_gather([values[k] for k in keys])
+        return {k: sum(r[i] for r in rows) / len(rows) for i, k in enumerate(keys)}
+
+
+# -- noise level schedules --------------------------------------------------------------------------------------------
+class NoiseLevelCallback(_LoggingCallback):
+    """Sets the noise ``level`` of every patched layer at every training step: a warm-up ramp and/or level sampling.
+
+    At optimizer step ``s`` (0-based) of ``S``: ``level = target_level · ramp(s) · u``, with
+    ``ramp(s) = min(1, s / ceil(warmup_ratio · S))`` (1 without warm-up) and ``u`` drawn uniformly from
+    ``sample_range`` (1 without sampling). ``u`` depends only on ``(seed, s)``: every rank uses the same level and a
+    resumed run repeats it. Between steps (evaluation, checkpoints, other callbacks' probes) and after training, the
+    model runs at ``target_level``. The mean level of each logging window is logged as ``noise_level``.
+
+    Why sampling: a model trained at one level is best at that level and degrades away from it (see
+    ``docs/trainer.md``); drawing the level per step trains one model for chips of different quality.
+
+    Args:
+        target_level: the level after warm-up (in [0, 100]).
+        warmup_ratio: fraction of the training steps over which the level ramps up linearly from 0 (in [0, 1]).
+        sample_range: ``(low, high)`` factors of ``target_level`` between which the per-step level is drawn
+            uniformly (0 <= low <= high), e.g. ``(0.5, 2.0)``; None keeps ``target_level``.
+        seed: seed of the level draws (int >= 0).
+    """
+
+    _front_rank = 1
+
+    def __init__(
+        self,
+        target_level: float,
+        warmup_ratio: float = 0.0,
+        sample_range: tuple[float, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_range("NoiseLevelCallback", "target_level", target_level, 0.0, 100.0)
+        check_range("NoiseLevelCallback", "warmup_ratio", warmup_ratio, 0.0, 1.0)
+        if sample_range is not None:
+            if not isinstance(sample_range, (tuple, list)) or len(sample_range) != 2:
+                raise ValueError(
+                    f"NoiseLevelCallback: `sample_range` must be a (low, high) pair or None, got {sample_range!r}"
+                )
+            low, high = sample_range
+            check_range("NoiseLevelCallback", "sample_range[0]", low, 0.0, None)
+            check_range("NoiseLevelCallback", "sample_range[1]", high, float(low), None)
+            if high * target_level > 100.0:
+                raise ValueError(
+                    f"NoiseLevelCallback: `sample_range` {tuple(sample_range)} × `target_level` {target_level} "
+                    "exceeds the largest level 100"
+                )
+            sample_range = (float(low), float(high))
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"NoiseLevelCallback: `seed` must be an int >= 0, got {seed!r}")
+        self.target_level = float(target_level)
+        self.warmup_ratio = float(warmup_ratio)
+        self.sample_range = sample_range
+        self.seed = seed
+        self._levels: list[float] = []
+
+    def level_at(self, step: int, max_steps: int) -> float:
+        """The level of optimizer step ``step`` (0-based) in a run of ``max_steps`` steps."""
+        warmup = math.ceil(self.warmup_ratio * max_steps)
+        ramp = min(1.0, step / warmup) if warmup > 0 else 1.0
+        factor = 1.0
+        if self.sample_range is not None:
+            low, high = self.sample_range
+            factor = random.Random(derive_seed(self.seed, "noise_level", step)).uniform(low, high)
+        return min(100.0, self.target_level * ramp * factor)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            return
+        level = self.level_at(state.global_step, state.max_steps)
+        set_noise_level(model, level)
+        self._levels.append(level)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_noise_level(model, self.target_level)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_noise_level(model, self.target_level)
+
+    def _collect_logs(self, args, state) -> dict[str, float]:
+        if not self._levels:
+            return {}
+        mean = sum(self._levels) / len(self._levels)
+        self._levels = []
+        return {"noise_level": round(mean, 6)}

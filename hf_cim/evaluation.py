@@ -1,0 +1,319 @@
+"""Robustness sweeps: one trained model evaluated on many simulated chips × noise levels × drift times.
+
+Semantics (aihwkit's "program once, drift to t, read many times"): for each cell ``(level, t_inference)`` and each
+chip seed, the model is programmed once with :func:`hf_cim.program_chip` (static noise drawn from the seed, drifted
+to ``t_inference``) and that chip is kept for every batch of the evaluation; read noise is drawn at every product
+from a stream restarted from the chip seed, so every cell is reproducible on its own, whatever ran before. The same
+seed is the same chip at every level and time (levels scale the same draws).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .chip import program_chip
+from .layers import process_rank
+from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
+
+__all__ = ["RobustnessResult", "evaluate_robustness"]
+
+logger = logging.getLogger(__name__)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    # Sample standard deviation (n - 1): the spread of the chip population, estimated from n chips.
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+@dataclass
+class RobustnessResult:
+    """The table of a robustness sweep.
+
+    Attributes:
+        metric: the metric's key (e.g. ``"eval_loss"``).
+        rows: one dict per ``(level, t_inference)`` cell: ``level``, ``t_inference`` (s), ``mean``, ``std``
+            (sample std over chips, 0 for one chip), ``min``, ``max``, ``n_chips`` and ``values`` (one per chip,
+            in ``seeds`` order).
+        clean: every metric of the digital baseline (:func:`hf_cim.noise_disabled`).
+        seeds: the chip seeds.
+        config: the model's :class:`~hf_cim.AnalogNoiseConfig` as a dict (None if unknown).
+    """
+
+    metric: str
+    rows: list[dict[str, Any]]
+    clean: dict[str, float]
+    seeds: list[int] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    @property
+    def clean_value(self) -> float | None:
+        return self.clean.get(self.metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def from_json(cls, path: str) -> RobustnessResult:
+        with open(path) as f:
+            data = json.load(f)
+        return cls(**data)
+
+    def to_csv(self, path: str) -> None:
+        """One line per cell; ``values`` joined by ``;``. The digital baseline is the row with ``level`` = digital."""
+        cols = ["level", "t_inference", "mean", "std", "min", "max", "n_chips", "values"]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(cols)
+            clean = self.clean_value
+            if clean is not None:
+                writer.writerow(["digital", 0.0, clean, 0.0, clean, clean, 0, ""])
+            for row in self.rows:
+                writer.writerow([*(row[c] for c in cols[:-1]), ";".join(repr(v) for v in row["values"])])
+
+    def to_markdown(self, digits: int = 4) -> str:
+        """A Markdown table (for a model card): one line per cell, the digital baseline first."""
+        lines = [
+            f"| noise level | t_inference (s) | {self.metric} (mean ± std) | min | max | chips |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        clean = self.clean_value
+        if clean is not None:
+            lines.append(f"| digital | – | {clean:.{digits}f} | – | – | – |")
+        for r in self.rows:
+            lines.append(
+                f"| {r['level']:g} | {r['t_inference']:g} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+                f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
+            )
+        return "\n".join(lines)
+
+    def plot(self, path: str | None = None, title: str | None = None):
+        """Metric vs level (one line per time) and metric vs time (one line per level), error bars = ±1 std.
+
+        Needs matplotlib (``pip install hf-cim[plot]``). Returns the figure; saves it to ``path`` when given.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except ImportError as err:  # pragma: no cover - depends on the environment
+            raise ImportError("RobustnessResult.plot needs matplotlib: pip install 'hf-cim[plot]'") from err
+
+        levels = sorted({r["level"] for r in self.rows})
+        times = sorted({r["t_inference"] for r in self.rows})
+        panels = [p for p, n in (("level", len(levels)), ("time", len(times))) if n > 1] or ["level"]
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+        clean = self.clean_value
+        for ax, panel in zip(axes[0], panels):
+            x_key, group_key, groups = (
+                ("level", "t_inference", times) if panel == "level" else ("t_inference", "level", levels)
+            )
+            for g in groups:
+                cells = sorted((r for r in self.rows if r[group_key] == g), key=lambda r: r[x_key])
+                label = f"t = {g:g} s" if group_key == "t_inference" else f"level {g:g}"
+                ax.errorbar(
+                    [r[x_key] for r in cells],
+                    [r["mean"] for r in cells],
+                    yerr=[r["std"] for r in cells],
+                    marker="o",
+                    capsize=3,
+                    label=label,
+                )
+            if clean is not None:
+                ax.axhline(clean, color="k", linestyle="--", linewidth=1, label="digital")
+            if panel == "time":
+                positive = [t for t in times if t > 0]
+                if positive and len(positive) == len(times):
+                    ax.set_xscale("log")
+                elif positive:
+                    # t = 0 (right after programming) on a log axis: linear below the smallest positive time.
+                    ax.set_xscale("symlog", linthresh=min(positive))
+                    ax.set_xlim(left=0.0)
+                ax.set_xlabel("t_inference (s)")
+            else:
+                ax.set_xlabel("noise level")
+            ax.set_ylabel(self.metric)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        n_chips = max((r["n_chips"] for r in self.rows), default=0)
+        fig.suptitle(title or f"{self.metric} on {n_chips} simulated chips (mean ± std)", fontsize=10)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+        return fig
+
+
+def _as_evaluate_fn(evaluate_fn: Any, model: nn.Module) -> Callable[[nn.Module], dict[str, float]]:
+    evaluate = getattr(evaluate_fn, "evaluate", None)
+    if evaluate is not None and hasattr(evaluate_fn, "callback_handler"):  # a transformers.Trainer
+        trainer_model = getattr(evaluate_fn, "model", None)
+        if trainer_model is not model:
+            raise ValueError("evaluate_robustness: the Trainer's `model` is not the model being swept")
+        return lambda _: evaluate()
+    if callable(evaluate_fn):
+        return evaluate_fn
+    raise TypeError(
+        f"evaluate_robustness: `evaluate_fn` must be a callable model -> dict or a transformers.Trainer, "
+        f"got {type(evaluate_fn).__name__}"
+    )
+
+
+def _check_number_list(name: str, values: Sequence[float], low: float, high: float | None) -> list[float]:
+    if isinstance(values, (int, float)):
+        values = [values]
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"evaluate_robustness: `{name}` must hold finite numbers, got {v!r}")
+        if v < low or (high is not None and v > high):
+            raise ValueError(f"evaluate_robustness: `{name}` values must be in [{low}, {high or 'inf'}], got {v!r}")
+        out.append(float(v))
+    if not out:
+        raise ValueError(f"evaluate_robustness: `{name}` must not be empty")
+    return out
+
+
+def _metric_of(metrics: Any, metric: str) -> float:
+    if not isinstance(metrics, dict) or metric not in metrics:
+        keys = sorted(metrics) if isinstance(metrics, dict) else type(metrics).__name__
+        raise KeyError(f"evaluate_robustness: `metric` {metric!r} is not in the evaluation's result {keys}")
+    return float(metrics[metric])
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    evaluate_fn: Callable[[nn.Module], dict[str, float]] | Any,
+    metric: str,
+    seeds: int | Sequence[int] = 5,
+    levels: Sequence[float] = (1.0,),
+    t_inference: Sequence[float] = (0.0,),
+    output_dir: str | None = None,
+    progress: bool = True,
+    plot: bool = True,
+) -> RobustnessResult:
+    """Evaluate ``model`` on simulated chips (seeds) × noise levels × drift times; mean ± std over chips per cell.
+
+    Args:
+        model: a patched model (:func:`hf_cim.patch_model`).
+        evaluate_fn: ``evaluate_fn(model) -> dict[str, float]``, or a ``transformers.Trainer`` built on ``model``
+            (its ``evaluate()`` is called; each call also logs its metrics as usual).
+        metric: the key of the metric in the returned dict (e.g. ``"eval_loss"``, ``"eval_accuracy"``).
+        seeds: the chip seeds, or a count ``n`` for seeds ``0 … n-1``.
+        levels: noise levels (each in [0, 100]; 1 is the configured noise).
+        t_inference: seconds since programming (>= 0), for drift and accumulated read noise.
+        output_dir: if given, writes ``robustness.json``, ``robustness.csv`` and (with ``plot``) ``robustness.png``
+            there (rank 0 only in a distributed run).
+        progress: show a ``tqdm`` progress bar over the evaluations (rank 0 only).
+        plot: draw the plot into ``output_dir`` (needs matplotlib; skipped with a warning if missing).
+
+    The model runs in eval mode with noise on (whatever ``noise_in_eval`` says) during the sweep, and the digital
+    baseline under :func:`hf_cim.noise_disabled`. Afterwards the model's training flags, noise level, programmed
+    chip, drift time, noise streams and config are restored. Deterministic given the seeds (and a deterministic
+    ``evaluate_fn``).
+
+    Returns:
+        A :class:`RobustnessResult` with one row per ``(level, t_inference)`` in the order given.
+    """
+    layers = [layer for _, layer in analog_layers(model)]
+    if not layers:
+        raise ValueError("evaluate_robustness: the model has no patched layer; call hf_cim.patch_model first")
+    if isinstance(seeds, bool):
+        raise ValueError(f"evaluate_robustness: `seeds` must be an int >= 1 or a list of ints >= 0, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise ValueError(f"evaluate_robustness: `seeds` must be >= 1 chips, got {seeds}")
+        seeds = list(range(seeds))
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"evaluate_robustness: `seeds` must be a non-empty list of ints >= 0, got {seeds!r}")
+    levels = _check_number_list("levels", levels, 0.0, 100.0)
+    times = _check_number_list("t_inference", t_inference, 0.0, None)
+    run = _as_evaluate_fn(evaluate_fn, model)
+
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [
+        (
+            layer,
+            layer.hf_cim_config,
+            layer.hf_cim_level,
+            layer.hf_cim_t_inference,
+            layer._hf_cim_chip,
+            layer._hf_cim_seed,
+            layer._hf_cim_generator,
+        )
+        for layer in layers
+    ]
+    is_main = process_rank() == 0
+    rows: list[dict[str, Any]] = []
+    try:
+        model.eval()
+        for layer, cfg, *_ in saved:
+            if not cfg.noise_in_eval:
+                layer.hf_cim_config = cfg.replace(noise_in_eval=True)
+        with noise_disabled(model):
+            clean = {k: float(v) for k, v in run(model).items() if isinstance(v, (int, float))}
+        _metric_of(clean, metric)
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=len(levels) * len(times) * len(seeds),
+            desc="hf_cim robustness",
+            disable=not (progress and is_main),
+        )
+        for level in levels:
+            for t in times:
+                values = []
+                for seed in seeds:
+                    set_noise_level(model, level)
+                    program_chip(model, seed, t)
+                    reseed(model, seed)
+                    values.append(_metric_of(run(model), metric))
+                    bar.update(1)
+                rows.append(
+                    {"level": level, "t_inference": t, **_stats(values), "n_chips": len(values), "values": values}
+                )
+                bar.set_postfix({metric: f"{rows[-1]['mean']:.4g}"})
+        bar.close()
+    finally:
+        for layer, cfg, level, t, chip, seed, gen in saved:
+            layer.hf_cim_config = cfg
+            layer.hf_cim_level = level
+            layer.hf_cim_t_inference = t
+            layer._hf_cim_chip = chip
+            layer._hf_cim_seed = seed
+            layer._hf_cim_generator = gen
+        for m, flag in modes:
+            m.training = flag
+
+    cfg = get_config(model)
+    result = RobustnessResult(
+        metric=metric, rows=rows, clean=clean, seeds=seeds, config=cfg.to_dict() if cfg is not None else None
+    )
+    if output_dir is not None and is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        result.to_json(os.path.join(output_dir, "robustness.json"))
+        result.to_csv(os.path.join(output_dir, "robustness.csv"))
+        if plot:
+            try:
+                result.plot(os.path.join(output_dir, "robustness.png"))
+            except ImportError as err:
+                logger.warning("evaluate_robustness: no plot (%s)", err)
+    return result

@@ -1,0 +1,290 @@
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import hf_cim
+from hf_cim.callbacks import (
+    GradientAlignmentCallback,
+    MemoryTracker,
+    NoiseLevelCallback,
+    PeakMemoryCallback,
+    gradient_alignment,
+)
+from hf_cim.noise import GaussianWeightNoise, OutputNoise
+
+SEQ, VOCAB = 16, 97
+
+
+def _data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def _probe(data, n=4):
+    return {k: torch.stack([d[k] for d in data[:n]]) for k in ("input_ids", "labels")}
+
+
+def _patched(**cfg):
+    model = tiny_gpt2(n_positions=SEQ)
+    cfg.setdefault("exclude_modules", ["lm_head"])
+    return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(**cfg))
+
+
+def _trainer(model, tmp_path, callbacks, max_steps=6, logging_steps=2, **kw):
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        max_steps=max_steps,
+        logging_steps=logging_steps,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=7,
+        **kw,
+    )
+    return Trainer(model=model, args=args, train_dataset=_data(), callbacks=callbacks)
+
+
+class Spy(TrainerCallback):
+    """Stands for a reporting integration listed before the hf_cim callbacks."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+class Ballast(TrainerCallback):
+    """Holds a large tensor from step `at` on."""
+
+    def __init__(self, at, mib):
+        self.at, self.mib, self.tensor = at, mib, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            self.tensor = torch.ones(int(self.mib * 2**20 // 4))
+
+
+MEMORY_KEYS = ("peak_memory_mb", "peak_memory_growth_mb", "step_time_s", "samples_per_second", "tokens_per_second")
+
+
+# -- PeakMemoryCallback ---------------------------------------------------------------------------------------------
+def test_cpu_peak_is_at_least_start_and_grows_with_a_held_tensor():
+    tracker = MemoryTracker("cpu")
+    tracker.reset_peak()
+    start = tracker.current_mb()
+    peak0 = tracker.peak_mb()
+    assert peak0 >= start - 0.5  # the kernel's high-water mark is never below the current RSS (kB rounding)
+    # Enough to pass the old peak even where it cannot be reset (lifetime ru_maxrss).
+    mib = max(0.0, peak0 - start) + 160
+    held = torch.ones(int(mib * 2**20 // 4))
+    peak1 = tracker.peak_mb()
+    assert peak1 >= peak0 + 128
+    assert tracker.current_mb() >= start + 128
+    del held
+    if tracker.reset_peak():  # a new window starts from the current RSS, after the tensor is gone
+        assert tracker.peak_mb() < peak1 - 100
+
+
+def test_peak_memory_reaches_log_history_integrations_and_json(tmp_path):
+    spy = Spy()
+    cb = PeakMemoryCallback(tokens_per_sample=SEQ)
+    trainer = _trainer(_patched(), tmp_path, [spy, cb, Ballast(at=3, mib=200)])
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names.index("PeakMemoryCallback") < names.index("Spy")
+    trainer.train()
+
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:
+        for key in MEMORY_KEYS:
+            assert key in r and math.isfinite(r[key]) and r[key] > 0, (key, r)
+        # throughput = samples / time and step time = time / steps: samples_per_second · step_time = batch size
+        assert r["samples_per_second"] * r["step_time_s"] == pytest.approx(8, rel=1e-3)
+        assert r["tokens_per_second"] == pytest.approx(r["samples_per_second"] * SEQ, rel=1e-5)
+    # The integration listed before the callback saw the same values.
+    spied = [r for r in spy.logs if "loss" in r]
+    assert [{k: r[k] for k in MEMORY_KEYS} for r in spied] == [{k: r[k] for k in MEMORY_KEYS} for r in records]
+    # The 200 MiB tensor held from step 4 on shows in the peak of the window (3, 4] and later, not before.
+    assert records[1]["peak_memory_mb"] >= records[0]["peak_memory_mb"] + 150
+    assert records[1]["peak_memory_growth_mb"] >= 150 > records[0]["peak_memory_growth_mb"]
+
+    summary = json.loads((tmp_path / "out" / "hf_cim_memory.json").read_text())
+    assert summary == cb.summary
+    assert summary["world_size"] == 1 and summary["steps"] == 6 and summary["device"] == "cpu"
+    assert summary["peak_memory_mb"] >= max(r["peak_memory_mb"] for r in records)
+    assert summary["peak_memory_mb"] >= summary["start_memory_mb"]
+    assert summary["peak_memory_growth_mb"] == pytest.approx(summary["peak_memory_mb"] - summary["start_memory_mb"])
+    assert summary["samples_per_second"] * summary["mean_step_time_s"] == pytest.approx(8, rel=1e-6)
+    assert summary["tokens_per_second"] == pytest.approx(summary["samples_per_second"] * SEQ)
+    assert [r["rank"] for r in summary["ranks"]] == [0]
+
+
+def test_peak_memory_output_dir_and_callback_added_after_init(tmp_path):
+    spy = Spy()
+    trainer = _trainer(_patched(), tmp_path, [spy], max_steps=2, logging_steps=1)
+    trainer.add_callback(PeakMemoryCallback(output_dir=str(tmp_path / "elsewhere")))
+    trainer.train()
+    assert "peak_memory_mb" in spy.logs[0] and "tokens_per_second" not in spy.logs[0]
+    assert (tmp_path / "elsewhere" / "hf_cim_memory.json").exists()
+    assert not (tmp_path / "out" / "hf_cim_memory.json").exists()
+
+
+def test_peak_memory_rejects_bad_tokens_per_sample():
+    with pytest.raises(ValueError, match="`tokens_per_sample`"):
+        PeakMemoryCallback(tokens_per_sample=0)
+
+
+# -- gradient alignment ---------------------------------------------------------------------------------------------
+def test_cosine_is_one_without_noise():
+    model = _patched(input_bits=None, weight_bits=None, output_bits=None, level=0.0)
+    out = gradient_alignment(model, _probe(_data()))
+    assert out["grad_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert out["grad_norm_ratio"] == pytest.approx(1.0, abs=1e-5)
+    layer_keys = {f"grad_cosine/{n}" for n, _ in hf_cim.analog_layers(model)}
+    assert layer_keys <= set(out) and len(layer_keys) == 8
+    assert all(out[k] == pytest.approx(1.0, abs=1e-6) for k in layer_keys)
+
+
+def test_cosine_is_between_zero_and_one_with_noise_and_deterministic():
+    model = _patched(noise=[GaussianWeightNoise(std=0.3), OutputNoise(std=0.2)])
+    probe = _probe(_data())
+    out = gradient_alignment(model, probe)
+    assert 0.0 < out["grad_cosine"] < 0.9999
+    assert all(0.0 < v < 1.0 for k, v in out.items() if k.startswith("grad_cosine/"))
+    assert gradient_alignment(model, probe) == out
+    assert gradient_alignment(model, probe, seed=1) != out
+    # Converters alone (level 0) barely change the direction: STE passes the rounding straight through.
+    hf_cim.set_noise_level(model, 0.0)
+    assert gradient_alignment(model, probe)["grad_cosine"] > 0.999
+
+
+def test_gradient_alignment_leaves_the_model_untouched():
+    model = _patched()
+    model.train()
+    probe = _probe(_data())
+    layers = [m for _, m in hf_cim.analog_layers(model)]
+    model(**probe).loss.backward()  # creates the generators and some .grad to keep
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    gens = [m._hf_cim_generator for m in layers]
+    gen_states = [g.get_state() for g in gens]
+    configs = [m.hf_cim_config for m in layers]
+    cpu_rng = torch.get_rng_state()
+
+    gradient_alignment(model, probe)
+
+    assert all(m.training for m in model.modules())
+    assert all(m._hf_cim_generator is g for m, g in zip(layers, gens))
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, gen_states))
+    assert all(m.hf_cim_config is c for m, c in zip(layers, configs))
+    assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+
+
+def test_gradient_alignment_callback_does_not_change_training(tmp_path):
+    data = _data()
+    runs = []
+    for with_probe in (False, True):
+        spy = Spy()
+        callbacks = [spy] + ([GradientAlignmentCallback(_probe(data), every_n_steps=2)] if with_probe else [])
+        trainer = _trainer(_patched(), tmp_path / str(with_probe), callbacks, max_steps=4)
+        trainer.train()
+        runs.append((trainer, spy))
+    (plain, _), (probed, spy) = runs
+    for (n, p), (_, q) in zip(plain.model.named_parameters(), probed.model.named_parameters()):
+        assert torch.equal(p, q), n
+    records = [r for r in probed.state.log_history if "loss" in r]
+    assert [r["loss"] for r in records] == [r["loss"] for r in plain.state.log_history if "loss" in r]
+    assert all(0.9 < r["grad_cosine"] <= 1.0 for r in records)
+    assert all(f"grad_cosine/{n}" in records[0] for n, _ in hf_cim.analog_layers(probed.model))
+    assert "grad_cosine" in [r for r in spy.logs if "loss" in r][0]
+
+
+def test_gradient_alignment_callback_validates():
+    with pytest.raises(ValueError, match="`every_n_steps`"):
+        GradientAlignmentCallback({"input_ids": torch.zeros(1, 2, dtype=torch.long)}, every_n_steps=0)
+    with pytest.raises(ValueError, match="`probe_batch`"):
+        GradientAlignmentCallback({}, every_n_steps=1)
+
+
+# -- noise level schedules ------------------------------------------------------------------------------------------
+def test_ramp_goes_linearly_from_zero_to_target():
+    cb = NoiseLevelCallback(target_level=2.0, warmup_ratio=0.5)
+    assert [cb.level_at(s, 10) for s in range(10)] == pytest.approx([0.0, 0.4, 0.8, 1.2, 1.6, 2, 2, 2, 2, 2])
+    assert NoiseLevelCallback(1.5).level_at(0, 10) == 1.5
+
+
+def test_level_sampling_is_uniform_in_range_and_seeded():
+    cb = NoiseLevelCallback(target_level=2.0, sample_range=(0.5, 1.5), seed=3)
+    levels = [cb.level_at(s, 4000) for s in range(4000)]
+    assert min(levels) >= 1.0 and max(levels) <= 3.0
+    assert sum(levels) / len(levels) == pytest.approx(2.0, abs=0.03)  # mean of U(1, 3); std of the mean 0.009
+    var = sum((v - 2.0) ** 2 for v in levels) / len(levels)
+    assert var == pytest.approx(4 / 12, rel=0.05)  # (3 - 1)² / 12
+    assert levels == [NoiseLevelCallback(2.0, sample_range=(0.5, 1.5), seed=3).level_at(s, 4000) for s in range(4000)]
+    assert levels[:20] != [
+        NoiseLevelCallback(2.0, sample_range=(0.5, 1.5), seed=4).level_at(s, 4000) for s in range(20)
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_level": -1.0}, "`target_level`"),
+        ({"target_level": 1.0, "warmup_ratio": 1.5}, "`warmup_ratio`"),
+        ({"target_level": 1.0, "sample_range": (2.0, 1.0)}, r"`sample_range\[1\]`"),
+        ({"target_level": 1.0, "sample_range": (1.0,)}, "`sample_range`"),
+        ({"target_level": 60.0, "sample_range": (1.0, 2.0)}, "largest level 100"),
+        ({"target_level": 1.0, "seed": -1}, "`seed`"),
+    ],
+    ids=["target", "warmup", "range-order", "range-shape", "range-too-high", "seed"],
+)
+def test_noise_level_callback_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NoiseLevelCallback(**kwargs)
+
+
+def test_noise_level_callback_sets_the_level_of_each_training_step(tmp_path):
+    model = _patched()
+    layer = dict(hf_cim.analog_layers(model))["transformer.h.0.mlp.c_fc"]
+    seen = []
+    layer.register_forward_pre_hook(lambda m, _: seen.append(m.hf_cim_level) if m.training else None)
+    cb = NoiseLevelCallback(target_level=1.5, warmup_ratio=0.5, sample_range=(0.5, 1.0), seed=1)
+    trainer = _trainer(model, tmp_path, [cb], max_steps=6, logging_steps=3)
+    trainer.train()
+    expected = [cb.level_at(s, 6) for s in range(6)]
+    assert seen == pytest.approx(expected) and expected[0] == 0.0 and expected[-1] > 0.0
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["noise_level"] for r in records] == pytest.approx([sum(expected[:3]) / 3, sum(expected[3:]) / 3])
+    assert all(m.hf_cim_level == 1.5 for _, m in hf_cim.analog_layers(model))
+
+
+def test_all_callbacks_end_to_end(tmp_path):
+    data = _data()
+    spy = Spy()
+    callbacks = [
+        spy,
+        GradientAlignmentCallback(_probe(data), every_n_steps=2),
+        NoiseLevelCallback(1.0, warmup_ratio=0.3),
+        PeakMemoryCallback(tokens_per_sample=SEQ),
+    ]
+    trainer = _trainer(_patched(), tmp_path, callbacks, max_steps=4)
+    names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
+    assert names[:3] == ["PeakMemoryCallback", "NoiseLevelCallback", "GradientAlignmentCallback"]
+    trainer.train()
+    metrics = trainer.evaluate(eval_dataset=data[:8])
+    assert math.isfinite(metrics["eval_loss"])
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    for r in records:
+        assert {"grad_cosine", "noise_level", *MEMORY_KEYS} <= set(r)
+    assert (tmp_path / "out" / "hf_cim_memory.json").exists()
