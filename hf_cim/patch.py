@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import AnalogNoiseConfig
 from .layers import LAYER_MAP, AnalogLayerMixin
+from .peft_utils import named_base_modules
 
 __all__ = [
     "analog_layers",
@@ -58,7 +59,7 @@ def _check_unsupported(name: str, module: nn.Module) -> None:
 
 
 def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.Module]]:
-    named = list(model.named_modules())
+    named = [("", model), *named_base_modules(model)]  # peft adapters left out, names as in the bare model
     candidates = [(name, m) for name, m in named if type(m) in LAYER_MAP or isinstance(m, AnalogLayerMixin)]
     if not candidates:
         raise ValueError(
@@ -136,7 +137,18 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
         module.__class__ = LAYER_MAP[type(module)]
         module._hf_cim_init(name, config)
     setattr(model, _CONFIG_ATTR, config)
+    hf_config = _hf_config(model)
+    if hf_config is not None:  # save_pretrained writes it into config.json (quant_method "hf_cim")
+        hf_config.quantization_config = config
     return model
+
+
+def _hf_config(model: nn.Module):
+    """The transformers config of ``model`` (a ``PreTrainedModel`` or a peft model around one), or None."""
+    from transformers import PretrainedConfig
+
+    config = getattr(model, "config", None)
+    return config if isinstance(config, PretrainedConfig) else None
 
 
 def analog_layers(model: nn.Module) -> Iterator[tuple[str, AnalogLayerMixin]]:
@@ -158,6 +170,12 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         module._hf_cim_clear()
         module.__class__ = inverse[type(module)]
     model.__dict__.pop(_CONFIG_ATTR, None)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(getattr(quantizer, "quantization_config", None), AnalogNoiseConfig):
+        quantizer.remove_quantization_config(model)  # loaded through from_pretrained: a plain model again
+    hf_config = _hf_config(model)
+    if hf_config is not None and isinstance(getattr(hf_config, "quantization_config", None), AnalogNoiseConfig):
+        del hf_config.quantization_config
     return model
 
 

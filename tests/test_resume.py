@@ -1,0 +1,115 @@
+"""Trainer(resume_from_checkpoint=...) on a patched model: same noise config, same noise stream positions."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+from safetensors import safe_open
+
+import hf_cim
+from hf_cim import AnalogNoiseConfig
+from hf_cim.hub import NOISE_STATE_NAME, load_noise_state, save_noise_state
+from hf_cim.noise import GaussianWeightNoise, OutputNoise
+
+
+def _config(**kw):
+    base = dict(noise=[GaussianWeightNoise(std=0.05), OutputNoise(std=0.1)], seed=3, exclude_modules=["lm_head"])
+    base.update(kw)
+    return AnalogNoiseConfig(**base)
+
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, n=16, length=10):
+        self.ids = torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(1))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _model(cfg):
+    # no dropout: the only randomness in a step is the analog noise
+    return hf_cim.patch_model(tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), cfg)
+
+
+def _train(output_dir, max_steps, cfg=None, resume=None, callback=True):
+    from transformers import Trainer, TrainingArguments
+
+    model = _model(cfg or _config())
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=2, learning_rate=5e-3, seed=0, report_to=[], use_cpu=True,
+        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )  # fmt: skip
+    callbacks = [hf_cim.NoiseStateCallback()] if callback else []
+    Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks).train(resume_from_checkpoint=resume)
+    return model
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the function-scoped conftest fixture does for the resumed runs
+    try:
+        return out, _params(_train(out, max_steps=4))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_checkpoint_holds_noise_config_and_state(full_run):
+    out, _ = full_run
+    ckpt = out / "checkpoint-2"
+    quant = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert AnalogNoiseConfig.from_dict(quant) == _config()
+    model = _model(_config())
+    with safe_open(str(ckpt / NOISE_STATE_NAME), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert keys == {layer.hf_cim_name for _, layer in hf_cim.analog_layers(model)}
+    assert AnalogNoiseConfig.from_json_string(meta["config"]) == _config()
+
+
+def test_resume_continues_the_same_noise_streams(full_run, tmp_path):
+    _, expected = full_run
+    shutil.copytree(full_run[0] / "checkpoint-2", tmp_path / "checkpoint-2")
+    resumed = _params(_train(tmp_path, max_steps=4, resume=True))
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[n], expected[n]) for n in expected)
+
+
+def test_without_the_callback_the_noise_restarts(full_run, tmp_path):
+    _, expected = full_run
+    shutil.copytree(full_run[0] / "checkpoint-2", tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / NOISE_STATE_NAME).unlink()
+    resumed = _params(_train(tmp_path, max_steps=4, resume=True, callback=False))
+    assert not all(torch.equal(resumed[n], expected[n]) for n in expected)
+
+
+def test_state_round_trip_and_config_mismatch_warning(tmp_path, caplog):
+    model = _model(_config())
+    hf_cim.set_noise_level(model, 0.5)
+    x = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(x)  # advance every generator
+    save_noise_state(model, tmp_path)
+    with torch.no_grad():
+        y = model(x).logits
+
+    other = _model(_config(seed=4))
+    with caplog.at_level(logging.WARNING, logger="hf_cim.hub"):
+        assert load_noise_state(other, tmp_path)
+    assert "['seed']" in caplog.text  # the differing field is named
+    assert all(layer.hf_cim_level == 0.5 for _, layer in hf_cim.analog_layers(other))
+    with torch.no_grad():
+        assert torch.equal(other(x).logits, y)  # the restored streams continue where the saved ones were
+    assert not load_noise_state(other, tmp_path / "missing")
