@@ -112,7 +112,10 @@ class AnalogLayerMixin:
         sees the same devices); programming the same seed at another ``t_inference`` gives the same chip drifted to
         that time.
         """
-        weight = self._weight_oi(self.weight).detach()
+        weight = self.weight.detach()
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters outside forward: program the whole array
+            weight = weight.full_tensor()
+        weight = self._weight_oi(weight)
         device = weight.device
         gen = torch.Generator(device=device)
         gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))

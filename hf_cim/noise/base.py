@@ -41,6 +41,9 @@ __all__ = [
 
 _REGISTRY: dict[str, type[NoiseModel]] = {}
 
+#: Elements per piece of a noise draw: bounds the temporary memory of in-place noise (see NoiseContext.add_randn_).
+RANDN_CHUNK = 1 << 22
+
 
 @dataclass
 class NoiseContext:
@@ -66,8 +69,23 @@ class NoiseContext:
     weight_scale: torch.Tensor | None = None
 
     def randn_like(self, t: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like ``t``, drawn from the layer's generator."""
-        return torch.randn(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
+        """Standard normal noise shaped like ``t``, drawn from the layer's generator (in :data:`RANDN_CHUNK` pieces)."""
+        out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
+        for chunk in out.view(-1).split(RANDN_CHUNK):
+            chunk.normal_(generator=self.generator)
+        return out
+
+    def add_randn_(self, t: torch.Tensor, std: float) -> torch.Tensor:
+        """``t += std·ξ`` in place, drawing ``ξ`` piece by piece: the same numbers as ``t + std·randn_like(t)``
+        without a full-size temporary (an LM head's output noise would otherwise double its memory)."""
+        if not t.is_contiguous():
+            return t.add_(self.randn_like(t), alpha=std)
+        flat = t.view(-1)
+        buf = torch.empty(min(RANDN_CHUNK, flat.numel()), device=t.device, dtype=t.dtype)
+        for chunk in flat.split(RANDN_CHUNK):
+            noise = buf[: chunk.numel()].normal_(generator=self.generator)
+            chunk.add_(noise, alpha=std)
+        return t
 
     def rand_like(self, t: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""

@@ -76,8 +76,8 @@ class OutputNoise(NoiseModel):
             return y
         if torch.is_grad_enabled() and y.requires_grad:
             return y + sigma * ctx.randn_like(y)
-        # No autograd: add in place to spare one (tiles × tokens × out) allocation in the hot path.
-        return y.add_(ctx.randn_like(y), alpha=sigma)
+        # No autograd: add in place, without a (tiles × tokens × out) temporary, in the hot path.
+        return ctx.add_randn_(y, sigma)
 
 
 @register_noise_model("lognormal")
