@@ -1,0 +1,282 @@
+"""CLI glue shared by the recipes: the analog arguments, the final chip evaluation, ``results.json`` and saving.
+
+No library logic lives here: the noise config comes from :func:`hf_cim.presets.get_preset`, the chip sweep from
+:func:`hf_cim.evaluation.evaluate_robustness`, the memory figures from :class:`hf_cim.callbacks.PeakMemoryCallback`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+import hf_cim
+
+logger = logging.getLogger("recipes")
+
+GRADIENT_CHOICES = ("ste", "ste_detach", "full", "none")
+
+
+@dataclass
+class AnalogArguments:
+    """How the model is trained and measured as an analog chip."""
+
+    preset: str = field(default="paper", metadata={"help": "Noise preset (hf_cim.presets.list_presets())."})
+    level: float = field(default=1.0, metadata={"help": "Noise level the model is trained at (scales all noise)."})
+    gradient: str = field(
+        default="ste",
+        metadata={
+            "help": "Gradient mode: ste, ste_detach, full, or none (clean digital training; the trained model is "
+            "still measured on simulated chips at the end)."
+        },
+    )
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Layers to make analog: comma-separated names, 'all-linear' or a regex (default: all)."},
+    )
+    exclude_modules: str | None = field(
+        default=None, metadata={"help": "Layers kept digital: comma-separated names or a regex, e.g. 'classifier'."}
+    )
+    analog_seed: int = field(default=0, metadata={"help": "Seed of the training noise (the chips use 0..N-1)."})
+    eval_chips: int = field(default=5, metadata={"help": "Simulated chips measured at the end (0 skips the sweep)."})
+    eval_levels: str = field(
+        default="0,0.5,1,2",
+        metadata={"help": "Comma-separated noise levels of the final sweep (the trained level is always added)."},
+    )
+    eval_t_inference: str = field(
+        default="0", metadata={"help": "Comma-separated seconds since programming (drift) of the final sweep."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.gradient not in GRADIENT_CHOICES:
+            raise ValueError(f"`--gradient` must be one of {GRADIENT_CHOICES}, got {self.gradient!r}")
+        if self.eval_chips < 0:
+            raise ValueError(f"`--eval_chips` must be >= 0, got {self.eval_chips}")
+        self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
+        self.t_inference = _floats("eval_t_inference", self.eval_t_inference)
+
+
+def _floats(name: str, text: str, extra: float | None = None) -> tuple[float, ...]:
+    try:
+        values = {float(v) for v in str(text).split(",") if v.strip()}
+    except ValueError as err:
+        raise ValueError(f"`--{name}` must be comma-separated numbers, got {text!r}") from err
+    if extra is not None:
+        values.add(float(extra))
+    if not values or min(values) < 0:
+        raise ValueError(f"`--{name}` must hold numbers >= 0, got {text!r}")
+    return tuple(sorted(values))
+
+
+def _modules(text: str | None) -> str | list[str] | None:
+    """'a,b' → ['a', 'b']; 'all-linear' and regexes (any of ``.*+?[]()|^$\\``) stay one string."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text == "all-linear" or any(c in text for c in ".*+?[]()|^$\\"):
+        return text
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def parse_args(types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """``HfArgumentParser`` over ``types``; a single ``.json`` argument is read as a file of arguments."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # torchrun / `accelerate launch --multi_gpu` on a machine without GPU: without this, transformers sets up
+        # no process group for CPU and every rank trains alone (world size 1). With it: gloo ranks (MULTI_CPU).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    parser = HfArgumentParser(types)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    ours = logging.INFO if training_args.should_log else logging.WARNING  # the main process tells the story
+    logging.getLogger("recipes").setLevel(ours)
+    logging.getLogger("hf_cim").setLevel(ours)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logger.info(
+        "process %d/%d, device %s, torch %s, transformers %s, hf_cim %s",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.device,
+        torch.__version__,
+        transformers.__version__,
+        hf_cim.__version__,
+    )
+
+
+def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
+    """The preset at ``args.level`` with the gradient mode, targets and seed of the command line."""
+    gradient = "ste" if args.gradient == "none" else args.gradient
+    overrides = {
+        "gradient": gradient,
+        "target_modules": _modules(args.target_modules),
+        "exclude_modules": _modules(args.exclude_modules),
+        "seed": args.analog_seed,
+    }
+    from hf_cim.presets import get_preset
+
+    return get_preset(args.preset, level=args.level, **overrides)
+
+
+def resume_arg(training_args: TrainingArguments) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest in ``output_dir``."""
+    value = training_args.resume_from_checkpoint
+    if value is None:
+        return None
+    if str(value).lower() in ("true", "last", "1"):
+        return True
+    if not os.path.isdir(value):
+        raise FileNotFoundError(f"`--resume_from_checkpoint` {value!r} is not a folder")
+    return value
+
+
+def callbacks(training_args: TrainingArguments, tokens_per_sample: int | None = None) -> list:
+    """Peak memory / step time (``hf_cim_memory.json``) and the noise streams saved in checkpoints for resuming."""
+    from hf_cim.callbacks import PeakMemoryCallback
+    from hf_cim.hub import NoiseStateCallback
+
+    resume = training_args.resume_from_checkpoint
+    folder = resume if resume is not None and os.path.isdir(str(resume)) else None
+    return [
+        PeakMemoryCallback(output_dir=training_args.output_dir, tokens_per_sample=tokens_per_sample),
+        NoiseStateCallback(resume_from_checkpoint=folder),
+    ]
+
+
+def measure_chips(
+    trainer: transformers.Trainer,
+    noise_config: hf_cim.AnalogNoiseConfig,
+    args: AnalogArguments,
+    eval_sets: dict[str, Any],
+    metric: str,
+) -> dict[str, Any]:
+    """Clean digital metrics and the sweep over ``args.eval_chips`` simulated chips for every evaluation set.
+
+    ``metric`` is the key without prefix (``"f1"``, ``"loss"``). A model trained with ``--gradient none`` is patched
+    with ``noise_config`` for the sweep and unpatched after. Tables and plots go to ``output_dir/robustness_<set>/``.
+    """
+    from hf_cim.evaluation import evaluate_robustness
+
+    model = trainer.model
+    patched_here = hf_cim.get_config(model) is None
+    if patched_here:
+        hf_cim.patch_model(model, noise_config)
+    out: dict[str, Any] = {}
+    try:
+        for name, dataset in eval_sets.items():
+            if args.eval_chips == 0:
+                with hf_cim.noise_disabled(model):
+                    clean = trainer.evaluate(eval_dataset=dataset)
+                out[name] = {"clean": {k.removeprefix("eval_"): v for k, v in clean.items()}}
+                continue
+            result = evaluate_robustness(
+                model,
+                lambda _model, dataset=dataset: trainer.evaluate(eval_dataset=dataset),
+                f"eval_{metric}",
+                seeds=args.eval_chips,
+                levels=args.levels,
+                t_inference=args.t_inference,
+                output_dir=os.path.join(trainer.args.output_dir, f"robustness_{name}"),
+                progress=False,
+            )
+            out[name] = {
+                "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},
+                "robustness": result.rows,
+                "table": result.to_markdown(),
+            }
+            logger.info("%s on %d simulated chips:\n%s", name, args.eval_chips, out[name]["table"])
+    finally:
+        if patched_here:
+            hf_cim.unpatch_model(model)
+    return out
+
+
+def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_model: str | None) -> dict[str, Any]:
+    """What the model card shows: base model, task, data, the command, the clean metric and the chip table."""
+    first = next(iter(results["eval"].values()))
+    rows = first.get("robustness")
+    metric = f"eval_{results['metric']}"
+    return {
+        "base_model": base_model if base_model and not os.path.isdir(base_model) else None,
+        "task": task,
+        "datasets": datasets,
+        "recipe": "python " + " ".join(sys.argv),
+        "clean_metric": {f"eval_{k}": v for k, v in first["clean"].items() if isinstance(v, float)},
+        "robustness": rows,
+        "metric": metric if rows else None,
+    }
+
+
+def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, Any]) -> None:
+    """For an analog model, a model card (``README.md``) with the chip table next to the saved model (whose
+    ``config.json`` carries the noise config as ``quantization_config``); then ``--push_to_hub`` if asked."""
+    from hf_cim import hub
+
+    model, args = trainer.model, trainer.args
+    if analog and trainer.is_world_process_zero():
+        hub.write_model_card(args.output_dir, model, training_args=args, **card)
+    if args.push_to_hub and trainer.is_world_process_zero():
+        repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        if analog:
+            hub.push_to_hub(
+                model,
+                repo_id,
+                tokenizer=trainer.processing_class,
+                save_directory=args.output_dir,
+                card_kwargs={"training_args": args, **card},
+                private=args.hub_private_repo,
+                token=args.hub_token,
+            )
+        else:
+            trainer.push_to_hub()
+
+
+def write_results(trainer: transformers.Trainer, results: dict[str, Any], start_time: float) -> None:
+    """``results.json`` in ``output_dir`` (main process): the run's settings, losses, clean and chip metrics."""
+    if not trainer.is_world_process_zero():
+        return
+    out_dir = trainer.args.output_dir
+    memory_file = os.path.join(out_dir, "hf_cim_memory.json")
+    if os.path.exists(memory_file):
+        with open(memory_file) as f:
+            results["memory"] = json.load(f)
+    results["world_size"] = trainer.args.world_size
+    results["train_loss_history"] = [
+        {"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e
+    ]
+    results["wall_time_s"] = time.time() - start_time
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(_finite(results), f, indent=2, sort_keys=True)
+    logger.info("wrote %s", os.path.join(out_dir, "results.json"))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def shutdown() -> None:
+    """End a distributed run cleanly: every rank waits for the others, then the process group is destroyed (left to
+    interpreter exit, gloo teardown can abort a rank after the work is done and fail the launch)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,408 @@
+#!/usr/bin/env python
+"""Fine-tune a sequence classifier on a GLUE task noise-aware for an analog chip, then measure it on simulated chips.
+
+Follows transformers' ``examples/pytorch/text-classification/run_glue.py``. Data: ``--task_name`` alone loads
+``nyu-mll/glue`` from the Hub; ``--train_file`` / ``--validation_file`` read local tsv (the original GLUE layout),
+csv or json files, checked before training (a missing file, a malformed row, an unknown label or column stops the
+run with the file, line and column). Metrics: the task's official GLUE metric, computed offline by
+:mod:`hf_cim.metrics`.
+
+    python recipes/run_glue.py --task_name mrpc --model_name_or_path <bert folder> \\
+        --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv \\
+        --output_dir out/mrpc --preset paper --gradient ste --num_train_epochs 1
+
+Runs unchanged under ``accelerate launch`` (see ``recipes/configs``) and ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from _common import (
+    AnalogArguments,
+    build_noise_config,
+    callbacks,
+    card_and_push,
+    card_kwargs,
+    measure_chips,
+    parse_args,
+    resume_arg,
+    setup_logging,
+    shutdown,
+    write_results,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+import hf_cim
+from hf_cim.metrics import GLUE_METRIC_KEYS, glue_metric
+
+logger = logging.getLogger("recipes.run_glue")
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task: the Hub column names, the original tsv layout, the label names and the eval splits."""
+
+    text: tuple[str, ...]  # column names in nyu-mll/glue
+    tsv_text: tuple[str | int, ...]  # column names (or indices when there is no header) in the GLUE tsv files
+    tsv_label: str | int
+    labels: tuple[str, ...] | None  # None: regression
+    tsv_header: bool = True
+    eval_splits: tuple[str, ...] = ("validation",)
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "cola": GlueTask(("sentence",), (3,), 1, ("unacceptable", "acceptable"), tsv_header=False),
+    "sst2": GlueTask(("sentence",), ("sentence",), "label", ("negative", "positive")),
+    "mrpc": GlueTask(
+        ("sentence1", "sentence2"), ("#1 String", "#2 String"), "Quality", ("not_equivalent", "equivalent")
+    ),
+    "qqp": GlueTask(
+        ("question1", "question2"), ("question1", "question2"), "is_duplicate", ("not_duplicate", "duplicate")
+    ),
+    "stsb": GlueTask(("sentence1", "sentence2"), ("sentence1", "sentence2"), "score", None),
+    "mnli": GlueTask(
+        ("premise", "hypothesis"),
+        ("sentence1", "sentence2"),
+        "gold_label",
+        ("entailment", "neutral", "contradiction"),
+        eval_splits=("validation_matched", "validation_mismatched"),
+    ),
+    "qnli": GlueTask(("question", "sentence"), ("question", "sentence"), "label", ("entailment", "not_entailment")),
+    "rte": GlueTask(("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("entailment", "not_entailment")),
+    "wnli": GlueTask(
+        ("sentence1", "sentence2"), ("sentence1", "sentence2"), "label", ("not_entailment", "entailment")
+    ),
+}
+STSB_RANGE = (0.0, 5.0)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Pretrained model: a Hub id or a local folder."})
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise a checkpoint's classifier head of another size."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task_name: str = field(metadata={"help": f"GLUE task: {', '.join(GLUE_TASKS)}."})
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local training data: tsv (GLUE layout), csv, json."}
+    )
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation data (MNLI: matched)."})
+    validation_mismatched_file: str | None = field(default=None, metadata={"help": "MNLI: mismatched validation."})
+    text_columns: str | None = field(
+        default=None, metadata={"help": "Comma-separated text column(s) of local files, if not the task's."}
+    )
+    label_column: str | None = field(
+        default=None, metadata={"help": "Label column of local files, if not the task's."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per example after truncation."})
+    pad_to_max_length: bool = field(default=False, metadata={"help": "Pad to max_seq_length (else per batch)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+
+    def __post_init__(self) -> None:
+        self.task_name = self.task_name.lower().replace("-", "")
+        if self.task_name not in GLUE_TASKS:
+            raise ValueError(f"`--task_name` must be one of {list(GLUE_TASKS)}, got {self.task_name!r}")
+        if (self.train_file is None) != (self.validation_file is None):
+            raise ValueError("`--train_file` and `--validation_file` go together (or neither: data from the Hub)")
+
+
+# -- local files ---------------------------------------------------------------------------------------------------
+def _parse_label(task: GlueTask, raw: object, where: str) -> int | float:
+    if task.labels is None:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not STSB_RANGE[0] <= value <= STSB_RANGE[1]:
+            raise ValueError(f"{where}: label {raw!r} is not a similarity score in [{STSB_RANGE[0]}, {STSB_RANGE[1]}]")
+        return value
+    text = str(raw).strip()
+    if text in task.labels:
+        return task.labels.index(text)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(task.labels):
+        return int(text)
+    raise ValueError(
+        f"{where}: label {raw!r} is not in the task's label set {list(range(len(task.labels)))} / {list(task.labels)}"
+    )
+
+
+def _candidates(task: GlueTask, args: DataArguments, is_tsv: bool) -> tuple[list[list], list]:
+    """Per text column and for the label: the accepted column names (or indices), the first present is used."""
+    if args.text_columns:
+        text = [[c.strip()] for c in args.text_columns.split(",")]
+    else:
+        primary, other = (task.tsv_text, task.text) if is_tsv else (task.text, task.tsv_text)
+        text = [[p] + ([o] if isinstance(o, str) and o != p else []) for p, o in zip(primary, other)]
+    if args.label_column:
+        label = [args.label_column]
+    else:
+        label = [task.tsv_label, "label"] if is_tsv else ["label", task.tsv_label]
+        label = [c for i, c in enumerate(label) if c not in label[:i]]
+    return text, label
+
+
+def _resolve(header: list[str], names: list, path: str) -> int:
+    for name in names:
+        if isinstance(name, int):
+            return name
+        if name in header:
+            return header.index(name)
+    raise ValueError(f"{path}: column {names[0]!r} not found; the file's columns are {header}")
+
+
+def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, list]:
+    """Read a tsv / csv / json(l) file into the task's Hub columns, checking every row and label.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown extension, missing column, malformed row or label outside the task's set; the message
+            names the file and line.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in ("tsv", "csv", "json", "jsonl"):
+        raise ValueError(f"data file {path!r}: extension must be .tsv, .csv, .json or .jsonl, got {ext!r}")
+    text_names, label_names = _candidates(task, args, is_tsv=ext == "tsv")
+    label_col = label_names[0]
+    out: dict[str, list] = {name: [] for name in task.text[: len(text_names)]}
+    out["label"] = []
+    if ext in ("json", "jsonl"):
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+        try:
+            records = json.loads(content) if content.lstrip().startswith("[") else None
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        if records is None:
+            records = []
+            for i, line in enumerate(content.splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append((i, json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{i}: not a JSON object ({err.msg})") from err
+        else:
+            records = list(enumerate(records, 1))
+        for i, rec in records:
+            where = f"{path}:{i}"
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            keys = list(rec)
+            for names, hub_name in zip(text_names, out):
+                out[hub_name].append(str(rec[keys[_resolve(keys, names, where)]]))
+            label_key = keys[_resolve(keys, label_names, where)]
+            out["label"].append(_parse_label(task, rec[label_key], f"{where} column {label_key!r}"))
+        return out
+
+    # tsv (GLUE: no quoting at all, see shared/MODELS.md) or csv (standard quoting)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if ext == "tsv":
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            rows = csv.reader(f)
+        header: list[str] | None = None
+        width = None
+        idx: list[int] = []
+        label_idx = -1
+        for line_no, row in enumerate(rows, 1):
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None and (ext != "tsv" or task.tsv_header or args.text_columns):
+                header = [h.strip() for h in row]
+                width = len(header)
+                idx = [_resolve(header, names, path) for names in text_names]
+                label_idx = _resolve(header, label_names, path)
+                label_col = header[label_idx]
+                continue
+            if width is None:  # CoLA: no header, fixed layout
+                width = len(row)
+                idx, label_idx = [int(n[0]) for n in text_names], int(label_names[0])
+                needed = max([*idx, label_idx]) + 1
+                if width < needed:
+                    raise ValueError(f"{path}:{line_no}: expected at least {needed} tab-separated fields, got {width}")
+            if len(row) != width:
+                raise ValueError(
+                    f"{path}:{line_no}: malformed row: expected {width} fields, got {len(row)} "
+                    f"(a stray tab or newline inside a field?)"
+                )
+            for i, hub_name in zip(idx, out):
+                out[hub_name].append(row[i])
+            out["label"].append(_parse_label(task, row[label_idx], f"{path}:{line_no} column {label_col!r}"))
+    if not out["label"]:
+        raise ValueError(f"{path}: no examples found")
+    return out
+
+
+def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments):
+    import datasets
+
+    task = GLUE_TASKS[data_args.task_name]
+    if data_args.train_file is None:
+        try:
+            raw = datasets.load_dataset("nyu-mll/glue", data_args.task_name, cache_dir=model_args.cache_dir)
+        except Exception as err:  # offline, no cache
+            raise RuntimeError(
+                f"could not load nyu-mll/glue/{data_args.task_name} from the Hub ({type(err).__name__}: {err}); "
+                "pass local files with --train_file/--validation_file"
+            ) from err
+        return datasets.DatasetDict({"train": raw["train"], **{s: raw[s] for s in task.eval_splits}})
+    files = {"train": data_args.train_file, task.eval_splits[0]: data_args.validation_file}
+    if data_args.task_name == "mnli" and data_args.validation_mismatched_file:
+        files["validation_mismatched"] = data_args.validation_mismatched_file
+    # Read and check every file before anything heavy happens.
+    parsed = {split: read_examples(path, task, data_args) for split, path in files.items()}
+    return datasets.DatasetDict({split: datasets.Dataset.from_dict(cols) for split, cols in parsed.items()})
+
+
+# -- main ----------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    start = time.time()
+    model_args, data_args, analog_args, training_args = parse_args(
+        (ModelArguments, DataArguments, AnalogArguments, TrainingArguments), argv
+    )
+    setup_logging(training_args)
+    if training_args.average_tokens_across_devices:
+        # Sequence classification returns a per-example mean loss; averaging "tokens" across devices multiplies
+        # it by the world size in transformers 5.x (doubled loss and gradients on 2 processes).
+        training_args.average_tokens_across_devices = False
+    task = GLUE_TASKS[data_args.task_name]
+    is_regression = task.labels is None
+    noise_config = build_noise_config(analog_args)  # validates the analog arguments before any data is read
+    raw = load_raw_datasets(data_args, model_args)
+    set_seed(training_args.seed)
+
+    num_labels = 1 if is_regression else len(task.labels)
+    config = AutoConfig.from_pretrained(
+        model_args.config_name or model_args.model_name_or_path,
+        num_labels=num_labels,
+        finetuning_task=data_args.task_name,
+        cache_dir=model_args.cache_dir,
+    )
+    if not is_regression:
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {name: i for i, name in enumerate(task.labels)}
+    else:
+        config.problem_type = "regression"
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path,
+        config=config,
+        cache_dir=model_args.cache_dir,
+        ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+    )
+    if tokenizer.pad_token is None:  # GPT-2-style tokenizers
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    text_cols = [c for c in task.text if c in raw["train"].column_names]
+    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+    if data_args.max_seq_length > limit:
+        logger.warning(
+            "`--max_seq_length` %d exceeds the model's %d positions: using %d", data_args.max_seq_length, limit, limit
+        )
+        data_args.max_seq_length = limit
+
+    def tokenize(batch):
+        texts = [batch[c] for c in text_cols]
+        return tokenizer(
+            *texts,
+            truncation=True,
+            max_length=data_args.max_seq_length,
+            padding="max_length" if data_args.pad_to_max_length else False,
+        )
+
+    with training_args.main_process_first(desc="tokenize"):
+        keep = {"label"}
+        raw = raw.map(tokenize, batched=True, remove_columns=[c for c in raw["train"].column_names if c not in keep])
+    train = raw["train"]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    eval_sets = {}
+    for split in task.eval_splits:
+        if split in raw:
+            ds = raw[split]
+            if data_args.max_eval_samples is not None:
+                ds = ds.select(range(min(data_args.max_eval_samples, len(ds))))
+            eval_sets[split] = ds
+    primary = task.eval_splits[0]
+
+    metric_task = data_args.task_name
+    metric_key = GLUE_METRIC_KEYS[metric_task][0]
+
+    def compute_metrics(pred):
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        preds = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
+        return glue_metric(metric_task, preds, pred.label_ids)
+
+    if analog_args.gradient != "none":
+        hf_cim.patch_model(model, noise_config)
+        logger.info(
+            "analog training: %d layers patched, gradient %s",
+            len(list(hf_cim.analog_layers(model))),
+            noise_config.gradient,
+        )
+    else:
+        logger.info("clean digital training (--gradient none); the chips are measured at the end")
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_sets[primary],
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        callbacks=callbacks(training_args),
+    )
+    results: dict = {
+        "recipe": "run_glue",
+        "task": data_args.task_name,
+        "model": model_args.model_name_or_path,
+        "metric": metric_key,
+        "num_train_examples": len(train),
+        "analog": {
+            "preset": analog_args.preset,
+            "level": analog_args.level,
+            "gradient": analog_args.gradient,
+            "config": noise_config.to_dict(),
+        },
+    }
+    train_result = trainer.train(resume_from_checkpoint=resume_arg(training_args))
+    results["train"] = train_result.metrics
+    trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
+    results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key)
+    write_results(trainer, results, start)
+    card = card_kwargs(
+        results, "text-classification", [f"nyu-mll/glue/{data_args.task_name}"], model_args.model_name_or_path
+    )
+    card_and_push(trainer, analog_args.gradient != "none", card)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    shutdown()

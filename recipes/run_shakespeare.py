@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Train GPT-2 on Tiny Shakespeare noise-aware for an analog chip, then measure it on simulated chips.
+
+Two ways, as transformers' ``run_clm.py`` and nanoGPT's ``shakespeare_char``:
+
+* character level, from scratch (default): ``--model_type gpt2 --config_overrides n_layer=4,n_embd=128,...``;
+  the tokenizer is built from the text's characters (65 for Tiny Shakespeare) and saved with the model;
+* a pretrained GPT-2 with its BPE tokenizer: ``--model_name_or_path gpt2`` (or a local folder).
+
+Data: ``--train_file`` (a local copy of ``input.txt``), else the public file (1,115,394 characters) downloaded from
+``--data_url`` and checked against its SHA-256. Split (fixed, as nanoGPT): the first 90 % of the characters train,
+the last 10 % validate (``--validation_split_percentage``). Both are cut into non-overlapping blocks of
+``--block_size`` tokens. Reports validation loss and perplexity (``exp(loss)``), clean and on simulated chips.
+
+    python recipes/run_shakespeare.py --train_file ../shared/data/tinyshakespeare/input.txt --output_dir out/char \\
+        --config_overrides n_layer=4,n_head=4,n_embd=128 --block_size 128 --max_steps 1000 --preset paper
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from _common import (
+    AnalogArguments,
+    build_noise_config,
+    callbacks,
+    card_and_push,
+    card_kwargs,
+    measure_chips,
+    parse_args,
+    resume_arg,
+    setup_logging,
+    shutdown,
+    write_results,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+    set_seed,
+)
+
+import hf_cim
+from hf_cim.metrics import perplexity
+
+logger = logging.getLogger("recipes.run_shakespeare")
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Pretrained model (Hub id or folder); leave out to train from scratch."}
+    )
+    model_type: str = field(default="gpt2", metadata={"help": "Architecture when training from scratch."})
+    config_overrides: str | None = field(
+        default="n_layer=4,n_head=4,n_embd=128,resid_pdrop=0.0,embd_pdrop=0.0,attn_pdrop=0.0",
+        metadata={"help": "From scratch: comma-separated config fields, e.g. n_layer=6,n_embd=384,n_head=6."},
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or Hub id; default: the model's, or a character-level one from scratch."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Where Hub downloads are cached."})
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(
+        default=None, metadata={"help": "Local Tiny Shakespeare text (default: download --data_url)."}
+    )
+    data_url: str = field(default=TINY_SHAKESPEARE_URL, metadata={"help": "Where to download the text from."})
+    validation_split_percentage: float = field(
+        default=10.0, metadata={"help": "The last N percent of the text is the validation set (nanoGPT: 10)."}
+    )
+    block_size: int = field(default=128, metadata={"help": "Tokens per training example (context length)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation blocks."})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"`--validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}"
+            )
+        if self.block_size < 2:
+            raise ValueError(f"`--block_size` must be >= 2 tokens, got {self.block_size}")
+
+
+def read_text(data_args: DataArguments, cache_dir: str | None) -> str:
+    """The training text: ``--train_file``, else the download (cached, SHA-256 checked)."""
+    if data_args.train_file is not None:
+        if not os.path.isfile(data_args.train_file):
+            raise FileNotFoundError(f"`--train_file` {data_args.train_file!r} does not exist")
+        with open(data_args.train_file, encoding="utf-8") as f:
+            text = f.read()
+        if not text:
+            raise ValueError(f"`--train_file` {data_args.train_file!r} is empty")
+        return text
+    cache = os.path.join(cache_dir or os.path.expanduser("~/.cache/hf_cim"), "tinyshakespeare", "input.txt")
+    if not os.path.isfile(cache):
+        logger.info("downloading %s", data_args.data_url)
+        try:
+            with urllib.request.urlopen(data_args.data_url, timeout=60) as r:
+                data = r.read()
+        except OSError as err:
+            raise RuntimeError(
+                f"could not download {data_args.data_url} ({err}); pass a local copy with --train_file"
+            ) from err
+        if data_args.data_url == TINY_SHAKESPEARE_URL and hashlib.sha256(data).hexdigest() != TINY_SHAKESPEARE_SHA256:
+            raise RuntimeError(f"{data_args.data_url}: SHA-256 mismatch (expected {TINY_SHAKESPEARE_SHA256})")
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache, "wb") as f:
+            f.write(data)
+    with open(cache, encoding="utf-8") as f:
+        return f.read()
+
+
+def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over the text's distinct characters (sorted, as nanoGPT), saved with the model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    vocab["<|endoftext|>"] = len(vocab)  # unknown characters and the eos/pad id
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character a token
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def blocks(ids: list[int], block_size: int) -> dict[str, list[list[int]]]:
+    """Non-overlapping blocks of ``block_size`` tokens (the tail shorter than one block is dropped)."""
+    n = len(ids) // block_size
+    chunks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
+    return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    start = time.time()
+    model_args, data_args, analog_args, training_args = parse_args(
+        (ModelArguments, DataArguments, AnalogArguments, TrainingArguments), argv
+    )
+    setup_logging(training_args)
+    noise_config = build_noise_config(analog_args)
+    text = read_text(data_args, model_args.cache_dir)
+    set_seed(training_args.seed)
+
+    # tokenizer
+    if model_args.tokenizer_name or model_args.model_name_or_path:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
+        )
+        char_level = False
+    else:
+        tokenizer = char_tokenizer(text)
+        char_level = True
+
+    # fixed split on characters: first (100 - p) % train, last p % validation
+    cut = int(len(text) * (1 - data_args.validation_split_percentage / 100))
+    with training_args.main_process_first(desc="tokenize"):
+        train_ids = tokenizer(text[:cut])["input_ids"]
+        eval_ids = tokenizer(text[cut:])["input_ids"]
+    import datasets
+
+    train = datasets.Dataset.from_dict(blocks(train_ids, data_args.block_size))
+    valid = datasets.Dataset.from_dict(blocks(eval_ids, data_args.block_size))
+    if len(train) == 0 or len(valid) == 0:
+        raise ValueError(
+            f"the text gives {len(train)} training and {len(valid)} validation blocks of --block_size "
+            f"{data_args.block_size} tokens; use a longer text or a smaller --block_size"
+        )
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if data_args.max_eval_samples is not None:
+        valid = valid.select(range(min(data_args.max_eval_samples, len(valid))))
+    logger.info(
+        "%d characters (%s tokenizer, vocab %d): %d train / %d validation blocks of %d tokens",
+        len(text),
+        "character" if char_level else "pretrained",
+        len(tokenizer),
+        len(train),
+        len(valid),
+        data_args.block_size,
+    )
+
+    # model
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, cache_dir=model_args.cache_dir)
+        if model.config.n_positions < data_args.block_size:
+            raise ValueError(
+                f"`--block_size` {data_args.block_size} exceeds the model's n_positions {model.config.n_positions}"
+            )
+    else:
+        config = AutoConfig.for_model(
+            model_args.model_type,
+            vocab_size=len(tokenizer),
+            n_positions=data_args.block_size,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        if model_args.config_overrides:
+            try:
+                config.update_from_string(model_args.config_overrides)
+            except ValueError as err:
+                raise ValueError(f"`--config_overrides` {model_args.config_overrides!r}: {err}") from err
+        model = AutoModelForCausalLM.from_config(config)
+        logger.info("from scratch: %s, %.2fM parameters", config.to_diff_dict(), model.num_parameters() / 1e6)
+
+    if analog_args.gradient != "none":
+        hf_cim.patch_model(model, noise_config)
+        logger.info(
+            "analog training: %d layers patched, gradient %s",
+            len(list(hf_cim.analog_layers(model))),
+            noise_config.gradient,
+        )
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=valid,
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=callbacks(training_args, tokens_per_sample=data_args.block_size),
+    )
+    results: dict = {
+        "recipe": "run_shakespeare",
+        "model": model_args.model_name_or_path
+        or f"{model_args.model_type} from scratch ({model_args.config_overrides})",
+        "tokenizer": "character" if char_level else (model_args.tokenizer_name or model_args.model_name_or_path),
+        "vocab_size": len(tokenizer),
+        "num_parameters": model.num_parameters(),
+        "text_characters": len(text),
+        "split": {"train_characters": cut, "validation_characters": len(text) - cut},
+        "num_train_blocks": len(train),
+        "num_eval_blocks": len(valid),
+        "block_size": data_args.block_size,
+        "metric": "loss",
+        "analog": {
+            "preset": analog_args.preset,
+            "level": analog_args.level,
+            "gradient": analog_args.gradient,
+            "config": noise_config.to_dict(),
+        },
+    }
+    train_result = trainer.train(resume_from_checkpoint=resume_arg(training_args))
+    results["train"] = train_result.metrics
+    trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
+    evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss")
+    for entry in evals.values():  # perplexity = exp(mean token cross-entropy) of each chip
+        entry["clean"]["perplexity"] = perplexity(entry["clean"]["loss"])
+        for row in entry.get("robustness", []):
+            row["perplexity"] = [perplexity(v) for v in row["values"]]
+            row["perplexity_mean"] = sum(row["perplexity"]) / len(row["perplexity"])
+    results["eval"] = evals
+    val = evals["validation"]
+    trained = [r for r in val.get("robustness", []) if math.isclose(r["level"], analog_args.level)]
+    logger.info(
+        "validation loss: clean %.4f (perplexity %.2f)%s",
+        val["clean"]["loss"],
+        val["clean"]["perplexity"],
+        f"; noisy at level {analog_args.level:g}: {trained[0]['mean']:.4f} ± {trained[0]['std']:.4f} "
+        f"(perplexity {trained[0]['perplexity_mean']:.2f})"
+        if trained
+        else "",
+    )
+    write_results(trainer, results, start)
+    card = card_kwargs(results, "text-generation", ["tiny_shakespeare"], model_args.model_name_or_path)
+    card_and_push(trainer, analog_args.gradient != "none", card)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    shutdown()

@@ -1,0 +1,109 @@
+"""recipes/run_shakespeare.py end to end on a tiny GPT-2 and a small text written in tmp_path."""
+
+import json
+import math
+import os
+import random
+import sys
+
+import pytest
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+sys.path.insert(0, RECIPES)
+
+import run_shakespeare  # noqa: E402
+
+TINY = "n_layer=2,n_head=2,n_embd=32,resid_pdrop=0,embd_pdrop=0,attn_pdrop=0"
+
+
+def write_text(path, n_chars=12_000, seed=0):
+    """Shakespeare-like lines: a few names and words, so a model can learn something in a few steps."""
+    r = random.Random(seed)
+    names = ["ROMEO", "JULIET", "KING HENRY", "First Citizen"]
+    words = "thou art my lord and the king shall not be so good a man of all".split()
+    lines = []
+    while sum(len(x) + 1 for x in lines) < n_chars:
+        lines.append(f"{r.choice(names)}:\n" + " ".join(r.choice(words) for _ in range(r.randint(4, 10))) + ".\n")
+    text = "\n".join(lines)[:n_chars]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path), text
+
+
+def clm_args(train_file, out, *extra):
+    return [
+        "--train_file", train_file, "--output_dir", str(out), "--config_overrides", TINY, "--block_size", "32",
+        "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--logging_steps", "1",
+        "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--eval_chips", "2",
+        "--eval_levels", "1", "--max_eval_samples", "16", "--dataloader_pin_memory", "false", "--seed", "0", *extra,
+    ]  # fmt: skip
+
+
+def test_char_level_from_scratch_end_to_end(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_cim
+
+    path, text = write_text(tmp_path / "input.txt")
+    out = tmp_path / "out"
+    run_shakespeare.main(clm_args(path, out, "--max_steps", "12", "--gradient", "ste"))
+    res = json.loads((out / "results.json").read_text())
+
+    # fixed split: first 90 % of the characters train, the last 10 % validate; non-overlapping blocks
+    cut = int(len(text) * 0.9)
+    assert res["split"] == {"train_characters": cut, "validation_characters": len(text) - cut}
+    assert res["num_train_blocks"] == cut // 32
+    assert res["num_eval_blocks"] == min(16, (len(text) - cut) // 32)
+    assert res["vocab_size"] == len(set(text)) + 1 and res["world_size"] == 1
+
+    # it learns: the loss falls well below the uniform ln(vocab) in 12 steps
+    losses = [e["loss"] for e in res["train_loss_history"]]
+    assert len(losses) == 12 and losses[0] > math.log(len(set(text))) - 0.3 and losses[-1] < losses[0] - 0.3
+
+    val = res["eval"]["validation"]
+    assert val["clean"]["perplexity"] == pytest.approx(math.exp(val["clean"]["loss"]), rel=1e-12)
+    row = val["robustness"][0]
+    assert row["level"] == 1.0 and row["n_chips"] == 2
+    assert row["perplexity"] == pytest.approx([math.exp(v) for v in row["values"]], rel=1e-12)
+    assert res["memory"]["tokens_per_second"] > 0
+    assert (out / "robustness_validation" / "robustness.json").is_file()
+
+    # The character tokenizer is saved with the model and round-trips the text exactly.
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok(text[:500])["input_ids"]) == text[:500]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert hf_cim.get_config(model) is not None and model.config.n_layer == 2
+
+
+def test_pretrained_folder_with_its_tokenizer_and_clean_baseline(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path, text = write_text(tmp_path / "input.txt", n_chars=6000)
+    tok = run_shakespeare.char_tokenizer(text)  # stands in for GPT-2's BPE: any saved tokenizer folder works
+    pre = tmp_path / "pretrained"
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=len(tok), n_positions=64)
+    GPT2LMHeadModel(cfg).save_pretrained(pre)
+    tok.save_pretrained(pre)
+    out = tmp_path / "out"
+    run_shakespeare.main(
+        clm_args(path, out, "--model_name_or_path", str(pre), "--max_steps", "2", "--gradient", "none")
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"] == str(pre) and res["analog"]["gradient"] == "none"
+    assert res["eval"]["validation"]["robustness"][0]["n_chips"] == 2  # the clean model measured on chips
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+
+def test_input_errors(tmp_path):
+    path, _ = write_text(tmp_path / "input.txt", n_chars=2000)
+    with pytest.raises(FileNotFoundError, match="`--train_file` .*missing.txt' does not exist"):
+        run_shakespeare.main(clm_args(str(tmp_path / "missing.txt"), tmp_path / "o"))
+    with pytest.raises(ValueError, match="0 validation blocks of --block_size 1000 tokens"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o", "--block_size", "1000"))
+    with pytest.raises(ValueError, match="`--config_overrides` 'n_layers=2'"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o") + ["--config_overrides", "n_layers=2"])
+    with pytest.raises(ValueError, match="`--validation_split_percentage` must be in"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o", "--validation_split_percentage", "0"))
+    with pytest.raises(ValueError, match="`--eval_levels` must be comma-separated numbers"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o") + ["--eval_levels", "1,high"])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
