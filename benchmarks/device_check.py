@@ -59,7 +59,9 @@ def main() -> int:
         for mode in ("ste", "ste_detach"):
             noisy = hf_cim.patch_model(copy.deepcopy(plain), hf_cim.AnalogNoiseConfig(gradient=mode, noise=NOISE))
             outs[mode] = _grads(noisy, x, g)
-            err = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(outs[mode][1:], ref[1:]))
+            err = max(
+                (a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(outs[mode][1:], ref[1:])
+            )
             ok &= _check(f"{kind} {mode} gradient == clean gradient", err < 1e-4, f"max rel err {err:.2e}")
         same = all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(outs["ste"], outs["ste_detach"]))
         ok &= _check(f"{kind} ste == ste_detach (outputs and gradients)", same)
@@ -99,8 +101,11 @@ def main() -> int:
         finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         opt.step()
         losses.append(loss.item())
-    ok &= _check("bf16 autocast training: finite grads, loss decreases", finite and losses[-1] < losses[0],
-                 f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    ok &= _check(
+        "bf16 autocast training: finite grads, loss decreases",
+        finite and losses[-1] < losses[0],
+        f"loss {losses[0]:.3f} -> {losses[-1]:.3f}",
+    )
     print("ALL PASS" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 
