@@ -105,7 +105,8 @@ class _LoggingCallback(TrainerCallback):
         self._move_to_front()
 
     def _collect_logs(self, args, state) -> dict[str, float]:
-        raise NotImplementedError
+        """The values to add to this log entry; the subclasses say what they measure (none here)."""
+        return {}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         values = self._collect_logs(args, state)

@@ -169,28 +169,11 @@ class AnalogLayerMixin:
             return ste_detach_forward(self, x, self.weight, self.bias)
         return self._noisy_forward(x, self.weight, self.bias, differentiable=True)
 
-    # -- per-layer adapters (overridden) -------------------------------------------------------------------------
-    @property
-    def in_dim(self) -> int:
-        raise NotImplementedError
-
-    def _weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
-        """The weight as ``(out, in)``."""
-        raise NotImplementedError
-
-    def _to_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Layer input → the ``(vectors, in)`` matrix the crossbar sees."""
-        raise NotImplementedError
-
-    def _from_rows(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``(vectors, out)`` crossbar output → the layer's output layout."""
-        raise NotImplementedError
-
-    def _clean_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
-        raise NotImplementedError
+    # -- per-layer adapters -----------------------------------------------------------------------------------
+    # Each noisy class defines: ``in_dim`` (crossbar rows the layer needs), ``_weight_oi(weight)`` (the weight as
+    # ``(out, in)``), ``_to_rows(x)`` (layer input → the ``(vectors, in)`` matrix the crossbar sees),
+    # ``_from_rows(y, x)`` (``(vectors, out)`` → the layer's output layout), ``_clean_forward(x)`` (the plain
+    # layer's forward) and ``_clean_backward(x, weight, grad, need_x, need_w, dtype)`` (the plain layer's VJP).
 
     def _bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.reshape(-1, grad.shape[-1]).sum(0).to(self.bias.dtype)
