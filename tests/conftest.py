@@ -43,3 +43,22 @@ def tiny_bert(num_labels=2, **overrides):
     cfg.update(overrides)
     torch.manual_seed(0)
     return BertForSequenceClassification(BertConfig(**cfg))
+
+
+def tiny_training_args(output_dir, **overrides):
+    """TrainingArguments for a 2-step CPU run that writes and reports nothing."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

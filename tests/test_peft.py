@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import tiny_bert, tiny_gpt2, tiny_training_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer
 
 import hf_cim
 from hf_cim import AnalogNoiseConfig
@@ -107,17 +107,7 @@ def test_trainer_trains_adapters_only_then_save_and_reload(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=cfg)
     model = get_peft_model(base, _lora(["c_attn"], True))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
+    args = tiny_training_args(tmp_path / "out")
     Trainer(model=model, args=args, train_dataset=_Tokens()).train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)

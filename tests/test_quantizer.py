@@ -7,9 +7,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import tiny_bert, tiny_gpt2, tiny_training_args
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import hf_cim
@@ -161,17 +161,7 @@ def test_trainer_trains_model_loaded_through_quantizer(tmp_path):
     tiny_gpt2().save_pretrained(tmp_path / "plain")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=_config())
     before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-    )
+    args = tiny_training_args(tmp_path / "out")
     Trainer(model=model, args=args, train_dataset=_Tokens()).train()
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "NoisyConv1D"
     assert not torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
