@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+import types
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["adc_epilogue", "compile_enabled", "dac", "set_compile"]
+from . import rng
+
+__all__ = ["add_randn_", "compile_enabled", "dac", "epilogue", "randn", "set_compile", "weight_program"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def compile_enabled() -> bool:
     return os.environ.get("HF_CIM_COMPILE", "1").lower() not in ("0", "false", "no", "off")
 
 
-def dac_eager(x: torch.Tensor, qmax: float, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def dac_eager(x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """DAC: ``x_int = clip(round(x · qmax / absmax), ±qmax)``; returns ``(x_int, absmax)``, absmax ``(T, 1)``."""
     if per_token:
         absmax = x.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
@@ -50,56 +53,168 @@ def dac_eager(x: torch.Tensor, qmax: float, per_token: bool, quantize: bool) -> 
     return x_int, absmax
 
 
-def adc_epilogue_eager(
+def epilogue_eager(
     y: torch.Tensor,
     recombine: torch.Tensor,
     x_absmax: torch.Tensor,
     row_scale: torch.Tensor,
-    bias_row: torch.Tensor,
+    bias_row: torch.Tensor | None,
     inv_step: float,
     levels: float,
+    in_scale: float,
+    noise_std: float,
+    key: torch.Tensor | None,
+    *,
+    adc: bool,
 ) -> torch.Tensor:
-    """ADC per tile, digital recombination, QuantBias and rescale.
+    """Output noise, ADC per tile, digital recombination, QuantBias and rescale of the analog partial sums.
 
     Args:
-        y: analog partial sums ``(tiles, T, out)`` in normalized units.
+        y: analog partial sums ``(tiles, T, out)``; ``y·in_scale`` is in normalized units.
         recombine: ``(tiles,)`` digital weights of each tile's output (1, or the input slice's power of two).
-        x_absmax: ``(T, 1)`` DAC full-scale per token; row_scale: ``(1, out)`` weight scale × ADC step.
-        bias_row: ``(1, out)`` bias (zeros when the layer has none).
-        inv_step, levels: ``1/Δ_out`` and the largest ADC level.
+        x_absmax: ``(T, 1)`` DAC full-scale per token.
+        row_scale: ``(1, out)`` weight scale, times the ADC step when ``adc``.
+        bias_row: ``(1, out)`` bias or None.
+        inv_step, levels: ``1/Δ_out`` and the largest ADC level (unused without ``adc``).
+        in_scale: factor from ``y``'s units to normalized units (``1/qmax`` when ``y`` holds integer DAC levels).
+        noise_std: output noise ``σ`` in normalized units (:class:`hf_cim.noise.OutputNoise`); its samples are
+            :func:`hf_cim.rng.gaussian` of ``key`` at ``y``'s flat indices, the same numbers as
+            ``NoiseContext.add_randn_(y·in_scale, σ)`` with that key.
+        key: the noise key, or None for no output noise.
+        adc: whether the ADC is on.
 
     Returns:
-        ``(T, out)``: ``(Σ_t c_t·clip(round(y_t/Δ), ±L) + round(b/(x_absmax·row_scale))) · x_absmax · row_scale``.
+        ``(T, out)``. With the ADC:
+        ``(Σ_t c_t·clip(round((y_t·s + σξ_t)/Δ), ±L) + round(b/(x_absmax·row_scale))) · x_absmax · row_scale``;
+        without: ``Σ_t c_t·(y_t·s + σξ_t) · x_absmax · row_scale + b``.
     """
-    y_int = torch.clamp(torch.round(y * inv_step), -levels, levels)
-    y_sum = (y_int * recombine.reshape(-1, 1, 1)).sum(0)
+    y = y * in_scale
+    if key is not None:
+        y = y + noise_std * rng.gaussian(rng.counters_like(y), key)
+    if adc:
+        y = torch.clamp(torch.round(y * inv_step), -levels, levels)
+    y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
     unit = x_absmax * row_scale
+    if not adc:
+        out = y_sum * unit
+        return out if bias_row is None else out + bias_row
+    if bias_row is None:
+        return y_sum * unit
     return (y_sum + torch.round(bias_row / unit)) * unit
 
 
-def _compiled(name: str, fn: Callable) -> Callable:
+def _epilogue_single_(y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key, *, adc):
+    """:func:`epilogue_eager` of a one-tile ``y`` written into ``y[0]``: no second (tokens × out) buffer."""
+    out = y[0]
+    out.copy_(
+        epilogue_eager(
+            y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key, adc=adc
+        )
+    )
+    return out
+
+
+def weight_program_eager(
+    w: torch.Tensor, qmax: float | None, noise_std: float, key: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel weight quantization plus additive Gaussian programming noise, in one pass.
+
+    Returns ``(w_n + σξ, scale)`` with ``scale = max_j |w_ij|`` ``(out, 1)``, ``w_n = round(w/scale·q)/q`` (or
+    ``w/scale`` when ``qmax`` is None) and ``ξ`` = :func:`hf_cim.rng.gaussian` of ``key`` at ``w``'s flat indices
+    (the numbers ``NoiseContext.randn_like(w_n)`` draws with that key); no noise when ``key`` is None.
+    """
+    scale = w.abs().amax(dim=1, keepdim=True).clamp_min(_TINY)
+    w_n = w / scale
+    if qmax is not None:
+        w_n = torch.round(w_n * qmax) / qmax
+    if key is not None:
+        w_n = w_n + noise_std * rng.gaussian(rng.counters_like(w_n), key)
+    return w_n, scale
+
+
+def randn_eager(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    return rng.gaussian(rng.counters_like(like), key)
+
+
+def add_randn_eager_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
+    return t.add_(std * rng.gaussian(rng.counters_like(t), key))
+
+
+def _variant_function(fn: Callable, static: dict) -> Callable:
+    """A copy of ``fn`` with its own code object and ``static`` as its keyword defaults.
+
+    Dynamo keeps compiled graphs, and its recompile limit, per code object: a copy per variant keeps each variant's
+    graphs apart instead of letting them evict one another.
+    """
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **static}
+    return copy
+
+
+def _compiled(variant: tuple, fn: Callable, static: dict) -> Callable:
     cache: dict = _state["compiled"]  # type: ignore[assignment]
-    if name not in cache:
-        cache[name] = torch.compile(fn, dynamic=True)
-    return cache[name]
+    if variant not in cache:
+        cache[variant] = torch.compile(_variant_function(fn, static), dynamic=True)
+    return cache[variant]
 
 
-def _call(name: str, fn: Callable, *args):
+def _call(name: str, fn: Callable, args: tuple, static: dict | None = None):
+    """``fn(*args, **static)``, compiled when enabled and no autograd is recording.
+
+    One compiled variant per (kernel, static arguments, which arguments are None): the static arguments are flags
+    that change the graph; tensors and floats are dynamic inputs (no recompilation per shape or value).
+    """
+    static = static or {}
     failed: set = _state["failed"]  # type: ignore[assignment]
     if compile_enabled() and name not in failed and not torch.is_grad_enabled():
+        variant = (name, tuple(sorted(static.items())), tuple(a is None for a in args))
         try:
-            return _compiled(name, fn)(*args)
+            return _compiled(variant, fn, static)(*args)
         except Exception as err:  # noqa: BLE001 - any backend failure means: run eagerly
             failed.add(name)
             logger.warning("hf_cim: torch.compile of %s failed (%s); using the eager kernel", name, err)
-    return fn(*args)
+    return fn(*args, **static)
 
 
 def dac(x: torch.Tensor, qmax: float, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The DAC, fused when compilation is on and no autograd is recording."""
-    return _call("dac", dac_eager, x, qmax, per_token, quantize)
+    return _call("dac", dac_eager, (x, qmax), {"per_token": per_token, "quantize": quantize})
 
 
-def adc_epilogue(y, recombine, x_absmax, row_scale, bias_row, inv_step, levels) -> torch.Tensor:
-    """The ADC epilogue, fused when compilation is on and no autograd is recording."""
-    return _call("adc_epilogue", adc_epilogue_eager, y, recombine, x_absmax, row_scale, bias_row, inv_step, levels)
+def epilogue(
+    y: torch.Tensor,
+    recombine: torch.Tensor,
+    x_absmax: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias_row: torch.Tensor | None,
+    inv_step: float = 1.0,
+    levels: float = 0.0,
+    in_scale: float = 1.0,
+    noise_std: float = 0.0,
+    key: torch.Tensor | None = None,
+    adc: bool = True,
+) -> torch.Tensor:
+    """:func:`epilogue_eager`, fused. A one-tile ``y`` is overwritten by the result (a view of it is returned)."""
+    args = (y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key)
+    if y.shape[0] == 1 and y.is_contiguous():
+        return _call("epilogue_single", _epilogue_single_, args, {"adc": adc})
+    return _call("epilogue", epilogue_eager, args, {"adc": adc})
+
+
+def weight_program(
+    w: torch.Tensor, qmax: float | None, noise_std: float = 0.0, key: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weight_program_eager`, fused."""
+    # A Parameter would get static-shape guards (a recompilation per layer shape): pass a plain tensor.
+    return _call("weight_program", weight_program_eager, (w.detach(), qmax, noise_std, key))
+
+
+def randn(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 samples shaped like ``like`` (:func:`hf_cim.rng.gaussian` at its flat indices)."""
+    with torch.no_grad():
+        return _call("randn", randn_eager, (like, key))
+
+
+def add_randn_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
+    """``t += std·ξ`` in place (contiguous float32 ``t``, no autograd), ``ξ`` = :func:`randn` ``(t, key)``."""
+    return _call("add_randn", add_randn_eager_, (t, std, key))

@@ -23,6 +23,7 @@ from . import kernels
 from .config import AnalogNoiseConfig
 from .converters import adc_levels, quantize_input, quantize_weight, round_ste, slice_input
 from .noise.base import NoiseContext, NoiseModel
+from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
 __all__ = ["analog_matmul", "program_weights"]
 
@@ -54,13 +55,23 @@ def program_weights(
     """Quantize ``w`` (``(out, in)``, float32) per output channel and apply the ``program`` hooks.
 
     Returns ``(w_prog, scale)``: normalized programmed weights and the per-channel scale ``(out, 1)``.
+    Without autograd, a leading per-channel :class:`GaussianWeightNoise` is fused into the quantization kernel
+    (the same numbers as running its hook: same key, same counters).
     """
-    w_n, scale = quantize_weight(w, config.weight_bits, inplace=not differentiable)
+    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
+    if differentiable:
+        w_n, scale = quantize_weight(w, config.weight_bits, inplace=False)
+    else:
+        qmax = None if config.weight_bits is None else float(2 ** (config.weight_bits - 1) - 1)
+        std, key = 0.0, None
+        if models and type(models[0]) is GaussianWeightNoise and models[0].per_channel:
+            std = models[0].std * ctx.level
+            key = ctx.new_key(w.device) if std > 0.0 else None
+            models = models[1:]
+        w_n, scale = kernels.weight_program(w, qmax, std, key)
     ctx.weight_scale = scale
-    if ctx.level > 0.0:
-        for model in noise:
-            if model.has_hook("program"):
-                w_n = _run_hook(model, model.program, differentiable, w_n, ctx)
+    for model in models:
+        w_n = _run_hook(model, model.program, differentiable, w_n, ctx)
     return w_n, scale
 
 
@@ -134,17 +145,22 @@ def analog_matmul(
     else:
         x_n, x_scale = quantize_input(x, config.input_bits, config.input_quant)
         x_absmax = x_scale * qmax
-    # x ≈ (x_n / qmax) · x_absmax. x_n holds integer levels: the 1/qmax that maps them to [-1, 1] is folded into the
-    # (small) weight tensor unless a hook needs the normalized inputs.
     output_models = [m for m in noise if m.has_hook("output")] if noisy else []
+    # Without autograd, a trailing OutputNoise is added inside the ADC epilogue (same key and counters as its hook).
+    fused_noise = None
+    if inplace and output_models and type(output_models[-1]) is OutputNoise:
+        fused_noise = output_models.pop()
+    # x ≈ (x_n / qmax) · x_absmax. x_n holds integer levels; the 1/qmax that maps them to [-1, 1] is applied to the
+    # products in the epilogue (``in_scale``), unless a hook needs the normalized inputs.
     if output_models:
         x_n = x_n.div_(qmax) if inplace else x_n / qmax
-        x_int_scale = qmax
+        in_scale = 1.0
     else:
-        x_int_scale = 1.0
+        in_scale = 1.0 / qmax
 
     if config.input_slice_bits is not None:
-        slices, slice_weights = slice_input(x_n * x_int_scale, config.input_bits, config.input_slice_bits)
+        x_int = x_n * qmax if output_models else x_n
+        slices, slice_weights = slice_input(x_int, config.input_bits, config.input_slice_bits)
         n_slices = slices.shape[0]
         x_t, w_t = _tile(slices.reshape(-1, slices.shape[-1]), w, config.tile_size)
         n_tiles, rows = x_t.shape[0], x_t.shape[-1]
@@ -152,37 +168,40 @@ def analog_matmul(
         w_t = w_t.unsqueeze(0).expand(n_slices, *w_t.shape).reshape(n_slices * n_tiles, *w_t.shape[1:])
         # Each slice lies in [-1, 1]: its share of the normalized input is slice_weight / qmax.
         shares = [s / qmax for s in slice_weights]
+        in_scale = 1.0
     else:
-        x_t, w_t = _tile(x_n, w if output_models else w / qmax, config.tile_size)
+        x_t, w_t = _tile(x_n, w, config.tile_size)
         n_tiles = x_t.shape[0]
         shares = [1.0]
     recombine = _recombine_weights(tuple(shares), n_tiles, x.device)
 
-    y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out), normalized units
+    y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out); times in_scale: normalized units
 
     for model in output_models:
         y = _run_hook(model, model.output, differentiable, y, x_t, w_t, ctx)
 
     w_row = w_scale.reshape(1, -1)
-    if config.output_bits is not None:
-        step = config.output_step()
-        levels = adc_levels(config.output_bits)
-        row_scale = w_row * step
-        bias_row = (
-            torch.zeros_like(w_row) if bias is None else bias.reshape(1, -1).to(torch.float32)
-        )  # QuantBias: added on the ADC's integer output grid
-        if inplace:
-            return kernels.adc_epilogue(y, recombine, x_absmax, row_scale, bias_row, 1.0 / step, levels)
+    adc = config.output_bits is not None
+    step = config.output_step() if adc else 1.0
+    levels = adc_levels(config.output_bits) if adc else 0.0
+    bias_row = None if bias is None else bias.reshape(1, -1).to(torch.float32)
+    if inplace:
+        noise_std, key = 0.0, None
+        if fused_noise is not None:
+            noise_std = fused_noise.std * ctx.level
+            key = ctx.new_key(y.device) if noise_std > 0.0 else None
+        return kernels.epilogue(
+            y, recombine, x_absmax, w_row * step, bias_row, 1.0 / step, levels, in_scale, noise_std, key, adc=adc
+        )
+
+    y = y * in_scale
+    if adc:
         y_int = torch.clamp(round_ste(y * (1.0 / step)), -levels, levels)
         y_sum = (y_int * recombine.reshape(-1, 1, 1)).sum(0)
-        unit = x_absmax * row_scale
-        return (y_sum + round_ste(bias_row / unit)) * unit
-
-    if y.shape[0] == 1 and shares == [1.0]:
-        y_sum = y[0]
-    else:
-        y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
+        unit = x_absmax * (w_row * step)
+        if bias_row is None:
+            return y_sum * unit
+        return (y_sum + round_ste(bias_row / unit)) * unit  # QuantBias: added on the ADC's integer output grid
+    y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
     out = y_sum * x_absmax * w_row
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out
+    return out if bias_row is None else out + bias_row

@@ -20,7 +20,11 @@ def _block(marker):
 
 @pytest.mark.parametrize(
     "marker",
-    ["for step in range(20):", '@hf_cim.register_noise_model("measured_levels")', 'model.save_pretrained("gpt2-analog")'],
+    [
+        "for step in range(20):",
+        '@hf_cim.register_noise_model("measured_levels")',
+        'model.save_pretrained("gpt2-analog")',
+    ],
     ids=["quickstart", "custom-numpy-noise", "save-reload"],
 )
 def test_readme_example_runs(marker, tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import kernels, rng
+
 __all__ = [
     "NoiseContext",
     "NoiseModel",
@@ -40,9 +42,6 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[NoiseModel]] = {}
-
-#: Elements per piece of a noise draw: bounds the temporary memory of in-place noise (see NoiseContext.add_randn_).
-RANDN_CHUNK = 1 << 22
 
 
 @dataclass
@@ -68,24 +67,20 @@ class NoiseContext:
     layer_name: str = ""
     weight_scale: torch.Tensor | None = None
 
+    def new_key(self, device: torch.device) -> torch.Tensor:
+        """A fresh noise key from the layer's generator (see :mod:`hf_cim.rng`): one per draw."""
+        return rng.new_key(self.generator, device)
+
     def randn_like(self, t: torch.Tensor) -> torch.Tensor:
-        """Standard normal noise shaped like ``t``, drawn from the layer's generator (in :data:`RANDN_CHUNK` pieces)."""
-        out = torch.empty(t.shape, device=t.device, dtype=t.dtype)
-        for chunk in out.view(-1).split(RANDN_CHUNK):
-            chunk.normal_(generator=self.generator)
-        return out
+        """Standard normal noise shaped like ``t`` (and of its dtype), drawn with a fresh key from the generator."""
+        return kernels.randn(t, self.new_key(t.device)).to(t.dtype)
 
     def add_randn_(self, t: torch.Tensor, std: float) -> torch.Tensor:
-        """``t += std·ξ`` in place, drawing ``ξ`` piece by piece: the same numbers as ``t + std·randn_like(t)``
-        without a full-size temporary (an LM head's output noise would otherwise double its memory)."""
-        if not t.is_contiguous():
-            return t.add_(self.randn_like(t), alpha=std)
-        flat = t.view(-1)
-        buf = torch.empty(min(RANDN_CHUNK, flat.numel()), device=t.device, dtype=t.dtype)
-        for chunk in flat.split(RANDN_CHUNK):
-            noise = buf[: chunk.numel()].normal_(generator=self.generator)
-            chunk.add_(noise, alpha=std)
-        return t
+        """``t += std·ξ`` in place, ``ξ`` the numbers :meth:`randn_like` would draw, fused in one pass over ``t``."""
+        key = self.new_key(t.device)
+        if t.is_contiguous() and t.dtype == torch.float32 and not (torch.is_grad_enabled() and t.requires_grad):
+            return kernels.add_randn_(t, std, key)
+        return t.add_(kernels.randn(t, key).to(t.dtype), alpha=std)
 
     def rand_like(self, t: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""
