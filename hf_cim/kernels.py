@@ -1,14 +1,21 @@
-"""Fused elementwise kernels of the no-grad analog path (the ``ste`` and ``ste_detach`` forwards).
+"""Fused kernels of the no-grad analog path (the ``ste`` and ``ste_detach`` forwards) and of every noise draw.
 
-Eagerly, the DAC (abs-max, scale, round, clip) and the ADC epilogue (scale, round, clip, tile sum, QuantBias,
-rescale) are a dozen passes over ``(tokens, features)`` tensors; on a CPU they cost as much as the noise sampling.
-Here each is one function that ``torch.compile`` fuses into a single loop. The random draws stay outside the
-compiled region (they use the layer's own ``torch.Generator``), and the compiled functions compute exactly the same
-formula as the eager ones (the test suite checks they agree).
+Eagerly, the DAC (abs-max, scale, round, clip), the weight quantization and the ADC epilogue (scale, round, clip,
+tile sum, QuantBias, rescale) are a dozen passes over ``(tokens, features)`` tensors, and torch's ``normal_`` draws
+the noise on one CPU thread. Here each step is one function that ``torch.compile`` fuses into a single
+multi-threaded loop, with the Gaussian noise computed inside it by the counter-based sampler of
+:mod:`hf_cim.rng` (keys come from the layer's ``torch.Generator``, so seeding and checkpointing are unchanged):
 
+* :func:`weight_program`: per-channel weight quantization plus additive Gaussian programming noise;
+* :func:`dac`: the input DAC;
+* :func:`epilogue`: output noise, ADC per tile, recombination, QuantBias and rescale; a one-tile product is
+  overwritten in place (no second ``tokens × out`` buffer: for an LM head that is the size of the logits);
+* :func:`randn` and :func:`add_randn_`: the draws behind ``NoiseContext.randn_like``/``add_randn_``.
+
+The compiled functions compute exactly the formula of their eager versions (the test suite checks they agree).
 Compilation is on by default where it works; set ``HF_CIM_COMPILE=0`` to use the eager versions (the test suite
 does, to avoid compile time), or call :func:`set_compile`. A failure to compile (no C++ compiler, an unsupported
-backend) falls back to eager with one warning.
+backend) falls back to eager with one warning; the numbers are the same, only slower.
 """
 
 from __future__ import annotations
@@ -88,30 +95,38 @@ def epilogue_eager(
         ``(Σ_t c_t·clip(round((y_t·s + σξ_t)/Δ), ±L) + round(b/(x_absmax·row_scale))) · x_absmax · row_scale``;
         without: ``Σ_t c_t·(y_t·s + σξ_t) · x_absmax · row_scale + b``.
     """
-    y = y * in_scale
+    y_sum = (_adc(y, in_scale, noise_std, key, inv_step, levels, adc) * recombine.reshape(-1, 1, 1)).sum(0)
+    return _rescale(y_sum, x_absmax, row_scale, bias_row, adc)
+
+
+def _adc(y, in_scale, noise_std, key, inv_step, levels, adc):
+    """Normalize, add the output noise (counters = ``y``'s flat indices) and quantize to ADC levels."""
+    out = y * in_scale
     if key is not None:
-        y = y + noise_std * rng.gaussian(rng.counters_like(y), key)
+        out = out + noise_std * rng.gaussian(rng.counters_like(y), key)
     if adc:
-        y = torch.clamp(torch.round(y * inv_step), -levels, levels)
-    y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
+        out = torch.clamp(torch.round(out * inv_step), -levels, levels)
+    return out
+
+
+def _rescale(y_sum, x_absmax, row_scale, bias_row, adc):
+    """Back to the layer's units; the bias is added on the ADC's output grid when the ADC is on (QuantBias)."""
     unit = x_absmax * row_scale
-    if not adc:
-        out = y_sum * unit
-        return out if bias_row is None else out + bias_row
     if bias_row is None:
         return y_sum * unit
+    if not adc:
+        return y_sum * unit + bias_row
     return (y_sum + torch.round(bias_row / unit)) * unit
 
 
-def _epilogue_single_(y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key, *, adc):
-    """:func:`epilogue_eager` of a one-tile ``y`` written into ``y[0]``: no second (tokens × out) buffer."""
-    out = y[0]
-    out.copy_(
-        epilogue_eager(
-            y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key, adc=adc
-        )
-    )
-    return out
+def _epilogue_single_(
+    y2d, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key, *, adc
+):
+    """:func:`epilogue_eager` of a one-tile product ``y2d`` (``(T, out)``: the same flat indices as ``(1, T, out)``),
+    written into ``y2d`` itself. Reading and writing one 2-D tensor with no reduction lets inductor update it in
+    place: no second (tokens × out) buffer, which for an LM head is the size of the logits."""
+    y_sum = _adc(y2d, in_scale, noise_std, key, inv_step, levels, adc) * recombine[0]
+    return y2d.copy_(_rescale(y_sum, x_absmax, row_scale, bias_row, adc))
 
 
 def weight_program_eager(
@@ -195,10 +210,10 @@ def epilogue(
     adc: bool = True,
 ) -> torch.Tensor:
     """:func:`epilogue_eager`, fused. A one-tile ``y`` is overwritten by the result (a view of it is returned)."""
-    args = (y, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key)
+    rest = (recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key)
     if y.shape[0] == 1 and y.is_contiguous():
-        return _call("epilogue_single", _epilogue_single_, args, {"adc": adc})
-    return _call("epilogue", epilogue_eager, args, {"adc": adc})
+        return _call("epilogue_single", _epilogue_single_, (y[0], *rest), {"adc": adc})
+    return _call("epilogue", epilogue_eager, (y, *rest), {"adc": adc})
 
 
 def weight_program(

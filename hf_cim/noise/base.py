@@ -13,7 +13,8 @@ A noise model is a small dataclass with a registered ``name`` and up to three ho
 
 Hooks may be non-differentiable (numpy, lookup tables, an external simulator): set ``differentiable = False`` and
 the ``full`` gradient mode passes that hook straight through instead of differentiating it. The ``ste`` modes never
-differentiate any hook. All randomness must come from ``ctx.generator`` and all magnitudes must scale with
+differentiate any hook. All randomness must come from ``ctx.generator`` (best through ``ctx.randn_like`` and
+``ctx.add_randn_``: fused, multi-threaded, see :mod:`hf_cim.rng`) and all magnitudes must scale with
 ``ctx.level`` (``level = 0`` means the model adds no noise).
 
 Models serialise as ``{"name": ..., **fields}`` and are rebuilt only through the registry, never from an import path
