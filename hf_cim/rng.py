@@ -1,7 +1,6 @@
 """Counter-based Gaussian noise: the sampler behind every noise draw of the analog simulation.
 
-Why not ``torch.Tensor.normal_``: on a CPU it runs on one thread (a Mersenne Twister is sequential) at about
-5 ns a sample, and a noisy training step draws one sample per output of every layer. Here a sample is a pure
+Why not ``torch.Tensor.normal_``: on a CPU it runs on one thread (a Mersenne Twister is sequential), and a noisy training step draws one sample per output of every layer. Here a sample is a pure
 function of ``(key, counter)``, so it can be computed anywhere inside a fused, multi-threaded kernel (the ADC
 epilogue adds the output noise in the same loop that quantizes the outputs; no noise tensor is ever stored):
 
