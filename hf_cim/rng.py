@@ -10,14 +10,16 @@ epilogue adds the output noise in the same loop that quantizes the outputs; no n
   layer's seeded generator still decides everything: same seed, same noise; the generator state still checkpoints
   and resumes the stream.
 
-The integer hash is Chris Wellons' ``lowbias32`` (an invertible 32-bit mixer: xorshift-multiply, bias 0.17),
-applied three times with the key injected twice: ``a = h(c ^ k0)``, ``b = h(a + k1)``, ``d = h(b ^ k0)``. Both
-key words enter non-linearly, so two draws with different keys are not shifted copies of each other. The top
-24 bits of ``b`` and ``d`` give two uniforms and the Box-Muller transform one standard normal,
-``z = sqrt(-2 ln u1) · cos(2π u2)``, with ``u1 ∈ (0, 1)`` on a ``2**-24`` grid (so ``|z| <= 5.77``, as for
-torch's float32 ``normal_``). ``ln`` and ``cos`` are polynomial approximations (max abs. error ``1e-6``) that
-vectorise well; the tests check them against ``torch.log``/``torch.cos`` and the samples' moments, tails and
-independence.
+The integer hash is Chris Wellons' ``lowbias32`` (an invertible 32-bit mixer: xorshift-multiply, bias 0.17). The
+counter is hashed once with the first key word, ``a = h(c ^ k0)``; the two uniforms come from two hashes of
+``x = a + k1``: ``b = h(x)`` and ``d = h(x + φ)`` with the constant ``φ = 0x9E3779B9`` (so ``b != d`` for every
+key). Both key words enter non-linearly, so two draws with different keys are not shifted copies of each other,
+and ``b`` and ``d`` are computed side by side (two hashes deep, not three: on a CPU the sampler is bound by the
+latency of its longest chain of dependent operations, not by their number). The top 24 bits of ``b`` and ``d``
+give two uniforms and the Box-Muller transform one standard normal, ``z = sqrt(-2 ln u1) · cos(2π u2)``, with
+``u1 ∈ (0, 1)`` on a ``2**-24`` grid (so ``|z| <= 5.77``, as for torch's float32 ``normal_``). ``ln`` and ``cos``
+are polynomials (max abs. error ``2e-6``) evaluated by Estrin's scheme (short dependency chains); the tests check
+them against ``torch.log``/``torch.cos`` and the samples' moments, tails and independence.
 
 The functions here are written with torch integer and float operations only, so that the eager path and
 ``torch.compile`` (``hf_cim.kernels``) compute the same numbers on CPU and CUDA.
@@ -25,15 +27,12 @@ The functions here are written with torch integer and float operations only, so 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["gaussian", "new_key"]
 
-_LN2 = math.log(2.0)
-_TWO_PI = 2.0 * math.pi
-_U24 = 1.0 / (1 << 24)
+# Float constants are written as literals inside the functions below, not as module globals: torch.compile turns a
+# global float into a graph input (a scalar tensor built at every call), a literal into a constant of the kernel.
 
 
 def _i32(c: int) -> int:
@@ -43,10 +42,7 @@ def _i32(c: int) -> int:
 
 _M1 = _i32(0x7FEB352D)
 _M2 = _i32(0x846CA68B)
-# cos(x) = Σ (-1)^k x^(2k) / (2k)!, truncated after x^16: error < 2e-7 on [-π, π].
-_COS_COEFFS = tuple((-1.0) ** k / math.factorial(2 * k) for k in range(9))
-# ln(m) = 2·atanh(t) = 2·Σ t^(2k+1)/(2k+1) with t = (m-1)/(m+1) ∈ [0, 1/3): error < 4e-7 after t^11.
-_ATANH_COEFFS = tuple(2.0 / (2 * k + 1) for k in range(6))
+_PHI = _i32(0x9E3779B9)
 
 
 def new_key(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -66,44 +62,71 @@ def _lowbias32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _unit24(h: torch.Tensor) -> torch.Tensor:
-    """The top 24 bits of ``h`` as a float in [0, 1)."""
-    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * _U24
+    """The top 24 bits of ``h`` as a float in [0, 1) (multiples of ``2**-24``)."""
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * 5.960464477539063e-08
 
 
 def _log(u: torch.Tensor) -> torch.Tensor:
-    """``ln u`` for positive normal float32 ``u``: exponent from the bits, mantissa by the atanh series."""
+    """``ln u`` for positive normal float32 ``u``: exponent from the bits, mantissa ``m`` by the atanh series.
+
+    ``ln m = 2·atanh(t) = 2·Σ t^(2k+1)/(2k+1)`` with ``t = (m-1)/(m+1) ∈ [0, 1/3)``, truncated after ``t^11``
+    (error < 1e-7 plus float rounding; every dropped term is positive, so ``ln u`` never rises above the truth and
+    ``-2 ln u1`` stays >= 0).
+    """
     bits = u.view(torch.int32)
     exponent = ((bits >> 23) & 0xFF) - 127
     m = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # mantissa in [1, 2)
     t = (m - 1.0) / (m + 1.0)
     t2 = t * t
-    p = _ATANH_COEFFS[-1]
-    for c in reversed(_ATANH_COEFFS[:-1]):
-        p = p * t2 + c
-    return exponent.to(torch.float32) * _LN2 + t * p
+    t4 = t2 * t2
+    t8 = t4 * t4
+    # Estrin: (c0 + c1 t²) + t⁴ (c2 + c3 t²) + t⁸ (c4 + c5 t²), c_k = 2/(2k+1).
+    p = (
+        (2.0 + 0.6666666666666666 * t2)
+        + t4 * (0.4 + 0.2857142857142857 * t2)
+        + t8 * (0.2222222222222222 + 0.18181818181818182 * t2)
+    )
+    return exponent.to(torch.float32) * 0.6931471805599453 + t * p
 
 
 def _cos_2pi(u: torch.Tensor) -> torch.Tensor:
-    """``cos(2π u)`` for ``u`` in [0, 1), as ``-cos(x)`` with ``x = 2π(u - 1/2)`` in [-π, π)."""
-    x = (u - 0.5) * _TWO_PI
+    """``cos(2π u)`` for ``u`` in [0, 1), as ``sin(x)`` with ``x = 2π(|u - 1/2| - 1/4)`` in [-π/2, π/2].
+
+    ``sin`` by its Taylor series to ``x^11`` (error < 6e-8 on [-π/2, π/2]) in Estrin's form.
+    """
+    x = (torch.abs(u - 0.5) - 0.25) * 6.283185307179586
     x2 = x * x
-    p = _COS_COEFFS[-1]
-    for c in reversed(_COS_COEFFS[:-1]):
-        p = p * x2 + c
-    return -p
+    x4 = x2 * x2
+    x8 = x4 * x4
+    p = (
+        (1.0 - 0.16666666666666666 * x2)
+        + x4 * (0.008333333333333333 - 0.0001984126984126984 * x2)
+        + x8 * (2.7557319223985893e-06 - 2.505210838544172e-08 * x2)
+    )
+    return x * p
 
 
 def gaussian(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 samples, one per element of the int32 ``counter``, for the int32 ``key`` ``(2,)``."""
-    k0, k1 = key[0], key[1]
-    a = _lowbias32(counter ^ k0)
-    b = _lowbias32(a + k1)
-    d = _lowbias32(b ^ k0)
-    u1 = _unit24(b) + 0.5 * _U24  # (0, 1): ln is finite
-    radius = torch.sqrt(-2.0 * _log(u1))
-    return radius * _cos_2pi(_unit24(d))
+    x = _lowbias32(counter ^ key[0]) + key[1]
+    u1 = _unit24(_lowbias32(x)) + 2.9802322387695312e-08  # (0, 1): ln is finite
+    u2 = _unit24(_lowbias32(x + _PHI))
+    return torch.sqrt(-2.0 * _log(u1)) * _cos_2pi(u2)
 
 
 def counters_like(t: torch.Tensor) -> torch.Tensor:
-    """The int32 flat-index counter of every element of ``t`` (its row-major position), shaped like ``t``."""
-    return torch.arange(t.numel(), device=t.device, dtype=torch.int64).to(torch.int32).view(t.shape)
+    """The int32 flat-index counter of every element of ``t`` (its row-major position), shaped like ``t``.
+
+    Built as a broadcast sum of per-dimension ``arange``s times the row-major strides rather than as a reshaped
+    ``arange(numel)``: inside a compiled kernel it is then an index expression of the consumer's own loop (fused,
+    no counter or noise buffer), where a reshaped flat ``arange`` makes inductor materialise the noise first.
+    Positions past ``2**31`` wrap around in 32 bits (as ``int64 → int32`` does).
+    """
+    counter = torch.zeros((), dtype=torch.int64, device=t.device)
+    stride = 1
+    for dim in range(t.dim() - 1, -1, -1):
+        size = t.shape[dim]
+        index = torch.arange(size, dtype=torch.int64, device=t.device)
+        counter = counter + (index * stride).view((size,) + (1,) * (t.dim() - 1 - dim))
+        stride = stride * size
+    return counter.to(torch.int32)
