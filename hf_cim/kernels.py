@@ -12,10 +12,16 @@ multi-threaded loop, with the Gaussian noise computed inside it by the counter-b
   overwritten in place (no second ``tokens × out`` buffer: for an LM head that is the size of the logits);
 * :func:`randn` and :func:`add_randn_`: the draws behind ``NoiseContext.randn_like``/``add_randn_``.
 
-The compiled functions compute exactly the formula of their eager versions (the test suite checks they agree).
-Compilation is on by default where it works; set ``HF_CIM_COMPILE=0`` to use the eager versions (the test suite
-does, to avoid compile time), or call :func:`set_compile`. A failure to compile (no C++ compiler, an unsupported
-backend) falls back to eager with one warning; the numbers are the same, only slower.
+Three implementations compute the same float32 formulas (the test suite checks they agree):
+
+* on the CPU, the C kernels of :mod:`hf_cim.native` (float32, no autograd recording): no per-call compile
+  overhead, no inductor in the process, the noise computed in the loop that consumes it;
+* elsewhere (CUDA), ``torch.compile`` of the eager functions below;
+* the eager functions themselves (under autograd, or when the others are off or fail).
+
+``HF_CIM_NATIVE=0`` turns the C kernels off, ``HF_CIM_COMPILE=0`` torch.compile (the test suite does, to avoid
+compile time); :func:`set_native` and :func:`set_compile` do the same from Python. A kernel that cannot be built
+(no C compiler, an unsupported backend) falls back to the next one with one warning: same numbers, only slower.
 """
 
 from __future__ import annotations
@@ -27,14 +33,24 @@ from collections.abc import Callable
 
 import torch
 
-from . import rng
+from . import native, rng
 
-__all__ = ["add_randn_", "compile_enabled", "dac", "epilogue", "randn", "set_compile", "weight_program"]
+__all__ = [
+    "add_randn_",
+    "compile_enabled",
+    "dac",
+    "epilogue",
+    "native_enabled",
+    "randn",
+    "set_compile",
+    "set_native",
+    "weight_program",
+]
 
 logger = logging.getLogger(__name__)
 
 _TINY = 1e-12
-_state: dict[str, object] = {"enabled": None, "compiled": {}, "failed": set()}
+_state: dict[str, object] = {"enabled": None, "native": None, "compiled": {}, "failed": set()}
 
 
 def set_compile(enabled: bool | None) -> None:
@@ -46,6 +62,39 @@ def compile_enabled() -> bool:
     if _state["enabled"] is not None:
         return bool(_state["enabled"])
     return os.environ.get("HF_CIM_COMPILE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def set_native(enabled: bool | None) -> None:
+    """Force the C kernels on the CPU on or off; ``None`` goes back to ``HF_CIM_NATIVE`` (default on)."""
+    _state["native"] = enabled
+
+
+def native_enabled() -> bool:
+    if _state["native"] is not None:
+        return bool(_state["native"])
+    return native.enabled()
+
+
+def _native_lib(*tensors: torch.Tensor | None):
+    """The C library when every tensor is a float32 CPU tensor, no autograd is recording and it is enabled."""
+    if torch.is_grad_enabled() or not native_enabled():
+        return None
+    for t in tensors:
+        if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32):
+            return None
+    return native.library()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _key_words(key: torch.Tensor | None) -> tuple[int, int, int]:
+    """``(has_key, k0, k1)`` with the key words as unsigned 32-bit ints (the same bits as the int32 key)."""
+    if key is None:
+        return 0, 0, 0
+    k0, k1 = key.tolist()
+    return 1, k0 & 0xFFFFFFFF, k1 & 0xFFFFFFFF
 
 
 def dac_eager(x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +242,15 @@ def _call(name: str, fn: Callable, args: tuple, static: dict | None = None):
 
 def dac(x: torch.Tensor, qmax: float, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The DAC, fused when compilation is on and no autograd is recording."""
+    lib = _native_lib(x)
+    if lib is not None and x.dim() == 2:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        absmax = torch.empty((x.shape[0] if per_token else 1, 1), dtype=torch.float32)
+        lib.hfc_dac(
+            x.data_ptr(), out.data_ptr(), absmax.data_ptr(), *x.shape, qmax, per_token, quantize, native.threads()
+        )
+        return out, absmax
     return _call("dac", dac_eager, (x, qmax), {"per_token": per_token, "quantize": quantize})
 
 
@@ -210,6 +268,19 @@ def epilogue(
     adc: bool = True,
 ) -> torch.Tensor:
     """:func:`epilogue_eager`, fused. A one-tile ``y`` is overwritten by the result (a view of it is returned)."""
+    lib = _native_lib(y, recombine, x_absmax, row_scale, bias_row)
+    if lib is not None and y.is_contiguous():
+        tiles, t, o = y.shape
+        out = y[0] if tiles == 1 else torch.empty((t, o), dtype=torch.float32)
+        x_absmax, row_scale = x_absmax.contiguous(), row_scale.contiguous()
+        bias_row = None if bias_row is None else bias_row.contiguous()
+        recombine = recombine.contiguous()
+        lib.hfc_epilogue(
+            y.data_ptr(), out.data_ptr(), recombine.data_ptr(), x_absmax.data_ptr(), row_scale.data_ptr(),
+            _ptr(bias_row), tiles, t, o, inv_step, levels, in_scale, noise_std, *_key_words(key), adc,
+            native.threads(),
+        )  # fmt: skip
+        return out
     rest = (recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key)
     if y.shape[0] == 1 and y.is_contiguous():
         return _call("epilogue_single", _epilogue_single_, (y[0], *rest), {"adc": adc})
@@ -220,6 +291,17 @@ def weight_program(
     w: torch.Tensor, qmax: float | None, noise_std: float = 0.0, key: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`weight_program_eager`, fused."""
+    lib = _native_lib(w)
+    if lib is not None and w.dim() == 2:
+        w = w.detach().contiguous()
+        out = torch.empty_like(w)
+        scale = torch.empty((w.shape[0], 1), dtype=torch.float32)
+        has_key, k0, k1 = _key_words(key)
+        q = -1.0 if qmax is None else qmax
+        lib.hfc_weight_program(
+            w.data_ptr(), out.data_ptr(), scale.data_ptr(), *w.shape, q, noise_std, has_key, k0, k1, native.threads()
+        )
+        return out, scale
     # A Parameter would get static-shape guards (a recompilation per layer shape): pass a plain tensor.
     return _call("weight_program", weight_program_eager, (w.detach(), qmax, noise_std, key))
 
@@ -227,9 +309,18 @@ def weight_program(
 def randn(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Standard normal float32 samples shaped like ``like`` (:func:`hf_cim.rng.gaussian` at its flat indices)."""
     with torch.no_grad():
+        lib = _native_lib() if like.device.type == "cpu" else None
+        if lib is not None:
+            out = torch.empty(like.shape, dtype=torch.float32)
+            lib.hfc_randn(out.data_ptr(), out.numel(), 0.0, 0, *_key_words(key)[1:], native.threads())
+            return out
         return _call("randn", randn_eager, (like, key))
 
 
 def add_randn_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
     """``t += std·ξ`` in place (contiguous float32 ``t``, no autograd), ``ξ`` = :func:`randn` ``(t, key)``."""
+    lib = _native_lib(t)
+    if lib is not None and t.is_contiguous():
+        lib.hfc_randn(t.data_ptr(), t.numel(), std, 1, *_key_words(key)[1:], native.threads())
+        return t
     return _call("add_randn", add_randn_eager_, (t, std, key))

@@ -2,10 +2,16 @@ import pytest
 import torch
 
 import hf_cim
-from hf_cim import kernels
+from hf_cim import kernels, native
 from hf_cim.noise import NoiseContext
 from hf_cim.noise.gaussian import GaussianWeightNoise, OutputNoise
 from hf_cim.tile import analog_matmul, program_weights
+
+
+def _use(backend):
+    """Run the kernels with one implementation: "eager", "native" (the C kernels) or "compiled" (torch.compile)."""
+    kernels.set_native(backend == "native")
+    kernels.set_compile(backend == "compiled")
 
 
 @pytest.fixture
@@ -13,6 +19,17 @@ def compiled():
     kernels.set_compile(True)
     yield
     kernels.set_compile(None)
+
+
+@pytest.fixture(params=["native", "compiled"])
+def backend(request):
+    if request.param == "native" and native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native CPU kernels cannot be built")
+    if request.param == "native":
+        assert native.available(), "a C compiler is present but the native kernels did not build (see the log)"
+    yield request.param
+    kernels.set_compile(None)
+    kernels.set_native(None)
 
 
 def test_compile_switch(monkeypatch):
@@ -25,15 +42,15 @@ def test_compile_switch(monkeypatch):
         kernels.set_compile(None)
 
 
-def test_compiled_kernels_equal_eager(compiled):
+def test_kernels_equal_eager(backend):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 300, generator=gen)
     w = torch.randn(20, 300, generator=gen) * 0.1
     b = torch.randn(20, generator=gen)
     cfg = hf_cim.AnalogNoiseConfig(noise=[], tile_size=128)
     outs = []
-    for enabled in (False, True):
-        kernels.set_compile(enabled)
+    for impl in ("eager", backend):
+        _use(impl)
         ctx = NoiseContext(generator=None, level=0.0)
         with torch.no_grad():
             w_prog, scale = program_weights(w, cfg, ctx, [])
@@ -58,11 +75,11 @@ def _epilogue_args(tiles, bias):
 
 @pytest.mark.parametrize("tiles", [1, 3])
 @pytest.mark.parametrize("adc", [True, False])
-def test_compiled_epilogue_with_noise_equals_eager(compiled, tiles, adc):
+def test_epilogue_with_noise_equals_eager(backend, tiles, adc):
     key = torch.tensor([11, -12], dtype=torch.int32)
     outs = []
-    for enabled in (False, True):
-        kernels.set_compile(enabled)
+    for impl in ("eager", backend):
+        _use(impl)
         y, rec, xa, rs, b = _epilogue_args(tiles, bias=tiles == 1)
         with torch.no_grad():
             outs.append(kernels.epilogue(y, rec, xa, rs, b, 1 / 0.08, 127.0, 1 / 127, 0.04, key, adc=adc))
@@ -76,13 +93,13 @@ def test_compiled_epilogue_with_noise_equals_eager(compiled, tiles, adc):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_weight_program_and_noise_equal_eager(compiled):
+def test_weight_program_and_noise_equal_eager(backend):
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(50, 90, generator=gen)
     key = torch.tensor([3, 4], dtype=torch.int32)
     res = []
-    for enabled in (False, True):
-        kernels.set_compile(enabled)
+    for impl in ("eager", backend):
+        _use(impl)
         with torch.no_grad():
             w_n, scale = kernels.weight_program(w, 127.0, 0.02, key)
             t = torch.zeros(5, 7, 11)
@@ -132,3 +149,96 @@ def test_fused_noise_equals_running_the_hooks(tile_size):
             outs.append(analog_matmul(x, w_prog, scale, b, cfg, ctx, models))
     diff = (outs[0] - outs[1]).abs() / (x.abs().amax(1, keepdim=True) * w.abs().amax(1) * cfg.output_step())
     assert diff.max() <= 1.001 and (diff > 1e-3).float().mean() < 0.01
+
+
+@pytest.fixture
+def native_only():
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the native CPU kernels cannot be built")
+    assert native.available(), "a C compiler is present but the native kernels did not build (see the log)"
+    yield
+    kernels.set_native(None)
+    kernels.set_compile(None)
+
+
+def _both(fn):
+    """``fn()`` with the eager kernels, then with the C kernels."""
+    out = []
+    for impl in ("eager", "native"):
+        _use(impl)
+        with torch.no_grad():
+            out.append(fn())
+    return out
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+@pytest.mark.parametrize("quantize", [True, False])
+def test_native_dac_is_bit_identical_to_eager(native_only, per_token, quantize):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 70, generator=gen) * torch.rand(300, 1, generator=gen) * 5
+    x[3] = 0.0  # an all-zero token: absmax clamped to the tiny floor
+    (ea, eab), (na, nab) = _both(lambda: kernels.dac(x.t().contiguous().t(), 127.0, per_token, quantize))
+    assert torch.equal(ea, na) and torch.equal(eab, nab)
+    assert eab.shape == ((300, 1) if per_token else (1, 1))
+
+
+@pytest.mark.parametrize("tiles", [1, 4])
+@pytest.mark.parametrize("adc", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_epilogue_without_noise_is_bit_identical_to_eager(native_only, tiles, adc, bias):
+    def run():
+        y, rec, xa, rs, b = _epilogue_args(tiles, bias)
+        rec = torch.tensor([1.0, 2.0, 4.0, 8.0])[:tiles]
+        return kernels.epilogue(y, rec, xa, rs, b, 1 / 0.08, 127.0, 1 / 127, 0.0, None, adc=adc)
+
+    eager, nat = _both(run)
+    if adc:  # integer ADC levels times powers of two: the tile sum is exact in any order
+        assert torch.equal(eager, nat)
+    else:
+        torch.testing.assert_close(eager, nat, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qmax", [127.0, None])
+def test_native_weight_program_equals_eager(native_only, qmax):
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(64, 48, generator=gen)
+    w[7] = 0.0
+    key = torch.tensor([-7, 123456], dtype=torch.int32)
+    (ew, es), (nw, ns) = _both(lambda: kernels.weight_program(torch.nn.Parameter(w.t()).t(), qmax, 0.0, None))
+    assert torch.equal(ew, nw) and torch.equal(es, ns)
+    (ew, es), (nw, ns) = _both(lambda: kernels.weight_program(w, qmax, 0.03, key))
+    torch.testing.assert_close(ew, nw, rtol=0, atol=1e-7)  # the noise: one ulp of torch's sqrt, times 0.03
+    assert torch.equal(es, ns)
+
+
+def test_native_kernels_propagate_nan_like_torch(native_only):
+    x = torch.randn(4, 16)
+    x[1, 5] = float("nan")
+    (_, eab), (_, nab) = _both(lambda: kernels.dac(x, 127.0, True, True))
+    assert torch.isnan(nab[1]).item() and torch.isnan(eab[1]).item()
+    assert torch.equal(eab[[0, 2, 3]], nab[[0, 2, 3]])
+    (_, es), (_, ns) = _both(lambda: kernels.weight_program(x, 127.0))
+    assert torch.isnan(ns[1]).item() and torch.isnan(es[1]).item()
+
+
+def test_native_noise_does_not_depend_on_the_thread_count(native_only):
+    key = torch.tensor([9, 10], dtype=torch.int32)
+    like = torch.empty(300, 1000)  # several chunks: the work is split over the threads
+    _use("native")
+    outs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        outs.append(kernels.randn(like, key))
+    torch.set_num_threads(1)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_native_kernels_leave_autograd_to_torch(native_only):
+    # Under autograd the eager ops run (the C kernels are for the no-grad STE forward only).
+    _use("native")
+    w = torch.randn(8, 8, requires_grad=True)
+    w_n, _ = kernels.weight_program(w, 127.0)
+    assert not w_n.requires_grad  # weight_program detaches: it is the STE's forward
+    x = torch.randn(3, 8, requires_grad=True)
+    x_int, _ = kernels.dac(x, 127.0, True, True)
+    assert x_int.requires_grad

@@ -79,7 +79,8 @@ def test_kernel_entry_points_draw_the_rng_samples():
     key = torch.tensor([5, 6], dtype=torch.int32)
     t = torch.zeros(7, 9)
     expected = rng.gaussian(rng.counters_like(t), key)
-    assert torch.equal(kernels.randn(t, key), expected)
+    # The C kernels round sqrt correctly; torch's vectorized CPU sqrt is off by one ulp on some values.
+    torch.testing.assert_close(kernels.randn(t, key), expected, rtol=3e-7, atol=1e-7)
     y = torch.ones(7, 9)
     kernels.add_randn_(y, 0.5, key)
     torch.testing.assert_close(y, 1 + 0.5 * expected)

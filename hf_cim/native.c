@@ -1,0 +1,252 @@
+/* CPU kernels of the no-grad analog path, compiled on first use by hf_cim/native.py (see its docstring).
+ *
+ * Each function computes, element by element, exactly the float32 formula of its eager version in
+ * hf_cim/kernels.py and hf_cim/rng.py: the same operations in the same order, every intermediate rounded to
+ * float32 (built with -ffp-contract=off and without -ffast-math, so no FMA contraction or reassociation). The
+ * inner loops run over contiguous rows with no branches so that the compiler vectorizes them; rows are split
+ * over OpenMP threads (torch's own libgomp, already loaded in the process).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* A float constant rounded as torch rounds a Python float scalar: decimal -> double -> float. */
+#define F(x) ((float)(x))
+
+/* -- the counter-based sampler (hf_cim/rng.py) ----------------------------------------------------------------- */
+
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352DU;
+    x ^= x >> 15;
+    x *= 0x846CA68BU;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline float unit24(uint32_t h) { return (float)(int32_t)(h >> 8) * F(5.9604644775390625e-08); }
+
+static inline float as_float(uint32_t b) {
+    float f;
+    memcpy(&f, &b, sizeof f);
+    return f;
+}
+
+static inline uint32_t as_bits(float f) {
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b;
+}
+
+static inline float log_poly(float u) {
+    uint32_t bits = as_bits(u);
+    float exponent = (float)((int32_t)((bits >> 23) & 0xFFu) - 127);
+    float m = as_float((bits & 0x7FFFFFu) | 0x3F800000u);
+    float t = (m - 1.0f) / (m + 1.0f);
+    float t2 = t * t;
+    float t4 = t2 * t2;
+    float t8 = t4 * t4;
+    float p = ((2.0f + F(0.6666666666666666) * t2) + t4 * (F(0.4) + F(0.2857142857142857) * t2)) +
+              t8 * (F(0.2222222222222222) + F(0.18181818181818182) * t2);
+    return exponent * F(0.6931471805599453) + t * p;
+}
+
+static inline float cos_2pi(float u) {
+    float x = (fabsf(u - F(0.5)) - F(0.25)) * F(6.283185307179586);
+    float x2 = x * x;
+    float x4 = x2 * x2;
+    float x8 = x4 * x4;
+    float p = ((1.0f - F(0.16666666666666666) * x2) + x4 * (F(0.008333333333333333) - F(0.0001984126984126984) * x2)) +
+              x8 * (F(2.7557319223985893e-06) - F(2.505210838544172e-08) * x2);
+    return x * p;
+}
+
+/* One standard normal for the 32-bit counter c and key (k0, k1): rng.gaussian. */
+static inline float gaussian(uint32_t c, uint32_t k0, uint32_t k1) {
+    uint32_t x = lowbias32(c ^ k0) + k1;
+    float u1 = unit24(lowbias32(x)) + F(2.9802322387695312e-08);
+    float u2 = unit24(lowbias32(x + 0x9E3779B9U));
+    return sqrtf(-2.0f * log_poly(u1)) * cos_2pi(u2);
+}
+
+/* Rows per OpenMP chunk such that a chunk holds at least ~16k elements (thread start-up is amortised). */
+static inline i64 rows_per_chunk(i64 cols) {
+    i64 r = 16384 / (cols > 0 ? cols : 1);
+    return r > 0 ? r : 1;
+}
+
+static inline float round_half_even(float v) { return nearbyintf(v); }
+
+/* max(a, b) that returns a NaN operand, as torch's amax and clamp_min do. */
+static inline float maxf(float m, float v) { return v > m || v != v ? v : m; }
+
+/* max_i |x_i| (NaN if any x_i is NaN) as an integer reduction: the bits of a float without its sign bit order
+ * like its magnitude, NaN above infinity, and an integer max vectorizes where a float one does not. */
+static inline int32_t abs_max_bits(const float *x, i64 n) {
+    int32_t m = 0;
+    for (i64 i = 0; i < n; ++i) {
+        int32_t b = (int32_t)(as_bits(x[i]) & 0x7FFFFFFFu);
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+static inline float abs_max(const float *x, i64 n) { return as_float((uint32_t)abs_max_bits(x, n)); }
+
+static inline float clampf(float v, float lo, float hi) {
+    v = v < lo ? lo : v;
+    return v > hi ? hi : v;
+}
+
+/* -- noise draws (kernels.randn / kernels.add_randn_) ---------------------------------------------------------- */
+
+/* out[i] = z(i) (add == 0) or out[i] += std * z(i) (add == 1), i in [0, n). */
+void hfc_randn(float *out, i64 n, float std, int add, uint32_t k0, uint32_t k1, int threads) {
+    const i64 chunk = 16384;
+    const i64 n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        if (add) {
+            for (i64 i = lo; i < hi; ++i) out[i] = out[i] + std * gaussian((uint32_t)i, k0, k1);
+        } else {
+            for (i64 i = lo; i < hi; ++i) out[i] = gaussian((uint32_t)i, k0, k1);
+        }
+    }
+}
+
+/* -- weight programming (kernels.weight_program_eager) --------------------------------------------------------- */
+
+/* w (rows, cols) contiguous -> out (rows, cols), scale (rows). qmax <= 0: no quantization. */
+void hfc_weight_program(const float *w, float *out, float *scale, i64 rows, i64 cols, float qmax, float std,
+                        int noise, uint32_t k0, uint32_t k1, int threads) {
+    const i64 rpc = rows_per_chunk(cols);
+    const i64 n_chunks = (rows + rpc - 1) / rpc;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 r_hi = (b + 1) * rpc < rows ? (b + 1) * rpc : rows;
+        for (i64 r = b * rpc; r < r_hi; ++r) {
+            const float *wr = w + r * cols;
+            float *o = out + r * cols;
+            const float s = maxf(F(1e-12), abs_max(wr, cols));
+            scale[r] = s;
+            const uint32_t base = (uint32_t)(r * cols);
+            if (qmax > 0.0f) {
+                for (i64 j = 0; j < cols; ++j) o[j] = round_half_even((wr[j] / s) * qmax) / qmax;
+            } else {
+                for (i64 j = 0; j < cols; ++j) o[j] = wr[j] / s;
+            }
+            if (noise) {
+                for (i64 j = 0; j < cols; ++j) o[j] = o[j] + std * gaussian(base + (uint32_t)j, k0, k1);
+            }
+        }
+    }
+}
+
+/* -- the DAC (kernels.dac_eager) -------------------------------------------------------------------------------- */
+
+/* x (T, K) contiguous -> out (T, K) integer levels (or scaled values when !quantize), x_absmax (T) or (1). */
+void hfc_dac(const float *x, float *out, float *x_absmax, i64 T, i64 K, float qmax, int per_token, int quantize,
+             int threads) {
+    const i64 rpc = rows_per_chunk(K);
+    const i64 n_chunks = (T + rpc - 1) / rpc;
+    if (!per_token) {
+        int32_t m = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : m) if (n_chunks > 1)
+        for (i64 b = 0; b < n_chunks; ++b) {
+            const i64 lo = b * rpc * K, hi = (b + 1) * rpc < T ? (b + 1) * rpc * K : T * K;
+            const int32_t mb = abs_max_bits(x + lo, hi - lo);
+            m = mb > m ? mb : m;
+        }
+        x_absmax[0] = maxf(F(1e-12), as_float((uint32_t)m));
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 r_hi = (b + 1) * rpc < T ? (b + 1) * rpc : T;
+        for (i64 r = b * rpc; r < r_hi; ++r) {
+            const float *xr = x + r * K;
+            float *o = out + r * K;
+            float a;
+            if (per_token) {
+                a = maxf(F(1e-12), abs_max(xr, K));
+                x_absmax[r] = a;
+            } else {
+                a = x_absmax[0];
+            }
+            /* torch evaluates the Python expression qmax / absmax as reciprocal(absmax) * qmax. */
+            const float f = (1.0f / a) * qmax;
+            if (quantize) {
+                for (i64 j = 0; j < K; ++j) o[j] = clampf(round_half_even(xr[j] * f), -qmax, qmax);
+            } else {
+                for (i64 j = 0; j < K; ++j) o[j] = xr[j] * f;
+            }
+        }
+    }
+}
+
+/* -- the ADC epilogue (kernels.epilogue_eager) ------------------------------------------------------------------- */
+
+/* o[j] (=|+=) c * ADC(y[j] * in_scale + std * z(base + j)), the ADC and the noise optional. Called with
+ * constant flags only (see hfc_epilogue), so that each inlined copy is a branch-free loop. */
+static inline __attribute__((always_inline)) void adc_row(const float *restrict yr, float *o, i64 O, float c,
+                                                          float inv_step, float levels, float in_scale, float std,
+                                                          int noise, uint32_t base, uint32_t k0, uint32_t k1, int adc,
+                                                          int accumulate) {
+    for (i64 j = 0; j < O; ++j) {
+        float v = yr[j] * in_scale;
+        if (noise) v = v + std * gaussian(base + (uint32_t)j, k0, k1);
+        if (adc) v = clampf(round_half_even(v * inv_step), -levels, levels);
+        v = v * c;
+        o[j] = accumulate ? o[j] + v : v;
+    }
+}
+
+/* y (tiles, T, O) contiguous analog partial sums -> out (T, O); out may alias y when tiles == 1.
+ * recombine (tiles), x_absmax (T), row_scale (O), bias (O) or NULL. */
+void hfc_epilogue(const float *y, float *out, const float *recombine, const float *x_absmax, const float *row_scale,
+                  const float *bias, i64 tiles, i64 T, i64 O, float inv_step, float levels, float in_scale,
+                  float std, int noise, uint32_t k0, uint32_t k1, int adc, int threads) {
+    const i64 rpc = rows_per_chunk(O * tiles);
+    const i64 n_chunks = (T + rpc - 1) / rpc;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 r_hi = (b + 1) * rpc < T ? (b + 1) * rpc : T;
+        for (i64 r = b * rpc; r < r_hi; ++r) {
+            float *o = out + r * O;
+            const float xa = x_absmax[r];
+            for (i64 t = 0; t < tiles; ++t) {
+                const float *yr = y + (t * T + r) * O;
+                const uint32_t base = (uint32_t)((t * T + r) * O);
+                /* o accumulates sum_t c_t * adc(y_t); the first tile initialises it (0 + v == v exactly). Each flag
+                 * combination is its own branch-free, vectorized loop. */
+                const float c = recombine[t];
+                const int variant = (noise ? 4 : 0) | (adc ? 2 : 0) | (t > 0 ? 1 : 0);
+#define ADC_ROW(N, A, ACC) adc_row(yr, o, O, c, inv_step, levels, in_scale, std, N, base, k0, k1, A, ACC)
+                switch (variant) {
+                    case 0: ADC_ROW(0, 0, 0); break;
+                    case 1: ADC_ROW(0, 0, 1); break;
+                    case 2: ADC_ROW(0, 1, 0); break;
+                    case 3: ADC_ROW(0, 1, 1); break;
+                    case 4: ADC_ROW(1, 0, 0); break;
+                    case 5: ADC_ROW(1, 0, 1); break;
+                    case 6: ADC_ROW(1, 1, 0); break;
+                    default: ADC_ROW(1, 1, 1); break;
+                }
+#undef ADC_ROW
+            }
+            /* Rescale; with the ADC the bias is added on its output grid (QuantBias). */
+            if (bias == NULL) {
+                for (i64 j = 0; j < O; ++j) o[j] = o[j] * (xa * row_scale[j]);
+            } else if (!adc) {
+                for (i64 j = 0; j < O; ++j) o[j] = o[j] * (xa * row_scale[j]) + bias[j];
+            } else {
+                for (i64 j = 0; j < O; ++j) {
+                    const float unit = xa * row_scale[j];
+                    o[j] = (o[j] + round_half_even(bias[j] / unit)) * unit;
+                }
+            }
+        }
+    }
+}
