@@ -2,9 +2,9 @@
 
 Eagerly, the DAC (abs-max, scale, round, clip), the weight quantization and the ADC epilogue (scale, round, clip,
 tile sum, QuantBias, rescale) are a dozen passes over ``(tokens, features)`` tensors, and torch's ``normal_`` draws
-the noise on one CPU thread. Here each step is one function that ``torch.compile`` fuses into a single
-multi-threaded loop, with the Gaussian noise computed inside it by the counter-based sampler of
-:mod:`hf_cim.rng` (keys come from the layer's ``torch.Generator``, so seeding and checkpointing are unchanged):
+the noise on one CPU thread. Here each step is one fused, multi-threaded loop, with the Gaussian noise computed
+inside it by the counter-based sampler of :mod:`hf_cim.rng` (keys come from the layer's ``torch.Generator``, so
+seeding and checkpointing are unchanged):
 
 * :func:`weight_program`: per-channel weight quantization plus additive Gaussian programming noise;
 * :func:`dac`: the input DAC;
@@ -37,9 +37,11 @@ from . import native, rng
 
 __all__ = [
     "add_randn_",
+    "add_scaled_randn_",
     "compile_enabled",
     "dac",
     "epilogue",
+    "ir_drop_",
     "native_enabled",
     "randn",
     "set_compile",
@@ -324,3 +326,34 @@ def add_randn_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
         lib.hfc_randn(t.data_ptr(), t.numel(), std, 1, *_key_words(key)[1:], native.threads())
         return t
     return _call("add_randn", add_randn_eager_, (t, std, key))
+
+
+def _native_inplace_ok(*tensors: torch.Tensor) -> bool:
+    """Same-shape contiguous operands: what the element-wise C helpers index as flat arrays."""
+    first = tensors[0]
+    return all(t.is_contiguous() and t.shape == first.shape for t in tensors)
+
+
+def add_scaled_randn_(
+    t: torch.Tensor, scale: torch.Tensor, std: float, key: torch.Tensor, sqrt_scale: bool = False
+) -> torch.Tensor:
+    """``t += std·(ξ·s)`` in place, ``s = scale`` or ``sqrt(max(scale, 1e-12))`` (``sqrt_scale``), ``ξ`` = :func:`randn`
+    ``(t, key)``; ``scale`` has ``t``'s shape. One pass on the CPU (no autograd) instead of five."""
+    lib = _native_lib(t, scale)
+    if lib is not None and _native_inplace_ok(t, scale):
+        lib.hfc_add_scaled_randn(
+            t.data_ptr(), scale.data_ptr(), t.numel(), std, sqrt_scale, *_key_words(key)[1:], native.threads()
+        )
+        return t
+    spread = scale.clamp(min=_TINY).sqrt() if sqrt_scale else scale
+    return t.add_(randn(t, key).to(t.dtype).mul_(spread), alpha=std)
+
+
+def ir_drop_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
+    """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place (:class:`hf_cim.noise.IRDrop`), one pass on the CPU."""
+    lib = _native_lib(y, a, y_pos)
+    if lib is not None and _native_inplace_ok(y, a, y_pos):
+        lib.hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), native.threads())
+        return y
+    c = torch.mul(a, 0.05).sub_(0.2).mul_(a).add_(0.5).mul_(a)
+    return y.sub_(c.mul_(y_pos))

@@ -250,3 +250,40 @@ void hfc_epilogue(const float *y, float *out, const float *recombine, const floa
         }
     }
 }
+
+/* -- fused helpers of noise models (kernels.add_scaled_randn_, kernels.ir_drop_) ------------------------------ */
+
+/* y[i] += std * (z(i) * s_i), s_i = scale[i] or sqrt(max(scale[i], 1e-12)) (sqrt_scale): ReadNoise's output noise
+ * with a per-element spread, in one pass instead of clamp, sqrt, draw, multiply and add. */
+void hfc_add_scaled_randn(float *y, const float *scale, i64 n, float std, int sqrt_scale, uint32_t k0, uint32_t k1,
+                          int threads) {
+    const i64 chunk = 16384;
+    const i64 n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        if (sqrt_scale) {
+            for (i64 i = lo; i < hi; ++i) {
+                const float s = sqrtf(maxf(scale[i], F(1e-12)));
+                y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * s);
+            }
+        } else {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * scale[i]);
+        }
+    }
+}
+
+/* IRDrop's correction: y[i] -= a_i·(0.05·a_i² − 0.2·a_i + 0.5)·y_pos[i], evaluated as ((0.05a − 0.2)a + 0.5)a. */
+void hfc_ir_drop(float *y, const float *a, const float *y_pos, i64 n, int threads) {
+    const i64 chunk = 16384;
+    const i64 n_chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
+    for (i64 b = 0; b < n_chunks; ++b) {
+        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+        for (i64 i = lo; i < hi; ++i) {
+            const float ai = a[i];
+            const float c = ((ai * F(0.05) - F(0.2)) * ai + F(0.5)) * ai;
+            y[i] = y[i] - c * y_pos[i];
+        }
+    }
+}

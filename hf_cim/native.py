@@ -44,6 +44,8 @@ _SIGNATURES = {
     "hfc_dac": [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32, _i32],
     "hfc_epilogue": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
     + [_f32, _f32, _f32, _f32, _i32, _u32, _u32, _i32, _i32],
+    "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32],
+    "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32],
 }
 
 

@@ -4,8 +4,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The fused kernels are compiled once per process (tens of seconds): tests use the eager kernels, except
-# tests/test_kernels.py, which checks that compiled and eager agree.
+# torch.compile of the fused kernels takes tens of seconds per process: tests run the C kernels on the CPU (built
+# once, in about a second) and never torch.compile, except tests/test_kernels.py, which checks every
+# implementation against the eager one.
 os.environ.setdefault("HF_CIM_COMPILE", "0")
 
 import pytest  # noqa: E402

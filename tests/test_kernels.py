@@ -242,3 +242,26 @@ def test_native_kernels_leave_autograd_to_torch(native_only):
     x = torch.randn(3, 8, requires_grad=True)
     x_int, _ = kernels.dac(x, 127.0, True, True)
     assert x_int.requires_grad
+
+
+@pytest.mark.parametrize("sqrt_scale", [True, False])
+def test_native_add_scaled_randn_equals_eager(native_only, sqrt_scale):
+    gen = torch.Generator().manual_seed(6)
+    y0 = torch.randn(3, 40, 50, generator=gen)
+    scale = torch.rand(3, 40, 50, generator=gen) * 4
+    scale[0, 0, :5] = 0.0  # the sqrt floor
+    key = torch.tensor([21, -22], dtype=torch.int32)
+    eager, nat = _both(lambda: kernels.add_scaled_randn_(y0.clone(), scale, 0.3, key, sqrt_scale))
+    torch.testing.assert_close(eager, nat, rtol=1e-6, atol=1e-6)
+    # The formula itself, with the draws of kernels.randn.
+    spread = scale.clamp(min=1e-12).sqrt() if sqrt_scale else scale
+    torch.testing.assert_close(nat, y0 + 0.3 * kernels.randn(y0, key) * spread, rtol=1e-6, atol=1e-6)
+
+
+def test_native_ir_drop_is_bit_identical_to_eager(native_only):
+    gen = torch.Generator().manual_seed(7)
+    y0, a, y_pos = (torch.randn(2, 30, 70, generator=gen) for _ in range(3))
+    a = a.abs() * 3
+    eager, nat = _both(lambda: kernels.ir_drop_(y0.clone(), a, y_pos))
+    assert torch.equal(eager, nat)
+    torch.testing.assert_close(nat, y0 - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos, rtol=1e-5, atol=1e-5)

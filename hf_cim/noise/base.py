@@ -83,6 +83,14 @@ class NoiseContext:
             return kernels.add_randn_(t, std, key)
         return t.add_(kernels.randn(t, key).to(t.dtype), alpha=std)
 
+    def add_scaled_randn_(
+        self, t: torch.Tensor, scale: torch.Tensor, std: float, sqrt_scale: bool = False
+    ) -> torch.Tensor:
+        """``t += std·ξ·s`` in place with a per-element spread ``s = scale`` (or ``sqrt(max(scale, 1e-12))`` with
+        ``sqrt_scale``; ``scale`` shaped like ``t``), ``ξ`` the numbers :meth:`randn_like` would draw; one pass
+        over ``t`` on the CPU. Not for tensors that autograd records (use ``t + ctx.randn_like(t) * s * std``)."""
+        return kernels.add_scaled_randn_(t, scale, std, self.new_key(t.device), sqrt_scale)
+
     def rand_like(self, t: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""
         return torch.rand(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)

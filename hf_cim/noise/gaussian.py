@@ -148,10 +148,11 @@ class ReadNoise(NoiseModel):
         grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
         if self.shape == "constant":
             spread = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # (tiles, T, 1)
-        else:
-            var = torch.bmm(x * x, w.abs().transpose(1, 2))  # (tiles, T, out)
-            # The floor keeps the ``full`` mode's gradient finite where a token is all zeros.
-            spread = var.clamp(min=1e-12).sqrt() if grad else var.clamp_(min=1e-12).sqrt_()
+            if grad:
+                return y + ctx.randn_like(y) * spread * sigma
+            return y.add_(ctx.randn_like(y).mul_(spread), alpha=sigma)
+        var = torch.bmm(x * x, w.abs().transpose(1, 2))  # (tiles, T, out)
         if grad:
-            return y + ctx.randn_like(y) * spread * sigma
-        return y.add_(ctx.randn_like(y).mul_(spread), alpha=sigma)
+            # The floor keeps the ``full`` mode's gradient finite where a token is all zeros.
+            return y + ctx.randn_like(y) * var.clamp(min=1e-12).sqrt() * sigma
+        return ctx.add_scaled_randn_(y, var, sigma, sqrt_scale=True)
