@@ -190,7 +190,7 @@ void hfc_dac(const float *x, float *out, float *x_absmax, i64 T, i64 K, float qm
 
 /* o[j] (=|+=) c * ADC(y[j] * in_scale + std * z(base + j)), the ADC and the noise optional. Called with
  * constant flags only (see hfc_epilogue), so that each inlined copy is a branch-free loop. */
-static inline __attribute__((always_inline)) void adc_row(const float *restrict yr, float *o, i64 O, float c,
+static inline __attribute__((always_inline)) void adc_row(const float *yr, float *o, i64 O, float c,
                                                           float inv_step, float levels, float in_scale, float std,
                                                           int noise, uint32_t base, uint32_t k0, uint32_t k1, int adc,
                                                           int accumulate) {

@@ -1,8 +1,9 @@
 """Counter-based Gaussian noise: the sampler behind every noise draw of the analog simulation.
 
-Why not ``torch.Tensor.normal_``: on a CPU it runs on one thread (a Mersenne Twister is sequential), and a noisy training step draws one sample per output of every layer. Here a sample is a pure
-function of ``(key, counter)``, so it can be computed anywhere inside a fused, multi-threaded kernel (the ADC
-epilogue adds the output noise in the same loop that quantizes the outputs; no noise tensor is ever stored):
+Why not ``torch.Tensor.normal_``: on a CPU it runs on one thread (a Mersenne Twister is sequential), and a noisy
+training step draws one sample per output of every layer. Here a sample is a pure function of ``(key, counter)``, so
+it can be computed anywhere inside a fused, multi-threaded kernel (on the CPU, the C kernels of
+:mod:`hf_cim.native` add the output noise in the same loop that quantizes the outputs, with no noise tensor):
 
 * ``counter``: the element's flat index in the tensor the noise is added to (32 bits: a draw of more than
   ``2**32`` values would repeat itself);
@@ -21,8 +22,9 @@ give two uniforms and the Box-Muller transform one standard normal, ``z = sqrt(-
 are polynomials (max abs. error ``2e-6``) evaluated by Estrin's scheme (short dependency chains); the tests check
 them against ``torch.log``/``torch.cos`` and the samples' moments, tails and independence.
 
-The functions here are written with torch integer and float operations only, so that the eager path and
-``torch.compile`` (``hf_cim.kernels``) compute the same numbers on CPU and CUDA.
+The functions here are written with torch integer and float operations only: they are the eager reference, and
+``torch.compile`` turns them into the CUDA kernels of :mod:`hf_cim.kernels`. ``hf_cim/native.c`` transcribes them
+operation by operation in float32; it agrees to one ulp (torch's vectorized CPU ``sqrt`` is not correctly rounded).
 """
 
 from __future__ import annotations
