@@ -77,6 +77,15 @@ static inline i64 rows_per_chunk(i64 cols) {
     return r > 0 ? r : 1;
 }
 
+/* Run the statement that follows once per chunk [lo, hi) of [0, n), chunks of 16384 elements split over `threads`
+ * OpenMP threads (a variable of that name must be in scope). The inner one-pass `for` only declares lo and hi. */
+#define FLAT_CHUNK 16384
+#define PARALLEL_FOR_CHUNKS(n, lo, hi)                                                                    \
+    const i64 n_chunks_ = ((n) + FLAT_CHUNK - 1) / FLAT_CHUNK;                                            \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if (n_chunks_ > 1)")                 \
+    for (i64 b_ = 0; b_ < n_chunks_; ++b_)                                                                \
+        for (i64 lo = b_ * FLAT_CHUNK, hi = lo + FLAT_CHUNK < (n) ? lo + FLAT_CHUNK : (n); lo < hi; lo = hi)
+
 static inline float round_half_even(float v) { return nearbyintf(v); }
 
 /* max(a, b) that returns a NaN operand, as torch's amax and clamp_min do. */
@@ -104,11 +113,7 @@ static inline float clampf(float v, float lo, float hi) {
 
 /* out[i] = z(i) (add == 0) or out[i] += std * z(i) (add == 1), i in [0, n). */
 void hfc_randn(float *out, i64 n, float std, int add, uint32_t k0, uint32_t k1, int threads) {
-    const i64 chunk = 16384;
-    const i64 n_chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
-    for (i64 b = 0; b < n_chunks; ++b) {
-        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
         if (add) {
             for (i64 i = lo; i < hi; ++i) out[i] = out[i] + std * gaussian((uint32_t)i, k0, k1);
         } else {
@@ -257,11 +262,7 @@ void hfc_epilogue(const float *y, float *out, const float *recombine, const floa
  * with a per-element spread, in one pass instead of clamp, sqrt, draw, multiply and add. */
 void hfc_add_scaled_randn(float *y, const float *scale, i64 n, float std, int sqrt_scale, uint32_t k0, uint32_t k1,
                           int threads) {
-    const i64 chunk = 16384;
-    const i64 n_chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
-    for (i64 b = 0; b < n_chunks; ++b) {
-        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
         if (sqrt_scale) {
             for (i64 i = lo; i < hi; ++i) {
                 const float s = sqrtf(maxf(scale[i], F(1e-12)));
@@ -275,11 +276,7 @@ void hfc_add_scaled_randn(float *y, const float *scale, i64 n, float std, int sq
 
 /* IRDrop's correction: y[i] -= a_i·(0.05·a_i² − 0.2·a_i + 0.5)·y_pos[i], evaluated as ((0.05a − 0.2)a + 0.5)a. */
 void hfc_ir_drop(float *y, const float *a, const float *y_pos, i64 n, int threads) {
-    const i64 chunk = 16384;
-    const i64 n_chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
-    for (i64 b = 0; b < n_chunks; ++b) {
-        const i64 lo = b * chunk, hi = lo + chunk < n ? lo + chunk : n;
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
         for (i64 i = lo; i < hi; ++i) {
             const float ai = a[i];
             const float c = ((ai * F(0.05) - F(0.2)) * ai + F(0.5)) * ai;
