@@ -10,8 +10,9 @@ within each round (``_harness.py``):
 2. **Presets**: training-step time (forward + loss + backward + ``AdamW.step``) of the GPT-2 of the core benchmark
    (``step_time.py``: 6 layers, 384 wide, 6 heads, seq 256, batch 8, vocabulary 50257, tied LM head, every
    linear-like layer patched), plain vs every preset of :mod:`hf_cim.presets` at ``level = 1`` with
-   ``gradient="ste"``, plus ``pcm`` with ``IRDrop(column_current="mean")``; each also with the tied LM head kept
-   digital (``exclude_modules=["lm_head"]``; ``--head``), because the 384×50257 head does about 60 % of the
+   ``gradient="ste"``, plus ``pcm`` with ``IRDrop(column_current="mean")`` and ``pcm`` with its read noise drawn
+   once per product on the weights (``ReadNoise(draw="batch")``); each also with the tied LM head kept
+   digital (``exclude_modules=["lm_head"]``; ``--head``), because the 384×50257 head does about 65 % of the
    model's matrix-product work. Targets on CPU: ``paper`` ≤ 1.2× plain, ``pcm`` (with IR-drop) ≤ 1.6× plain.
 
 Usage::
@@ -65,6 +66,7 @@ LAYER_VARIANTS = {
     "output_noise": [OutputNoise()],
     "read_noise (constant)": [ReadNoise(shape="constant")],
     "read_noise (pcm)": [ReadNoise(shape="pcm")],
+    "read_noise (pcm, per batch)": [ReadNoise(shape="pcm", draw="batch")],
     "pcm (t = 0)": [PCMNoise()],
     "pcm (t = 1 day)": [PCMNoise()],
     "reram": [ReRAMNoise()],
@@ -125,6 +127,10 @@ def preset_variants(head: str) -> dict[str, dict]:
     out["pcm (ir_drop mean current)"] = {
         "name": "pcm",
         "noise": [ReadNoise(std=0.0175, shape="pcm"), IRDrop(column_current="mean"), OutputNoise(std=0.04)],
+    }
+    out["pcm (read noise per batch)"] = {
+        "name": "pcm",
+        "noise": [ReadNoise(std=0.0175, shape="pcm", draw="batch"), IRDrop(), OutputNoise(std=0.04)],
     }
     if head == "analog":
         return out

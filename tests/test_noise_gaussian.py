@@ -79,3 +79,59 @@ def test_invalid_fields_name_the_field():
         ReadNoise(shape="gaussian")
     with pytest.raises(TypeError, match="`mean_corrected`"):
         LogNormalNoise(mean_corrected=1)
+    with pytest.raises(ValueError, match="`draw` must be one of"):
+        ReadNoise(draw="sample")
+
+
+@pytest.mark.parametrize("shape", ["constant", "pcm"])
+def test_read_noise_per_batch_is_weight_noise_with_the_per_token_marginals(shape):
+    model = ReadNoise(std=0.02, shape=shape, draw="batch")
+    assert model.has_hook("read") and not model.has_hook("output")
+    assert ReadNoise().has_hook("output") and not ReadNoise().has_hook("read")
+    gen = torch.Generator().manual_seed(5)
+    w = torch.rand(300, 400, generator=gen) * 2 - 1
+    w[0, :10] = 0.0
+    with torch.no_grad():
+        out = model.read(w, ctx(level=1.5))
+    spread = w.abs().clamp(min=1e-12).sqrt() if shape == "pcm" else torch.ones_like(w)
+    z = (out - w) / spread  # standardized weight noise: N(0, σ²) with σ = 1.5·0.02
+    assert z.std().item() == pytest.approx(0.03, rel=0.01)
+    assert z.mean().abs().item() < 0.0005
+    # One draw per product: a token's output noise Σ_j δW_ij·x_j has the per-token model's variance...
+    x = torch.rand(64, 400, generator=gen) * 2 - 1
+    draws = torch.stack([x @ (model.read(w, ctx(seed=s)) - w).T for s in range(200)])  # (draws, T, out)
+    with torch.no_grad():
+        expected_var = 0.02**2 * (x * x) @ (spread * spread).T
+    ratio = draws.var(dim=0) / expected_var
+    assert ratio.mean().item() == pytest.approx(1.0, rel=0.03)
+    # ...and every token of a product sees the same weights: equal inputs give equal noise.
+    x2 = torch.cat([x[:1], x[:1]])
+    noisy = x2 @ model.read(w, ctx(seed=7)).T
+    assert torch.equal(noisy[0], noisy[1])
+
+
+def test_read_noise_per_batch_in_full_mode_differentiates_the_weights_only():
+    w = (torch.rand(20, 30) * 2 - 1).requires_grad_()
+    out = ReadNoise(std=0.05, draw="batch").read(w, ctx())
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))  # the spread sqrt(|w|) is not differentiated
+
+
+def test_read_noise_per_batch_through_the_tile_simulation_and_json():
+    import hf_cim
+    from hf_cim.tile import analog_matmul, program_weights
+
+    cfg = hf_cim.AnalogNoiseConfig(noise=[ReadNoise(std=0.02, draw="batch")], output_bits=None, input_bits=None)
+    assert hf_cim.AnalogNoiseConfig.from_json_string(cfg.to_json_string()) == cfg
+    gen = torch.Generator().manual_seed(8)
+    x, w = torch.randn(5, 40, generator=gen), torch.randn(30, 40, generator=gen)
+    with torch.no_grad():
+        c = ctx(seed=3)
+        w_prog, scale = program_weights(w, cfg, c, cfg.noise)
+        y = analog_matmul(x, w_prog, scale, None, cfg, c, cfg.noise)
+        # The same draw by hand: the read hook's first key after programming (no program hook draws here).
+        c2 = ctx(seed=3)
+        w_prog2, _ = program_weights(w, cfg, c2, cfg.noise)
+        w_read = ReadNoise(std=0.02, draw="batch").read(w_prog2, c2)
+    x_abs = x.abs().amax(1, keepdim=True)
+    torch.testing.assert_close(y, ((x / x_abs) @ w_read.T) * x_abs * scale.T, rtol=1e-5, atol=1e-5)

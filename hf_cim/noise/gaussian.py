@@ -13,9 +13,17 @@ import torch
 
 from .base import NoiseContext, NoiseModel, check_range, register_noise_model
 
-__all__ = ["GaussianWeightNoise", "LogNormalNoise", "OutputNoise", "ReadNoise"]
+__all__ = [
+    "READ_NOISE_DRAWS",
+    "READ_NOISE_SHAPES",
+    "GaussianWeightNoise",
+    "LogNormalNoise",
+    "OutputNoise",
+    "ReadNoise",
+]
 
 READ_NOISE_SHAPES = ("constant", "pcm")
+READ_NOISE_DRAWS = ("token", "batch")
 
 
 @register_noise_model("gaussian_weight")
@@ -119,27 +127,61 @@ class LogNormalNoise(NoiseModel):
 @register_noise_model("read_noise")
 @dataclass
 class ReadNoise(NoiseModel):
-    """Output-referred weight read noise, fresh at every product (an ``output`` hook on each tile, before the ADC).
+    """Weight read noise: fresh for every token (output-referred, the default) or once per product (on the weights).
 
-    ``shape="constant"``: ``y_i += σ·‖x‖₂·ξ_i``, exactly the output of fresh ``N(0, σ²)`` noise on every weight
-    (``Σ_j δW_ij·x_j`` has variance ``σ²·Σ_j x_j²``). ``shape="pcm"``: ``y_i += σ·sqrt(Σ_j |W_ij|·x_j²)·ξ_i``, the
-    variance of read noise whose variance is proportional to the conductance ``|W_ij|`` (aihwkit's
-    ``WeightNoiseType.PCM_READ``). ``σ = level·std``. Sums run over the rows of one tile, in normalized units
-    (``|x| <= 1`` after the DAC, ``|W| <= 1`` ↔ ``g_max``).
+    ``draw="token"`` (an ``output`` hook on each tile, before the ADC): ``shape="constant"``: ``y_i += σ·‖x‖₂·ξ_i``,
+    exactly the output of fresh ``N(0, σ²)`` noise on every weight (``Σ_j δW_ij·x_j`` has variance ``σ²·Σ_j x_j²``);
+    ``shape="pcm"``: ``y_i += σ·sqrt(Σ_j |W_ij|·x_j²)·ξ_i``, the variance of read noise whose variance is proportional
+    to the conductance ``|W_ij|`` (aihwkit's ``WeightNoiseType.PCM_READ``). Every token gets its own draw.
+
+    ``draw="batch"`` (a ``read`` hook): ``W'_ij = W_ij + σ·ξ_ij`` (``constant``) or ``W_ij + σ·sqrt(|W_ij|)·ξ_ij``
+    (``pcm``), drawn once per product and shared by all its tokens. Each output of each token has the same
+    distribution as with ``draw="token"``; the tokens of one product see the same weights, as for read noise that is
+    slow against the time of one product (PCM read noise is 1/f: most of its power is at low frequencies), and as
+    aihwkit-lightning's training-time weight noise (``modifier``), drawn once per mini-batch. It needs no extra matrix
+    product: the ``pcm`` shape's ``Σ_j |W_ij|·x_j²`` is not computed. In the ``full`` gradient mode the spread
+    ``sqrt(|W|)`` is not differentiated (its derivative is unbounded at ``W = 0``).
+
+    ``σ = level·std``. Sums run over the rows of one tile, in normalized units (``|x| <= 1`` after the DAC,
+    ``|W| <= 1`` ↔ ``g_max``).
 
     Args:
         std: ``σ`` in normalized weight units (in [0, 10]). aihwkit's hardware-aware training preset: 0.0175
             (``w_noise``, ``PCM_READ``).
-        shape: ``"constant"`` or ``"pcm"`` (the ``"pcm"`` shape costs one more matrix product per tile).
+        shape: ``"constant"`` or ``"pcm"`` (with ``draw="token"``, ``"pcm"`` costs one more matrix product per tile).
+        draw: ``"token"`` or ``"batch"`` (see above).
     """
 
     std: float = 0.0175
     shape: str = "pcm"
+    draw: str = "token"
 
     def __post_init__(self) -> None:
         check_range("ReadNoise", "std", self.std, 0.0, 10.0)
         if self.shape not in READ_NOISE_SHAPES:
             raise ValueError(f"ReadNoise: `shape` must be one of {READ_NOISE_SHAPES}, got {self.shape!r}")
+        if self.draw not in READ_NOISE_DRAWS:
+            raise ValueError(f"ReadNoise: `draw` must be one of {READ_NOISE_DRAWS}, got {self.draw!r}")
+
+    def has_hook(self, hook: str) -> bool:
+        # Which hook runs depends on ``draw``, not only on the class.
+        if hook == "output":
+            return self.draw == "token"
+        if hook == "read":
+            return self.draw == "batch"
+        return super().has_hook(hook)
+
+    def read(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        sigma = self.std * ctx.level
+        if sigma == 0.0:
+            return w
+        if torch.is_grad_enabled() and w.requires_grad:
+            xi = ctx.randn_like(w)
+            spread = w.detach().abs().clamp(min=1e-12).sqrt() if self.shape == "pcm" else 1.0
+            return w + xi * spread * sigma
+        if self.shape == "constant":
+            return ctx.add_randn_(w.clone(), sigma)
+        return ctx.add_scaled_randn_(w.clone(), w.abs(), sigma, sqrt_scale=True)
 
     def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level
