@@ -14,12 +14,20 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .noise.base import NoiseModel, check_range, get_noise_model_class, noise_model_from_dict
 from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
-__all__ = ["CONFIG_VERSION", "GRADIENT_MODES", "INPUT_QUANT_MODES", "QUANT_METHOD", "AnalogNoiseConfig"]
+__all__ = [
+    "BACKWARD_WEIGHTS",
+    "CONFIG_VERSION",
+    "GRADIENT_MODES",
+    "INPUT_QUANT_MODES",
+    "QUANT_METHOD",
+    "AnalogNoiseConfig",
+]
 
 logger = logging.getLogger(__name__)
 
 CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
+BACKWARD_WEIGHTS = ("clean", "programmed")
 INPUT_QUANT_MODES = ("per_token", "per_tensor")
 #: The transformers ``quant_method`` under which the config travels in ``config.json`` (see ``hf_cim/quantizer.py``).
 QUANT_METHOD = "hf_cim"
@@ -98,6 +106,15 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             or a list of names (exact name or ``.name`` suffix). A target that matches nothing is an error.
         exclude_modules: modules left digital, with the same syntax (e.g. ``["lm_head", "classifier"]``).
         seed: seed of the noise (int >= 0). Each layer's generator is seeded from (seed, layer name, process rank).
+        mask_saturated: ``ste``/``ste_detach`` only: no gradient flows through a tile's partial sum that the ADC
+            clipped (``|y| > b_out``), as quantization-aware training does for its clip range; the mask is the
+            forward's own saturation, per tile (with input slicing: the least significant slice's, as ``full``).
+            The forward saturates there, so the clean gradient would point the wrong way. Without an ADC nothing
+            clips and the mask passes everything.
+        backward_weights: ``ste``/``ste_detach`` only: the weights of the input gradient ``∂L/∂x = g·W``:
+            ``"clean"`` (the float weights) or ``"programmed"`` (the weights the chip computed with: quantized,
+            after the ``program`` hooks, before per-product read noise), so earlier layers get the gradient of the
+            network that ran. The weight gradient ``gᵀ·x`` is always the clean one. Costs one weight-sized tensor.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD
@@ -116,6 +133,12 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     target_modules: Any = field(default=None, metadata={"help": "Modules to patch (None, 'all-linear', regex, list)."})
     exclude_modules: Any = field(default=None, metadata={"help": "Modules left digital (regex or list)."})
     seed: int = field(default=0, metadata={"help": "Noise seed (int >= 0)."})
+    mask_saturated: bool = field(
+        default=False, metadata={"help": "STE modes: no gradient through partial sums the ADC clipped."}
+    )
+    backward_weights: str = field(
+        default="clean", metadata={"help": "STE modes: weights of the input gradient: clean or programmed."}
+    )
 
     def __post_init__(self) -> None:
         if self.gradient not in GRADIENT_MODES:
@@ -149,6 +172,22 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"AnalogNoiseConfig: `seed` must be an int >= 0, got {self.seed!r}")
+        self._check_backward_fields()
+
+    def _check_backward_fields(self) -> None:
+        if not isinstance(self.mask_saturated, bool):
+            raise TypeError(f"AnalogNoiseConfig: `mask_saturated` must be a bool, got {self.mask_saturated!r}")
+        if self.backward_weights not in BACKWARD_WEIGHTS:
+            raise ValueError(
+                f"AnalogNoiseConfig: `backward_weights` must be one of {BACKWARD_WEIGHTS}, got {self.backward_weights!r}"
+            )
+        if self.gradient == "full" and (self.mask_saturated or self.backward_weights != "clean"):
+            # ``full`` differentiates the clip and the programmed weights itself; the STE levers have no meaning there.
+            raise ValueError(
+                "AnalogNoiseConfig: `mask_saturated` and `backward_weights` shape the STE backward; with "
+                "`gradient='full'` autograd already differentiates the ADC clip and the programmed weights: leave them "
+                "at False / 'clean'"
+            )
 
     @staticmethod
     def _normalize_noise(noise: Any) -> list[NoiseModel]:

@@ -141,8 +141,16 @@ class AnalogLayerMixin:
         return x.dtype
 
     def _noisy_forward(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, differentiable: bool
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        differentiable: bool,
+        aux: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
+        """The analog product. ``aux`` (STE modes), when given, receives what the STE backward needs:
+        ``"mask"`` (the ADC's pass mask per tile, or None) and ``"weight"`` (the programmed weights in the layer's
+        units, ``(out, in)``), as the config's ``mask_saturated`` / ``backward_weights`` ask."""
         out_dtype = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2d = self._to_rows(x).float()
@@ -153,8 +161,102 @@ class AnalogLayerMixin:
             else:
                 w_oi = self._weight_oi(weight).float()
                 w_prog, w_scale = program_weights(w_oi, cfg, ctx, cfg.noise, differentiable=differentiable)
-            y2d = analog_matmul(x2d, w_prog, w_scale, bias, cfg, ctx, cfg.noise, differentiable=differentiable)
+            saturation = None
+            if aux is not None:
+                if cfg.backward_weights == "programmed":
+                    aux["weight"] = w_prog * w_scale
+                saturation = [] if cfg.mask_saturated else None
+            y2d = analog_matmul(
+                x2d, w_prog, w_scale, bias, cfg, ctx, cfg.noise, differentiable=differentiable, saturation=saturation
+            )
+            if saturation:
+                aux["mask"] = saturation[0]
             return self._from_rows(y2d, x).to(out_dtype)
+
+    @property
+    def _ste_levers(self) -> bool:
+        """Whether the STE backward differs from the plain layer's (a saturation mask or programmed weights)."""
+        cfg = self.hf_cim_config
+        return (cfg.mask_saturated and cfg.output_bits is not None) or cfg.backward_weights == "programmed"
+
+    # -- the STE backward with its levers -------------------------------------------------------------------------
+    def _ste_backward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        grad: torch.Tensor,
+        mask: torch.Tensor | None,
+        w_prog: torch.Tensor | None,
+        need_x: bool,
+        need_w: bool,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``∂L/∂x = (g⊙m)·W_b``, ``∂L/∂W = (g⊙m)ᵀ·x`` per crossbar tile: ``m`` the ADC's pass mask of that tile
+        (all ones without ``mask``), ``W_b`` the programmed weights ``w_prog`` or the clean ones. With neither lever
+        it is exactly the plain layer's backward."""
+        if mask is not None and mask.shape[0] > 1:
+            return self._tiled_ste_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
+        if mask is not None:
+            grad = grad * self._from_rows(mask[0], x).to(grad.dtype)
+        if w_prog is None:
+            return self._clean_backward(x, weight, grad, need_x, need_w, dtype)
+        grad_x, _ = self._clean_backward(x, self._weight_from_oi(w_prog, weight), grad, need_x, False, dtype)
+        _, grad_w = self._clean_backward(x, weight, grad, False, need_w, dtype)
+        return grad_x, grad_w
+
+    def _tiled_ste_backward(self, x, weight, grad, mask, w_prog, need_x, need_w, dtype):
+        n_tiles, rows = mask.shape[0], self.hf_cim_config.tile_size
+        k = self.in_dim
+        pad = n_tiles * rows - k
+        g_t = self._grad_rows(grad).to(dtype).unsqueeze(0) * mask.to(dtype)  # (tiles, T, out)
+        grad_x = grad_w = None
+        if need_x:
+            w_b = (w_prog if w_prog is not None else self._weight_oi(weight)).to(dtype)
+            w_t = F.pad(w_b, (0, pad)).view(w_b.shape[0], n_tiles, rows).transpose(0, 1)
+            gx = torch.bmm(g_t, w_t).transpose(0, 1).reshape(g_t.shape[1], n_tiles * rows)[:, :k]
+            grad_x = self._input_grad_from_rows(gx, x).to(x.dtype)
+        if need_w:
+            x_rows = F.pad(self._to_rows(x.detach()).to(dtype), (0, pad))
+            x_t = x_rows.view(x_rows.shape[0], n_tiles, rows).transpose(0, 1)
+            gw = torch.bmm(g_t.transpose(1, 2), x_t).transpose(0, 1).reshape(g_t.shape[2], n_tiles * rows)[:, :k]
+            grad_w = self._weight_from_oi(gw, weight).to(weight.dtype)
+        return grad_x, grad_w
+
+    def _ste_surrogate(self, x, weight, bias, mask, w_prog):
+        """``ste_detach``'s differentiable stand-in when a lever is on: a function of ``x``, ``W`` and ``b`` whose
+        vector-Jacobian product is :meth:`_ste_backward`'s (its value cancels in ``y_s + (y_noisy − y_s).detach()``).
+        """
+        dtype = self._compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x_rows = self._to_rows(x).to(dtype)
+            w_oi = self._weight_oi(weight).to(dtype)
+            n_tiles = 1 if mask is None else mask.shape[0]
+            rows = self.hf_cim_config.tile_size if n_tiles > 1 else x_rows.shape[1]
+            pad = n_tiles * rows - x_rows.shape[1]
+
+            def tiles(t: torch.Tensor) -> torch.Tensor:
+                return F.pad(t, (0, pad)).view(t.shape[0], n_tiles, rows).transpose(0, 1)
+
+            if w_prog is None:
+                y_t = torch.bmm(tiles(x_rows), tiles(w_oi).transpose(1, 2))
+            else:  # W's gradient from the clean weights, x's through the programmed ones
+                w_b = w_prog.to(dtype).detach()
+                y_t = torch.bmm(tiles(x_rows.detach()), tiles(w_oi).transpose(1, 2))
+                y_t = y_t + torch.bmm(tiles(x_rows), tiles(w_b).transpose(1, 2))
+            if mask is not None:
+                y_t = y_t * mask.to(dtype)
+            y_rows = y_t.sum(0)
+            if bias is not None:
+                y_rows = y_rows + bias.to(dtype)
+            return self._from_rows(y_rows, x)
+
+    def _grad_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """The upstream gradient in the crossbar's ``(vectors, out)`` layout (the inverse of ``_from_rows``)."""
+        return grad.reshape(-1, grad.shape[-1])
+
+    def _input_grad_from_rows(self, grad_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``x`` from the gradient of its crossbar rows (the VJP of ``_to_rows``)."""
+        return grad_rows.reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.hf_cim_config
@@ -172,7 +274,8 @@ class AnalogLayerMixin:
     # -- per-layer adapters -----------------------------------------------------------------------------------
     # Each noisy class defines: ``in_dim`` (crossbar rows the layer needs), ``_weight_oi(weight)`` (the weight as
     # ``(out, in)``), ``_to_rows(x)`` (layer input → the ``(vectors, in)`` matrix the crossbar sees),
-    # ``_from_rows(y, x)`` (``(vectors, out)`` → the layer's output layout), ``_clean_forward(x)`` (the plain
+    # ``_from_rows(y, x)`` (``(vectors, out)`` → the layer's output layout), ``_weight_from_oi(w_oi, weight)`` (an
+    # ``(out, in)`` matrix back in the weight's layout), ``_clean_forward(x)`` (the plain
     # layer's forward) and ``_clean_backward(x, weight, grad, need_x, need_w, dtype)`` (the plain layer's VJP).
 
     def _bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
@@ -192,6 +295,9 @@ class NoisyLinear(AnalogLayerMixin, nn.Linear):
 
     def _weight_oi(self, weight):
         return weight
+
+    def _weight_from_oi(self, w_oi, weight):
+        return w_oi
 
     def _to_rows(self, x):
         return x.reshape(-1, self.in_features)
@@ -220,6 +326,9 @@ class NoisyConv1D(AnalogLayerMixin, Conv1D):
 
     def _weight_oi(self, weight):
         return weight.t()
+
+    def _weight_from_oi(self, w_oi, weight):
+        return w_oi.t()
 
     def _to_rows(self, x):
         return x.reshape(-1, self.weight.shape[0])
@@ -252,6 +361,20 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
 
     def _weight_oi(self, weight):
         return weight.reshape(weight.shape[0], -1)
+
+    def _weight_from_oi(self, w_oi, weight):
+        return w_oi.reshape(weight.shape)
+
+    def _grad_rows(self, grad):
+        grad4 = grad if grad.dim() == 4 else grad.unsqueeze(0)
+        return grad4.flatten(2).transpose(1, 2).reshape(-1, grad4.shape[1])
+
+    def _input_grad_from_rows(self, grad_rows, x):
+        # The VJP of the unfold (and padding): overlapping patches add up, as the convolution's input gradient does.
+        with torch.enable_grad():
+            xd = x.detach().to(grad_rows.dtype).requires_grad_(True)
+            (grad_x,) = torch.autograd.grad(self._to_rows(xd), xd, grad_rows)
+        return grad_x
 
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if self.padding_mode != "zeros":

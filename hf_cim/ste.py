@@ -31,16 +31,27 @@ class AnalogSTEFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.has_bias = bias is not None
         ctx.compute_dtype = layer._compute_dtype(x)
-        ctx.save_for_backward(x, weight)
+        aux: dict[str, torch.Tensor | None] | None = {} if layer._ste_levers else None
         with torch.no_grad():
-            return layer._noisy_forward(x, weight, bias, differentiable=False)
+            y = layer._noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+        if aux is None:
+            ctx.save_for_backward(x, weight)
+        else:
+            ctx.save_for_backward(x, weight, aux.get("mask"), aux.get("weight"))
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):
-        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x, grad_w = ctx.layer._clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
+        if len(ctx.saved_tensors) == 2:
+            x, weight = ctx.saved_tensors
+            grad_x, grad_w = ctx.layer._clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
+        else:
+            x, weight, mask, w_prog = ctx.saved_tensors
+            grad_x, grad_w = ctx.layer._ste_backward(
+                x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype
+            )
         grad_b = None
         if ctx.has_bias and need_b:
             grad_b = ctx.layer._bias_grad(grad_output)
@@ -48,8 +59,19 @@ class AnalogSTEFunction(torch.autograd.Function):
 
 
 def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The paper's Algorithm 1: a clean forward with autograd plus the detached noisy correction."""
-    y_clean = layer._clean_forward(x)
+    """The paper's Algorithm 1: a clean forward with autograd plus the detached noisy correction.
+
+    With a backward lever on (``mask_saturated``, ``backward_weights="programmed"``), the clean forward is replaced by
+    the layer's surrogate with the same vector-Jacobian product as ``ste``'s backward, so both modes keep giving the
+    same gradients.
+    """
+    if not layer._ste_levers:
+        y_clean = layer._clean_forward(x)
+        with torch.no_grad():
+            y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False)
+        return y_clean + (y_noisy - y_clean).detach()
+    aux: dict[str, torch.Tensor | None] = {}
     with torch.no_grad():
-        y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False)
-    return y_clean + (y_noisy - y_clean).detach()
+        y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+    y_s = layer._ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"))
+    return y_s + (y_noisy - y_s).detach()

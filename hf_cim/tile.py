@@ -115,6 +115,7 @@ def analog_matmul(
     ctx: NoiseContext,
     noise: Sequence[NoiseModel],
     differentiable: bool = False,
+    saturation: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The analog product ``y ≈ x @ Wᵀ + b`` of float32 ``x`` (``(T, in)``) with programmed weights.
 
@@ -126,6 +127,11 @@ def analog_matmul(
         ctx: noise context (generator, level...).
         noise: the noise models (their ``read`` and ``output`` hooks run here).
         differentiable: ``True`` for the ``full`` gradient mode.
+        saturation: when a list and the ADC is on, receives the pass mask of the ADC clip: a bool tensor
+            ``(tiles, tokens, out)``, True where the tile's partial sum stays in range (``|y/Δ_out| <= L + ½``, the
+            inputs of ``round`` that ``full``'s clamp passes a gradient for); with input slicing, the least
+            significant slice's (the one ``full`` routes the gradient through). Measured after the ``output``
+            hooks, before a fused trailing output noise.
 
     Returns:
         ``(tokens, out)`` float32 outputs in the layer's units.
@@ -184,6 +190,8 @@ def analog_matmul(
     adc = config.output_bits is not None
     step = config.output_step() if adc else 1.0
     levels = adc_levels(config.output_bits) if adc else 0.0
+    if saturation is not None and adc:
+        saturation.append(y[:n_tiles].abs() <= (levels + 0.5) * step / in_scale)
     bias_row = None if bias is None else bias.reshape(1, -1).to(torch.float32)
     if inplace:
         noise_std, key = 0.0, None
