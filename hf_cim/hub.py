@@ -7,6 +7,9 @@
   the clean metric and the robustness table, how to load, and the Hub metadata (tags ``analog-cim``, ``hf-cim``).
 * :func:`push_to_hub` saves weights, config, tokenizer and card into one folder and uploads it with
   ``huggingface_hub.HfApi``.
+* Secrets stay out of what is written and uploaded: :func:`redact_secrets` / :func:`redact_argv` hide Hub tokens
+  (``--hub_token x``, ``HF_TOKEN=x``, any ``hf_...`` token) in the card's recipe, and :func:`push_to_hub` refuses
+  to upload a file that holds its token.
 * :class:`NoiseStateCallback` saves each patched layer's noise generator into every Trainer checkpoint and restores
   it on ``resume_from_checkpoint``, so a resumed run draws the same noise as an uninterrupted one.
 
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,9 +40,12 @@ __all__ = [
     "NOISE_CONFIG_NAME",
     "NOISE_STATE_NAME",
     "NoiseStateCallback",
+    "files_holding_token",
     "load_noise_config",
     "load_noise_state",
     "push_to_hub",
+    "redact_argv",
+    "redact_secrets",
     "save_noise_config",
     "save_noise_state",
     "write_model_card",
@@ -63,6 +71,70 @@ _TRAINING_KEYS = (
     "bf16",
     "fp16",
 )
+
+
+# -- secrets --------------------------------------------------------------------------------------------------------
+REDACTED = "<redacted>"
+#: A flag or key whose value is a secret: ``hub_token``, ``token``, ``use_auth_token``, ``api_key``, ``password``...
+_SECRET_NAME = r"(?:[A-Za-z0-9]+[_-])*(?:token|api[_-]?key|secret|password|passwd)"
+_SECRET_FLAG = re.compile(rf"--?{_SECRET_NAME}", re.IGNORECASE)
+_SECRET_KEY = re.compile(_SECRET_NAME, re.IGNORECASE)
+_SECRET_PATTERNS = (
+    # --hub_token=x and --hub_token x
+    (re.compile(rf"(?<![\w-])(--?{_SECRET_NAME})(=|[ \t]+)(?!-)[^\s'\"]+", re.IGNORECASE), rf"\1\2{REDACTED}"),
+    # environment-variable style: HF_TOKEN=x, HUGGING_FACE_HUB_TOKEN=x, WANDB_API_KEY=x
+    (re.compile(r"(?<![\w-])([A-Z0-9_]*(?:TOKEN|API_KEY|SECRET|PASSWORD))=[^\s'\"]+"), rf"\1={REDACTED}"),
+    # a Hugging Face access token anywhere
+    (re.compile(r"hf_[A-Za-z0-9]{30,}"), REDACTED),
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with secrets replaced by ``<redacted>``: the value of ``--hub_token x`` / ``--hub_token=x`` (and of
+    any ``--*token``, ``--*api_key``, ``--*secret``, ``--*password`` flag), of ``HF_TOKEN=x``-style assignments, and
+    any Hub access token (``hf_`` followed by 30 or more letters and digits)."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_argv(argv: Iterable[str]) -> list[str]:
+    """A command line (list of words) with secrets redacted: the word after a secret flag (``--hub_token x``), the
+    value of ``--hub_token=x``, and whatever :func:`redact_secrets` finds in each word."""
+    out: list[str] = []
+    hide_next = False
+    for word in map(str, argv):
+        if hide_next and not word.startswith("-"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        name, eq, _ = word.partition("=")
+        secret_flag = _SECRET_FLAG.fullmatch(name) is not None
+        hide_next = secret_flag and not eq
+        out.append(f"{name}={REDACTED}" if secret_flag and eq else redact_secrets(word))
+    return out
+
+
+def _secrets(token: str | bool | None) -> list[bytes]:
+    """The Hub tokens an upload could leak: ``token`` and the ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN`` variables."""
+    values = [token if isinstance(token, str) else None]
+    values += [os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
+    return sorted({v.strip().encode() for v in values if v and len(v.strip()) >= 8})
+
+
+def _holds(path: str, needles: list[bytes]) -> bool:
+    """Whether the file at ``path`` contains one of ``needles`` (read as bytes, memory-mapped)."""
+    if not needles or os.path.getsize(path) == 0:
+        return False
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return any(data.find(n) != -1 for n in needles)
+
+
+def files_holding_token(folder: str | os.PathLike, files: Iterable[str], token: str | bool | None = None) -> list[str]:
+    """The ``files`` (relative to ``folder``) whose bytes contain ``token`` or the token of the environment
+    (``HF_TOKEN``); used before any upload."""
+    needles = _secrets(token)
+    return [name for name in files if _holds(os.path.join(os.fspath(folder), name), needles)]
 
 
 # -- the noise config as a file --------------------------------------------------------------------------------------
@@ -177,7 +249,7 @@ def _training_lines(training_args: Any) -> list[str]:
     if training_args is None:
         return []
     if isinstance(training_args, Mapping):
-        items = dict(training_args)
+        items = {k: REDACTED if _SECRET_KEY.fullmatch(str(k)) else v for k, v in training_args.items()}
     else:
         items = {k: getattr(training_args, k) for k in _TRAINING_KEYS if hasattr(training_args, k)}
     return [f"| `{k}` | {_fmt(v)} |" for k, v in items.items()]
@@ -212,8 +284,9 @@ def write_model_card(
         task: a Hub ``pipeline_tag``, e.g. ``"text-generation"``, ``"text-classification"``.
         datasets: Hub dataset ids (or names) it was trained on.
         metrics: metric names, e.g. ``["accuracy"]``.
-        recipe: the command line or script that trained it.
-        training_args: a ``TrainingArguments`` (its main fields are shown) or a dict (all keys are shown).
+        recipe: the command line or script that trained it (secrets are redacted: :func:`redact_secrets`).
+        training_args: a ``TrainingArguments`` (its main fields are shown) or a dict (all keys are shown; the
+            values of token-like keys such as ``hub_token`` are redacted).
         clean_metric: the digital model's metric(s) (:func:`hf_cim.noise_disabled`): a dict or one number.
         robustness: a ``hf_cim.evaluation.RobustnessResult`` or its ``rows`` (dicts with ``level``,
             ``t_inference``, ``mean``, ``std``, ``min``, ``max``, ``n_chips``): chips × levels × drift times.
@@ -290,7 +363,7 @@ def write_model_card(
                 "",
                 table,
             ]
-    text = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
+    text = redact_secrets(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
     card = ModelCard(text)
     os.makedirs(save_directory, exist_ok=True)
     card.save(os.path.join(save_directory, "README.md"))
@@ -350,7 +423,12 @@ def push_to_hub(
         tokenizer: saved along (optional).
         save_directory: the folder to write and upload (kept); default: a temporary folder, deleted afterwards.
         card_kwargs: keyword arguments of :func:`write_model_card` (``base_model``, ``task``, ``robustness``...).
-        private, token, revision, commit_message: passed to ``HfApi.create_repo`` / ``upload_folder``.
+        private, token, revision, commit_message: passed to ``HfApi.create_repo`` / ``upload_folder``. ``token``
+            None: ``huggingface_hub``'s own (``HF_TOKEN``, ``hf auth login``).
+
+    Raises:
+        ValueError: a file to upload holds the token (``token``, or ``HF_TOKEN`` of the environment): nothing is
+            uploaded.
     """
     from huggingface_hub import HfApi
 
@@ -374,6 +452,12 @@ def push_to_hub(
         write_model_card(folder, model, config=config, **kwargs)
         # Upload only what this call wrote: the folder may also hold checkpoints, logs or results.
         files = _written(folder, before)
+        leaking = files_holding_token(folder, files, token)
+        if leaking:
+            raise ValueError(
+                f"push_to_hub: {leaking} in {folder} hold the Hub token; not uploading (remove the token from "
+                "what is saved, e.g. the card's `recipe` or `training_args`)"
+            )
         api = HfApi(token=token)
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         repo_id_final = getattr(repo, "repo_id", repo_id)

@@ -20,6 +20,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_cim
+from hf_cim.hub import redact_argv, redact_secrets
 
 logger = logging.getLogger("recipes")
 
@@ -96,8 +97,38 @@ def parse_args(types: tuple[type, ...], argv: list[str] | None = None) -> tuple[
     parser = HfArgumentParser(types)
     argv = sys.argv[1:] if argv is None else list(argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    for args in parsed:
+        if isinstance(args, TrainingArguments):
+            hide_hub_token(args)
+    return parsed
+
+
+def hide_hub_token(training_args: TrainingArguments) -> None:
+    """Move ``--hub_token`` out of the arguments into the ``HF_TOKEN`` environment variable.
+
+    The Trainer pickles its arguments into every ``training_args.bin`` (output folder, checkpoints, what its
+    ``push_to_hub`` uploads); without a token there, ``huggingface_hub`` finds it in the environment, and
+    :func:`card_and_push` passes it explicitly to the final upload.
+    """
+    token = training_args.hub_token
+    training_args.hub_token = None
+    if token:
+        os.environ["HF_TOKEN"] = token
+
+
+def hub_token() -> str | None:
+    """The token :func:`hide_hub_token` handed over (or the user's ``HF_TOKEN``); None: ``hf auth login``'s."""
+    return os.environ.get("HF_TOKEN") or None
+
+
+def command_line(argv: list[str] | None, script: str) -> str:
+    """The command that ran the recipe, secrets redacted (``--hub_token``, ``HF_TOKEN=``, ``hf_...`` tokens), for
+    ``results.json`` and the model card. ``argv``: the arguments ``main`` got (None: ``sys.argv``)."""
+    words = list(sys.argv) if argv is None else [os.path.join("recipes", os.path.basename(script)), *argv]
+    return "python " + " ".join(redact_argv(words))
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -213,7 +244,7 @@ def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_mo
         "base_model": base_model if base_model and not os.path.isdir(base_model) else None,
         "task": task,
         "datasets": datasets,
-        "recipe": "python " + " ".join(sys.argv),
+        "recipe": results.get("command") or command_line(None, ""),
         "clean_metric": {f"eval_{k}": v for k, v in first["clean"].items() if isinstance(v, float)},
         "robustness": rows,
         "metric": metric if rows else None,
@@ -230,6 +261,7 @@ def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, A
         hub.write_model_card(args.output_dir, model, training_args=args, **card)
     if args.push_to_hub and trainer.is_world_process_zero():
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
+        token = hub_token()  # never args.hub_token: it would be pickled into training_args.bin
         if analog:
             hub.push_to_hub(
                 model,
@@ -238,10 +270,22 @@ def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, A
                 save_directory=args.output_dir,
                 card_kwargs={"training_args": args, **card},
                 private=args.hub_private_repo,
-                token=args.hub_token,
+                token=token,
             )
         else:
-            trainer.push_to_hub()
+            # Trainer uploads the output folder but checkpoints and `_*` (its ignore_patterns): check it first.
+            from huggingface_hub.utils import filter_repo_objects
+
+            names = [
+                os.path.relpath(os.path.join(root, name), args.output_dir)
+                for root, _, files in os.walk(args.output_dir)
+                for name in files
+            ]
+            names = list(filter_repo_objects(names, ignore_patterns=["_*", "checkpoint-*"]))
+            leaking = hub.files_holding_token(args.output_dir, names, token)
+            if leaking:
+                raise ValueError(f"--push_to_hub: {leaking} in {args.output_dir} hold the Hub token; not uploading")
+            trainer.push_to_hub(token=token)
 
 
 def write_results(trainer: transformers.Trainer, results: dict[str, Any], start_time: float) -> None:
@@ -264,9 +308,11 @@ def write_results(trainer: transformers.Trainer, results: dict[str, Any], start_
 
 
 def _finite(obj: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
+    """JSON has no NaN/inf: write them as null. Strings are written with secrets redacted."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, str):
+        return redact_secrets(obj)
     if isinstance(obj, dict):
         return {k: _finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

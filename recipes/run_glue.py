@@ -30,6 +30,7 @@ from _common import (
     callbacks,
     card_and_push,
     card_kwargs,
+    command_line,
     measure_chips,
     parse_args,
     resume_arg,
@@ -380,6 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results: dict = {
         "recipe": "run_glue",
+        "command": command_line(argv, __file__),
         "task": data_args.task_name,
         "model": model_args.model_name_or_path,
         "metric": metric_key,

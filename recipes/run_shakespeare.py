@@ -32,6 +32,7 @@ from _common import (
     callbacks,
     card_and_push,
     card_kwargs,
+    command_line,
     measure_chips,
     parse_args,
     resume_arg,
@@ -238,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     results: dict = {
         "recipe": "run_shakespeare",
+        "command": command_line(argv, __file__),
         "model": model_args.model_name_or_path
         or f"{model_args.model_type} from scratch ({model_args.config_overrides})",
         "tokenizer": "character" if char_level else (model_args.tokenizer_name or model_args.model_name_or_path),

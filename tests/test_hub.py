@@ -199,3 +199,75 @@ def test_load_noise_config_from_a_hub_repo(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     assert hf_cim.load_noise_config("me/bert-analog") == _config()
     assert asked == [("me/bert-analog", "hf_cim_config.json"), ("me/bert-analog", "config.json")]
+
+
+# -- secrets never reach a written or uploaded file ------------------------------------------------------------------
+FAKE_TOKEN = "hf_" + "aB3dE5gH7j" * 3 + "kLm9"  # the shape of a Hub access token (hf_ + 34 letters/digits), fake
+
+
+@pytest.mark.parametrize(
+    "text, secret",
+    [
+        (f"python run.py --hub_token {FAKE_TOKEN} --seed 0", FAKE_TOKEN),
+        (f"python run.py --hub_token={FAKE_TOKEN} --seed 0", FAKE_TOKEN),
+        ("python run.py --hub_token my-own-secret --seed 0", "my-own-secret"),  # any value after a token flag
+        ("python run.py --hub_token=my-own-secret", "my-own-secret"),
+        ("HF_TOKEN=my-own-secret python run.py", "my-own-secret"),  # environment-variable style
+        ("HUGGING_FACE_HUB_TOKEN=my-own-secret python run.py", "my-own-secret"),
+        (f"see {FAKE_TOKEN}.", FAKE_TOKEN),  # a bare Hub token anywhere
+    ],
+)
+def test_redact_secrets(text, secret):
+    from hf_cim.hub import redact_secrets
+
+    out = redact_secrets(text)
+    assert secret not in out and "<redacted>" in out
+    assert "python run.py" in out or text.startswith("see")
+
+
+def test_redact_keeps_what_is_not_secret():
+    from hf_cim.hub import redact_argv, redact_secrets
+
+    text = "python run.py --tokenizer_name bert --max_tokens 5 --pad_token_id 0 --seed 1 --hub_model_id me/x"
+    assert redact_secrets(text) == text
+    argv = ["--tokenizer_name", "bert", "--hub_token", "s3cret", "--token=abc", "--use_auth_token", "--seed", "1"]
+    assert redact_argv(argv) == [
+        "--tokenizer_name", "bert", "--hub_token", "<redacted>", "--token=<redacted>", "--use_auth_token",
+        "--seed", "1",
+    ]  # fmt: skip
+    assert redact_argv(["--output_dir", f"out/{FAKE_TOKEN}"]) == ["--output_dir", "out/<redacted>"]
+
+
+def test_model_card_redacts_the_recipe_and_training_args(tmp_path):
+    model = hf_cim.patch_model(tiny_bert(), _config())
+    text = hf_cim.write_model_card(
+        tmp_path,
+        model,
+        recipe=f"python recipes/run_glue.py --hub_token my-own-secret --push_to_hub --x {FAKE_TOKEN}",
+        training_args={"learning_rate": 2e-5, "hub_token": "other-secret"},
+    )
+    on_disk = (tmp_path / "README.md").read_text()
+    for secret in ("my-own-secret", "other-secret", FAKE_TOKEN):
+        assert secret not in text and secret not in on_disk
+    assert "--hub_token <redacted> --push_to_hub" in on_disk
+    assert "| `hub_token` | <redacted> |" in on_disk and "| `learning_rate` | 2e-05 |" in on_disk
+
+
+def test_push_to_hub_refuses_to_upload_a_file_holding_the_token(tmp_path, fake_hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    model = hf_cim.patch_model(tiny_bert(), _config())
+    (tmp_path / "notes.txt").write_text("not ours: not uploaded, not checked")
+    with pytest.raises(ValueError, match="README.md.*holds? the Hub token"):
+        # a token that looks like nothing the redaction knows, in a place it does not redact
+        hf_cim.push_to_hub(
+            model, "me/x", save_directory=tmp_path, card_kwargs={"datasets": ["plain-secret-value"]},
+            token="plain-secret-value",
+        )  # fmt: skip
+    assert "upload_folder" not in fake_hub
+
+    # the same from the environment (HF_TOKEN: how the recipes hand the token over)
+    monkeypatch.setenv("HF_TOKEN", "plain-secret-value")
+    with pytest.raises(ValueError, match="README.md"):
+        hf_cim.push_to_hub(model, "me/x", save_directory=tmp_path, card_kwargs={"datasets": ["plain-secret-value"]})
+    hf_cim.push_to_hub(model, "me/x", save_directory=tmp_path, token="plain-secret-value")  # a clean folder uploads
+    assert "README.md" in fake_hub["upload_folder"]["files"]

@@ -87,7 +87,7 @@ def glue_args(model, task, train, dev, out, *extra):
     ]  # fmt: skip
 
 
-def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path):
+def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import hf_cim
@@ -96,7 +96,15 @@ def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path):
     train = write_glue_tsv(tmp_path / "train.tsv", "mrpc", 64)
     dev = write_glue_tsv(tmp_path / "dev.tsv", "mrpc", 24, seed=1)
     out = tmp_path / "out"
-    run_glue.main(glue_args(bert_dir, "mrpc", train, dev, out, "--max_steps", "4", "--gradient", "ste"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # the recipe hands --hub_token over through HF_TOKEN
+    secret = "my-plain-secret-0123"  # not shaped like a Hub token: found by its flag alone
+    run_glue.main(
+        glue_args(bert_dir, "mrpc", train, dev, out, "--max_steps", "4", "--gradient", "ste", "--hub_token", secret)
+    )
+    # the token is in no file written (model card, results.json, the pickled training_args.bin...)
+    assert (out / "training_args.bin").is_file()
+    assert [str(p) for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []
+    assert "--hub_token <redacted>" in (out / "README.md").read_text() and os.environ["HF_TOKEN"] == secret
 
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "mrpc" and res["metric"] == "f1" and res["world_size"] == 1

@@ -107,3 +107,74 @@ def test_input_errors(tmp_path):
     with pytest.raises(ValueError, match="`--eval_levels` must be comma-separated numbers"):
         run_shakespeare.main(clm_args(path, tmp_path / "o") + ["--eval_levels", "1,high"])
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+FAKE_TOKEN = "hf_" + "aB3dE5gH7j" * 3 + "kLm9"  # the shape of a Hub access token, fake
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Every upload the run makes (Trainer's and hf_cim's), with the bytes of the files it would send; no network."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploads = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, **kwargs):
+        names = [
+            os.path.relpath(os.path.join(root, n), folder_path) for root, _, ns in os.walk(folder_path) for n in ns
+        ]
+        files = {}
+        for rel in filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            with open(os.path.join(folder_path, rel), "rb") as f:
+                files[rel] = f.read()
+        token = kwargs.get("token") or self.token or os.environ.get("HF_TOKEN")
+        uploads.append({"repo_id": repo_id, "files": files, "token": token})
+        if kwargs.get("run_as_future"):
+            done = Future()
+            done.set_result(None)
+            return done
+        return SimpleNamespace(commit_url="https://hub/commit")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # restored after the test: the recipe moves the token there
+    return uploads
+
+
+@pytest.mark.parametrize(
+    "gradient, token_args",
+    [("ste", ["--hub_token", FAKE_TOKEN]), ("none", [f"--hub_token={FAKE_TOKEN}"])],
+    ids=["analog-hf_cim-push", "digital-trainer-push"],
+)
+def test_hub_token_reaches_no_file_written_or_uploaded(tmp_path, fake_hub, gradient, token_args):
+    path, _ = write_text(tmp_path / "input.txt", n_chars=4000)
+    out = tmp_path / "out"
+    run_shakespeare.main(
+        clm_args(path, out, "--max_steps", "2", "--gradient", gradient, "--save_strategy", "steps")
+        + ["--save_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/shk", *token_args]
+    )
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert (out / "training_args.bin").is_file() and (out / "checkpoint-2" / "training_args.bin").is_file()
+    holding = [str(p.relative_to(out)) for p in files if FAKE_TOKEN.encode() in p.read_bytes()]
+    assert holding == []  # README.md, results.json, training_args.bin (pickled), checkpoints...
+
+    # the command is recorded, token redacted, in results.json and (analog model) in the card
+    command = json.loads((out / "results.json").read_text())["command"]
+    assert command.startswith("python ") and "run_shakespeare.py" in command and "--max_steps 2" in command
+    assert ("--hub_token <redacted>" if len(token_args) == 2 else "--hub_token=<redacted>") in command
+    if gradient != "none":
+        assert command in (out / "README.md").read_text()
+
+    # the pushes happened with the token (handed over through HF_TOKEN or token=), and sent no file holding it
+    assert fake_hub and all(up["token"] == FAKE_TOKEN for up in fake_hub)
+    assert any("training_args.bin" in up["files"] for up in fake_hub)  # Trainer's push sends it: it must be clean
+    assert not [
+        (up["repo_id"], f) for up in fake_hub for f, data in up["files"].items() if FAKE_TOKEN.encode() in data
+    ]
