@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import re
@@ -530,6 +531,13 @@ def load_noise_state(
     """Restore what :func:`save_noise_state` wrote; returns False (and warns) when the folder has no state file.
 
     A saved config that differs from the model's is reported field by field (warning): the model keeps its own.
+
+    Raises:
+        ValueError: the file is not valid, naming it, the layer and the field: each layer's ``level`` must be a
+            finite number in [0, 100], ``t_inference`` a finite number >= 0, ``seed`` an int >= 0, the generator
+            state a 1-D uint8 tensor of the size of a generator on the layer's device, every layer named an analog
+            layer of ``model``, and the ``config`` a valid :class:`AnalogNoiseConfig`. Nothing of the model changes
+            then.
     """
     path = _state_file(os.fspath(directory), process_index, world_size)
     if not os.path.isfile(path):
@@ -537,10 +545,7 @@ def load_noise_state(
             "hf_cim: no %s in %s; the noise streams restart from the seed", os.path.basename(path), directory
         )
         return False
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata() or {}
-        states = {k: f.get_tensor(k) for k in f.keys()}
-    saved = AnalogNoiseConfig.from_json_string(meta["config"])
+    layers, states, saved = _read_noise_state(path, model)
     current = _config_of(model)
     if saved != current:
         a, b = saved.to_dict(), current.to_dict()
@@ -548,7 +553,6 @@ def load_noise_state(
         logger.warning(
             "hf_cim: the checkpoint's noise config differs from the model's in %s; keeping the model's", diff
         )
-    layers = json.loads(meta["layers"])
     seen = set()
     for _, layer in analog_layers(model):
         name = layer.hf_cim_name
@@ -558,13 +562,80 @@ def load_noise_state(
         info = layers[name]
         layer.hf_cim_level = float(info["level"])
         layer.hf_cim_t_inference = float(info["t_inference"])
-        layer.reseed(int(info["seed"]))
+        layer.reseed(info["seed"])
         if name in states:
             layer.noise_generator(layer.weight.device).set_state(states[name])
     missing = sorted({n for _, lay in analog_layers(model) for n in [lay.hf_cim_name]} - seen)
     if missing:
         logger.warning("hf_cim: no saved noise state for layer(s) %s; they restart from the seed", missing[:8])
     return True
+
+
+def _read_noise_state(
+    path: str, model: nn.Module
+) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor], AnalogNoiseConfig]:
+    """The layers' fields, generator states and config of the state file at ``path``, validated against ``model``
+    (ValueError naming the file, layer and field); reads everything before anything is applied."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            states = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(f"{path}: not a readable safetensors file of noise state ({err})") from err
+    for key in ("config", "layers"):
+        if key not in meta:
+            raise ValueError(f"{path}: no `{key}` metadata (not written by hf_cim.hub.save_noise_state)")
+    try:
+        saved = AnalogNoiseConfig.from_json_string(meta["config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: the `config` metadata is not a valid noise config: {err}") from err
+    try:
+        layers = json.loads(meta["layers"])
+    except ValueError as err:
+        raise ValueError(f"{path}: the `layers` metadata is not valid JSON ({err})") from err
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise ValueError(
+            f"{path}: the `layers` metadata must map layer names to {{level, t_inference, seed}}, got {layers!r:.200}"
+        )
+
+    devices = {lay.hf_cim_name: lay.weight.device for _, lay in analog_layers(model)}
+    unknown = sorted((set(layers) | set(states)) - set(devices))
+    if unknown:
+        raise ValueError(
+            f"{path}: layer(s) {unknown[:8]} are not analog layers of the model (it has {sorted(devices)[:8]}"
+            f"{' ...' if len(devices) > 8 else ''})"
+        )
+    orphans = sorted(set(states) - set(layers))
+    if orphans:
+        raise ValueError(f"{path}: generator state(s) of {orphans[:8]} without an entry in the `layers` metadata")
+    sizes: dict[torch.device, int] = {}
+    for name, info in layers.items():
+        where = f"{path}: layer {name!r}"
+        for key in ("level", "t_inference", "seed"):
+            if key not in info:
+                raise ValueError(f"{where} lacks `{key}`")
+        level, t, seed = info["level"], info["t_inference"], info["seed"]
+        if not _finite_number(level) or not 0.0 <= level <= 100.0:
+            raise ValueError(f"{where}: `level` must be a finite number in [0, 100], got {level!r}")
+        if not _finite_number(t) or t < 0.0:
+            raise ValueError(f"{where}: `t_inference` must be a finite number >= 0, got {t!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{where}: `seed` must be an int >= 0, got {seed!r}")
+        if name in states:
+            device = devices[name]
+            if device not in sizes:
+                sizes[device] = torch.Generator(device=device).get_state().numel()
+            state = states[name]
+            if state.dtype != torch.uint8 or state.dim() != 1 or state.numel() != sizes[device]:
+                raise ValueError(
+                    f"{where}: the generator state (for {device.type}) must be a 1-D uint8 tensor of "
+                    f"{sizes[device]} bytes, got {state.dtype} of shape {list(state.shape)}"
+                )
+    return layers, states, saved
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class NoiseStateCallback(TrainerCallback):

@@ -113,3 +113,95 @@ def test_state_round_trip_and_config_mismatch_warning(tmp_path, caplog):
     with torch.no_grad():
         assert torch.equal(other(x).logits, y)  # the restored streams continue where the saved ones were
     assert not load_noise_state(other, tmp_path / "missing")
+
+
+# -- a state file is validated like a config: nothing of the model changes when it is bad ----------------------------
+def _state_file(tmp_path):
+    model = _model(_config())
+    with torch.no_grad():
+        model(torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0)))  # create the generators
+    return save_noise_state(model, tmp_path)
+
+
+def _rewrite(path, layer=None, field=None, value=None, tensor=None, meta=None):
+    """Rewrite the state file with one layer's ``field`` set to ``value``, its generator state set to ``tensor``,
+    or metadata entries replaced by ``meta`` (None: deleted)."""
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layers = json.loads(metadata["layers"])
+    if field is not None:
+        if value is _DELETE:
+            del layers[layer][field]
+        else:
+            layers[layer][field] = value
+    if layer is not None and field is None and value is not None:  # rename the layer (tensor included)
+        layers[value] = layers.pop(layer)
+        tensors[value] = tensors.pop(layer)
+    if tensor is not None:
+        tensors[layer] = tensor
+    metadata["layers"] = json.dumps(layers)
+    for key, text in (meta or {}).items():
+        if text is None:
+            metadata.pop(key)
+        else:
+            metadata[key] = text
+    save_file(tensors, path, metadata=metadata)
+
+
+_DELETE = object()
+LAYER = "transformer.h.0.attn.c_attn"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(field="level", value=float("nan")), r"'transformer.h.0.attn.c_attn'.*`level` must be a finite number in \[0, 100\], got nan"),
+        (dict(field="level", value=-0.5), r"`level` must be a finite number in \[0, 100\], got -0.5"),
+        (dict(field="level", value=101), r"`level` must be a finite number in \[0, 100\], got 101"),
+        (dict(field="level", value="1"), r"`level` must be a finite number in \[0, 100\], got '1'"),
+        (dict(field="t_inference", value=float("inf")), r"`t_inference` must be a finite number >= 0, got inf"),
+        (dict(field="t_inference", value=-1.0), r"`t_inference` must be a finite number >= 0, got -1.0"),
+        (dict(field="seed", value=-1), r"`seed` must be an int >= 0, got -1"),
+        (dict(field="seed", value=1.5), r"`seed` must be an int >= 0, got 1.5"),
+        (dict(field="seed", value=True), r"`seed` must be an int >= 0, got True"),
+        (dict(field="seed", value=_DELETE), r"'transformer.h.0.attn.c_attn' lacks `seed`"),
+        (dict(field="level", value=None), r"`level` must be a finite number in \[0, 100\], got None"),
+        (dict(value="transformer.h.9.attn.c_attn"), r"layer\(s\) \['transformer.h.9.attn.c_attn'\] .*not analog layers of the model"),
+        (dict(tensor=torch.zeros(100, dtype=torch.uint8)), r"generator state .* must be a 1-D uint8 tensor of 5056 bytes, got .*\[100\]"),
+        (dict(tensor=torch.zeros(5056)), r"generator state .* must be a 1-D uint8 tensor of 5056 bytes, got torch.float32"),
+        (dict(meta={"layers": "{not json"}), r"`layers` metadata is not valid JSON"),
+        (dict(meta={"layers": "[1, 2]"}), r"`layers` metadata must map layer names to"),
+        (dict(meta={"layers": None}), r"no `layers` metadata"),
+        (dict(meta={"config": None}), r"no `config` metadata"),
+        (dict(meta={"config": '{"level": -3}'}), r"`config`.*level"),
+    ],
+)  # fmt: skip
+def test_bad_noise_state_is_refused_before_the_model_changes(tmp_path, change, match):
+    path = _state_file(tmp_path)
+    layer = None if "meta" in change else LAYER
+    _rewrite(path, layer=layer, **change)
+    model = _model(_config())
+    with pytest.raises(ValueError, match=NOISE_STATE_NAME) as err:
+        load_noise_state(model, tmp_path)
+    assert err.match(match)
+    # nothing was applied: levels, seeds and generators as patched
+    assert all(
+        lay.hf_cim_level == 1.0 and lay._hf_cim_seed == 3 and lay._hf_cim_generator is None
+        for _, lay in hf_cim.analog_layers(model)
+    )
+
+
+def test_unreadable_noise_state_file(tmp_path):
+    (tmp_path / NOISE_STATE_NAME).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match=f"{NOISE_STATE_NAME}.*not a readable safetensors file"):
+        load_noise_state(_model(_config()), tmp_path)
+
+
+def test_noise_state_callback_stops_a_resume_from_a_bad_state(full_run, tmp_path):
+    shutil.copytree(full_run[0] / "checkpoint-2", tmp_path / "checkpoint-2")
+    _rewrite(str(tmp_path / "checkpoint-2" / NOISE_STATE_NAME), layer=LAYER, field="level", value=float("nan"))
+    with pytest.raises(ValueError, match=r"checkpoint-2.*`level` must be a finite number in \[0, 100\]"):
+        _train(tmp_path, max_steps=4, resume=True)
