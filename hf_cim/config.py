@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
+import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .noise.base import NoiseModel, check_range, get_noise_model_class, noise_model_from_dict
+from .noise.base import (
+    NoiseModel,
+    check_range,
+    get_noise_model_class,
+    integral_floats_to_ints,
+    noise_model_from_dict,
+)
 from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
 __all__ = [
@@ -29,6 +38,8 @@ CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
 BACKWARD_WEIGHTS = ("clean", "programmed")
 INPUT_QUANT_MODES = ("per_token", "per_tensor")
+#: Upper bound of ``out_bound``: beyond it the ADC never clips, and ``1e308`` would overflow float32 to inf/NaN.
+MAX_OUT_BOUND = 1e6
 #: The transformers ``quant_method`` under which the config travels in ``config.json`` (see ``hf_cim/quantizer.py``).
 QUANT_METHOD = "hf_cim"
 
@@ -48,26 +59,167 @@ def _check_bits(name: str, value: Any, low: int, high: int) -> None:
         )
 
 
-def _check_patterns(name: str, value: Any) -> Any:
+def _check_patterns(name: str, value: Any, allow_empty: bool = False) -> Any:
     if value is None:
         return None
     if isinstance(value, str):
         if not value:
             raise ValueError(f"AnalogNoiseConfig: `{name}` must not be an empty string")
+        if value != "all-linear":
+            _check_regex(name, value)
         return value
     if isinstance(value, (list, tuple, set)):
         items = list(value)
-        if not items or not all(isinstance(v, str) and v for v in items):
-            raise ValueError(
-                f"AnalogNoiseConfig: `{name}` must be a non-empty list of non-empty strings, got {value!r}"
-            )
+        if (not items and not allow_empty) or not all(isinstance(v, str) and v for v in items):
+            what = "a list of non-empty strings" if allow_empty else "a non-empty list of non-empty strings"
+            raise ValueError(f"AnalogNoiseConfig: `{name}` must be {what}, got {value!r}")
         return sorted(items) if isinstance(value, set) else items
     raise TypeError(f"AnalogNoiseConfig: `{name}` must be None, a regex string or a list of names, got {value!r}")
 
 
+# -- module-name regexes: valid, and matched in bounded time ---------------------------------------------------------
+# Python's ``re`` backtracks: a hostile pattern in a downloaded config.json (``(.|.)*Z``) takes exponential time on
+# a module name, and ``re`` has no timeout. So a pattern is checked when the config is built: it must compile, be at
+# most ``_MAX_REGEX_CHARS`` long, repeat no group that can itself match in several ways (a nested quantifier, an
+# ambiguous alternation: the exponential cases), use no backreference, and hold at most ``_MAX_REGEX_CHOICES``
+# variable-length parts (each multiplies the worst-case work by up to the name's length: ``.*`` three times costs
+# ~0.1 ms on a 100-character name). Module-name patterns need none of that.
+_MAX_REGEX_CHARS = 256
+_MAX_REGEX_CHOICES = 3
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+def _sre_parse(pattern: str):
+    try:
+        from re import _parser  # Python >= 3.11
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse as _parser
+    return _parser.parse(pattern)
+
+
+def _deterministic_branch(alternatives: list) -> bool:
+    """Whether at most one alternative can match at a position: each starts with a different literal character."""
+    firsts = []
+    for alt in alternatives:
+        if not alt or str(alt[0][0]) != "LITERAL":
+            return False
+        firsts.append(chr(alt[0][1]).casefold())
+    return len(set(firsts)) == len(firsts)
+
+
+def _regex_risk(items, in_loop: bool, choices: list[int]) -> str | None:
+    """Why matching the parsed pattern ``items`` could backtrack badly, or None; counts variable parts in ``choices``."""
+    for op, arg in items:
+        kind = str(op)
+        if kind in _REPEATS:
+            low, high, body = arg
+            if low != high:
+                if in_loop:
+                    return "repeats a group that holds a quantifier (a nested quantifier)"
+                choices[0] += 1
+            problem = _regex_risk(body, in_loop or high > 1, choices)
+        elif kind == "BRANCH":
+            alternatives = arg[1]
+            if not _deterministic_branch(alternatives):
+                if in_loop:
+                    return "repeats an alternation whose branches can match the same text"
+                choices[0] += 1
+            problem = next((p for alt in alternatives if (p := _regex_risk(alt, in_loop, choices))), None)
+        elif kind == "SUBPATTERN":
+            problem = _regex_risk(arg[-1], in_loop, choices)
+        elif kind in ("ASSERT", "ASSERT_NOT"):
+            problem = _regex_risk(arg[1], in_loop, choices)
+        elif kind == "ATOMIC_GROUP":
+            problem = _regex_risk(arg, in_loop, choices)
+        elif kind in ("GROUPREF", "GROUPREF_EXISTS", "GROUPREF_IGNORE", "GROUPREF_LOC_IGNORE", "GROUPREF_UNI_IGNORE"):
+            problem = "uses a backreference"
+        else:
+            problem = None
+        if problem:
+            return problem
+    return None
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    if len(pattern) > _MAX_REGEX_CHARS:
+        raise ValueError(
+            f"AnalogNoiseConfig: `{name}` regex is {len(pattern)} characters long; at most {_MAX_REGEX_CHARS} are "
+            "allowed (use a list of module names)"
+        )
+    try:
+        re.compile(pattern)
+        parsed = _sre_parse(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ValueError(f"AnalogNoiseConfig: `{name}` is not a valid regex ({err}): {pattern!r}") from None
+    choices = [0]
+    problem = _regex_risk(list(parsed), False, choices)
+    if problem is None and choices[0] > _MAX_REGEX_CHOICES:
+        problem = (
+            f"has {choices[0]} variable-length parts (quantifiers, alternations); more than {_MAX_REGEX_CHOICES} "
+            "can make matching slow"
+        )
+    if problem:
+        raise ValueError(
+            f"AnalogNoiseConfig: `{name}` regex {pattern!r} {problem}; such patterns can take exponential time to "
+            r"match. Module-name patterns need none of that: e.g. r'.*\.h\.[0-3]\..*', r'.*\.(q_proj|v_proj)', or "
+            "a list of names"
+        )
+
+
+# -- validation on assignment ----------------------------------------------------------------------------------------
+_local = threading.local()
+
+
+def _under_construction() -> set[int | None]:
+    ids = getattr(_local, "ids", None)
+    if ids is None:
+        ids = _local.ids = set()
+    return ids
+
+
+def _validated_on_assignment(cls):
+    """Class decorator (over ``@dataclass``): assigning a field of a built config validates it as the constructor does.
+
+    ``cfg.weight_bits = 0`` raises the constructor's error naming the field and leaves ``cfg`` unchanged; an
+    accepted value is stored normalized (``cfg.noise = [{...}]`` stores noise models). The check builds a copy with
+    the new value (:func:`dataclasses.replace`, so ``__post_init__``), hence covers every field, present and future,
+    and cross-field rules. Assignments inside ``__init__`` / ``__post_init__`` are not checked again.
+    """
+    init = cls.__init__
+    field_names = frozenset(f.name for f in dataclasses.fields(cls))
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        building = _under_construction()
+        building.add(id(self))
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            building.discard(id(self))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        building = _under_construction()
+        # ``None in building``: a check is running (a subclass's own ``__init__`` is not wrapped: no recursion).
+        if name in field_names and name in self.__dict__ and id(self) not in building and None not in building:
+            building.add(None)
+            try:
+                value = getattr(dataclasses.replace(self, **{name: value}), name)
+            finally:
+                building.discard(None)
+        object.__setattr__(self, name, value)
+
+    cls.__init__ = __init__
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+@_validated_on_assignment
 @dataclass
 class AnalogNoiseConfig(QuantizationConfigMixin):
     """How a model's linear layers are simulated on an analog compute-in-memory chip.
+
+    Every field is validated when the config is built and again when it is assigned (``cfg.weight_bits = 0`` and
+    ``cfg.update(weight_bits=0)`` raise and change nothing); :func:`hf_cim.patch_model` checks the noise models too.
 
     The analog product of one layer is: DAC (quantize inputs) → quantize weights per output channel → noise models'
     ``program`` and ``read`` hooks → per-tile matrix-vector product → ``output`` hooks → ADC (clip + quantize each
@@ -85,8 +237,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             (dynamic abs-max of the whole input).
         weight_bits: weight resolution in bits, in [2, 16], per output channel (abs-max); ``None`` = float weights.
         output_bits: ADC resolution in bits, in [2, 24]; ``None`` turns the ADC off (no clipping, no rounding).
-        out_bound: ADC clipping range ``b_out`` in normalized units (> 0): each tile's partial sum is clipped to
-            [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset).
+        out_bound: ADC clipping range ``b_out`` in normalized units, in (0, 1e6]: each tile's partial sum is clipped
+            to [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset). A tile's sum
+            is at most its row count (<= 65536) without noise, so a larger bound never clips; the cap keeps the ADC
+            step and its inverse finite in float32.
         tile_size: crossbar rows, in [1, 65536]; layers with more inputs are split into tiles along the input
             dimension, each with its own ADC, summed digitally. ``None``: one tile of any size.
         input_slice_bits: input bit-slicing (SplitInput): the magnitude of the ``input_bits`` integer input is
@@ -103,8 +257,13 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             :func:`hf_cim.noise_disabled` for the digital baseline.
         target_modules: which modules to patch: ``None`` (every linear-like layer), ``"all-linear"`` (peft's
             meaning: every linear-like layer but the output embedding), a regex (full match on the module name)
-            or a list of names (exact name or ``.name`` suffix). A target that matches nothing is an error.
-        exclude_modules: modules left digital, with the same syntax (e.g. ``["lm_head", "classifier"]``).
+            or a list of names (exact name or ``.name`` suffix). A target that matches nothing is an error. A
+            regex must compile, have at most 256 characters and match in bounded time: no repeated group that can
+            match in several ways (``(a+)+``, ``(.|.)*``), no backreference, at most 3 variable-length parts
+            (a ``ValueError`` naming the field otherwise, when the config is built or loaded).
+        exclude_modules: modules left digital, with the same syntax (e.g. ``["lm_head", "classifier"]``); an
+            excluded module leaves its whole subtree digital (``"transformer.h.0"``: that block). An entry that
+            excludes no linear-like layer is an error; ``None`` or ``[]`` exclude nothing.
         seed: seed of the noise (int >= 0). Each layer's generator is seeded from (seed, layer name, process rank).
         mask_saturated: ``ste``/``ste_detach`` only: no gradient flows through a tile's partial sum that the ADC
             clipped (``|y| > b_out``), as quantization-aware training does for its clip range; the mask is the
@@ -150,7 +309,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"AnalogNoiseConfig: `input_quant` must be one of {INPUT_QUANT_MODES}, got {self.input_quant!r}"
             )
-        check_range("AnalogNoiseConfig", "out_bound", self.out_bound, 0.0, None, low_inclusive=False)
+        check_range("AnalogNoiseConfig", "out_bound", self.out_bound, 0.0, MAX_OUT_BOUND, low_inclusive=False)
         self.out_bound = float(self.out_bound)
         if self.tile_size is not None:
             if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int):
@@ -169,7 +328,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         if not isinstance(self.noise_in_eval, bool):
             raise TypeError(f"AnalogNoiseConfig: `noise_in_eval` must be a bool, got {self.noise_in_eval!r}")
         self.target_modules = _check_patterns("target_modules", self.target_modules)
-        self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules)
+        self.exclude_modules = _check_patterns("exclude_modules", self.exclude_modules, allow_empty=True)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"AnalogNoiseConfig: `seed` must be an int >= 0, got {self.seed!r}")
         self._check_backward_fields()
@@ -246,13 +405,29 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AnalogNoiseConfig:
-        """Build a config from :meth:`to_dict` output. Unknown keys are dropped with a warning naming them."""
-        data = dict(data)
+        """Build a config from :meth:`to_dict` output. Unknown keys are dropped with a warning naming them.
+
+        Integral floats (``512.0``, as some JSON tools write every number) are accepted for int fields.
+
+        Raises:
+            TypeError: if ``data`` is not a dict, or a field has the wrong type.
+            ValueError: if a field is out of range, or the config is from a newer hf_cim.
+        """
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"AnalogNoiseConfig.from_dict: `data` must be a dict (as written by to_dict), got "
+                f"{type(data).__name__} {data!r:.80}"
+            )
+        data = integral_floats_to_ints(cls, data)
         version = data.pop("hf_cim_config_version", CONFIG_VERSION)
         method = data.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
             raise ValueError(f"AnalogNoiseConfig: `quant_method` must be {QUANT_METHOD!r}, got {method!r}")
-        if not isinstance(version, int) or version > CONFIG_VERSION:
+        if type(version) is float and version.is_integer():
+            version = int(version)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"AnalogNoiseConfig: `hf_cim_config_version` must be an int >= 1, got {version!r}")
+        if version > CONFIG_VERSION:
             raise ValueError(
                 f"AnalogNoiseConfig: `hf_cim_config_version` {version!r} is newer than this hf_cim supports "
                 f"({CONFIG_VERSION}); upgrade hf_cim"
@@ -273,6 +448,38 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     def replace(self, **changes: Any) -> AnalogNoiseConfig:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the fields named in ``kwargs``, validated together (all or nothing); return the other ``kwargs``.
+
+        transformers' ``QuantizationConfigMixin.update`` (called by ``from_pretrained`` with its extra kwargs), made
+        safe: the changes are checked as one new config, so ``update(input_bits=None, input_slice_bits=None)``
+        works in any order and a refused value leaves the config unchanged.
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        changes = {k: v for k, v in kwargs.items() if k in names}
+        if changes:
+            checked = self.replace(**changes)
+            for k in changes:
+                object.__setattr__(self, k, getattr(checked, k))
+        return {k: v for k, v in kwargs.items() if k not in changes}
+
+    def validate(self) -> AnalogNoiseConfig:
+        """Check every field again, including each noise model's (mutated in place?); return ``self``.
+
+        Assigning a field already validates it; this also catches in-place changes the config cannot see, such as
+        ``cfg.noise[0].std = -1`` or ``cfg.noise.append(...)``. :func:`hf_cim.patch_model` calls it.
+        """
+        noise = list(self.noise) if isinstance(self.noise, (list, tuple)) else self.noise
+        if isinstance(noise, list):
+            for i, model in enumerate(noise):
+                if dataclasses.is_dataclass(model) and not isinstance(model, type):
+                    try:
+                        noise[i] = dataclasses.replace(model)  # runs the model's own checks on its current values
+                    except (ValueError, TypeError) as err:
+                        raise type(err)(f"AnalogNoiseConfig: `noise[{i}]`: {err}") from err
+        self.replace(noise=noise)
+        return self
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AnalogNoiseConfig):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +38,7 @@ __all__ = [
     "NoiseModel",
     "check_range",
     "get_noise_model_class",
+    "integral_floats_to_ints",
     "list_noise_models",
     "noise_model_from_dict",
     "register_noise_model",
@@ -119,6 +121,24 @@ def check_range(
         lb = "[" if low_inclusive and low is not None else "("
         hb = "]" if high_inclusive and high is not None else ")"
         raise ValueError(f"{owner}: `{field}` must be in {lb}{lo}, {hi}{hb}, got {value!r}")
+
+
+def _is_int_annotation(annotation: Any) -> bool:
+    if isinstance(annotation, str):  # ``from __future__ import annotations``: "int", "int | None"...
+        names = {p.strip() for p in annotation.replace("Optional[", "").replace("]", "").split("|")}
+    else:
+        names = {getattr(a, "__name__", str(a)) for a in (typing.get_args(annotation) or (annotation,))}
+    return "int" in names and names <= {"int", "None", "NoneType"}
+
+
+def integral_floats_to_ints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with integral floats (``512.0``) turned into ints for the int fields of the dataclass ``cls``.
+
+    JSON tools may rewrite every number as a float; the dataclasses refuse floats for int fields (a ``TypeError``
+    naming the field), so loaders convert the integral ones back. ``512.5`` is left for that error.
+    """
+    int_fields = {f.name for f in dataclasses.fields(cls) if _is_int_annotation(f.type)}
+    return {k: int(v) if k in int_fields and type(v) is float and v.is_integer() else v for k, v in data.items()}
 
 
 class NoiseModel:
@@ -205,6 +225,7 @@ def noise_model_from_dict(data: dict[str, Any]) -> NoiseModel:
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ValueError(f"noise model {data['name']!r}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    fields = integral_floats_to_ints(cls, fields)
     for k, v in fields.items():
         if isinstance(v, list):
             fields[k] = tuple(v)
