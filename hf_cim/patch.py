@@ -2,7 +2,9 @@
 
 Target selection follows peft's ``target_modules`` semantics: a string is a regex that must match a module's full
 name; a list holds exact names or ``.suffix`` matches; ``"all-linear"`` means every linear-like layer but the
-output embedding. Every target is checked before anything changes, so a failure never leaves a half-patched model.
+output embedding. ``exclude_modules`` uses the same syntax and leaves the whole subtree of an excluded module digital.
+Every target is checked before anything changes, so a failure never leaves a half-patched model. A model holds one
+config (the one ``save_pretrained`` writes): patching a model that already has patched layers is an error.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ _CONFIG_ATTR = "hf_cim_config"
 
 
 def _matches(name: str, pattern: str | list[str]) -> bool:
+    # A string is a regex, checked by AnalogNoiseConfig (valid, no catastrophic backtracking): bounded matching time.
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == key or name.endswith(f".{key}") for key in pattern)
@@ -38,6 +41,12 @@ def _matches(name: str, pattern: str | list[str]) -> bool:
 
 def _entry_matches(name: str, key: str) -> bool:
     return name == key or name.endswith(f".{key}")
+
+
+def _excluded(name: str, entry: str | list[str]) -> bool:
+    """Whether ``entry`` (a regex or a list of names) matches ``name`` or one of its ancestors (dotted prefixes)."""
+    parts = name.split(".")
+    return any(_matches(".".join(parts[:i]), entry) for i in range(1, len(parts) + 1))
 
 
 def _output_embedding(model: nn.Module) -> nn.Module | None:
@@ -95,22 +104,35 @@ def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.M
         selected = [(n, m) for n, m in candidates if _matches(n, target)]
 
     exclude = config.exclude_modules
-    if exclude is not None:
-        if isinstance(exclude, str):
-            if not any(_matches(n, exclude) for n, _ in named):
-                raise ValueError(f"patch_model: `exclude_modules` regex {exclude!r} matches no module")
-        else:
-            for key in exclude:
-                if not any(_entry_matches(n, key) for n, _ in named):
-                    raise ValueError(f"patch_model: `exclude_modules` entry {key!r} matches no module")
-        selected = [(n, m) for n, m in selected if not _matches(n, exclude)]
+    if exclude:  # None or [] exclude nothing
+        # An excluded module takes its whole subtree along ("transformer.h.0" leaves that block digital), and each
+        # entry must exclude some linear-like layer: one that excludes nothing is a mistake, as an unmatched target.
+        # One pattern per entry: the regex, or a one-name list (exact name or `.name` suffix).
+        entries = [exclude] if isinstance(exclude, str) else [[key] for key in exclude]
+        what = "regex" if isinstance(exclude, str) else "entry"
+        for entry in entries:
+            shown = entry if isinstance(entry, str) else entry[0]
+            if not any(_matches(n, entry) for n, _ in named):
+                raise ValueError(f"patch_model: `exclude_modules` {what} {shown!r} matches no module")
+            if not any(_excluded(n, entry) for n, _ in candidates):
+                hits = [(n, type(m).__name__) for n, m in named if _matches(n, entry)]
+                raise ValueError(
+                    f"patch_model: `exclude_modules` {what} {shown!r} excludes no linear-like layer: it matches only "
+                    f"{hits[:4]}, which neither are nor hold one; linear-like layers are e.g. "
+                    f"{[n for n, _ in candidates[:8]]}"
+                )
+        selected = [(n, m) for n, m in selected if not any(_excluded(n, entry) for entry in entries)]
 
     if not selected:
         raise ValueError("patch_model: `target_modules` minus `exclude_modules` leaves no layer to patch")
-    already = [n for n, m in selected if isinstance(m, AnalogLayerMixin)]
+    already = [n for n, m in named if isinstance(m, AnalogLayerMixin)]
     if already:
+        # One config per model: save_pretrained writes one config, so layers patched with another would reload
+        # with the wrong one (or digital).
         raise ValueError(
-            f"patch_model: module(s) {already[:4]} are already patched; call hf_cim.unpatch_model(model) first"
+            f"patch_model: the model is already patched ({len(already)} layer(s), e.g. {already[:4]}); hf_cim keeps "
+            "one config per model, which save_pretrained writes: call hf_cim.unpatch_model(model) first, then patch "
+            "once with `target_modules` / `exclude_modules` covering every layer to simulate"
         )
     for name, module in selected:
         _check_unsupported(name, module)
@@ -125,13 +147,15 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
 
     Raises:
         TypeError: if ``config`` is not an :class:`AnalogNoiseConfig`.
-        ValueError: if a target matches nothing, an exclude matches nothing, a selected module is already patched
-            or unsupported. Nothing is changed then.
+        ValueError: if the config (or one of its noise models, changed in place) is invalid, a target matches
+            nothing, an exclude excludes no linear-like layer, the model already has patched layers, or a selected
+            module is unsupported. Nothing is changed then.
     """
     if not isinstance(config, AnalogNoiseConfig):
         raise TypeError(f"patch_model: `config` must be an AnalogNoiseConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    config.validate()  # fields are checked on assignment; this also sees noise models changed in place
     selected = _select(model, config)
     for name, module in selected:
         module.__class__ = LAYER_MAP[type(module)]

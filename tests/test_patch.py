@@ -216,3 +216,84 @@ def test_training_a_tiny_gpt2_with_noise_lowers_the_loss(mode):
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0]
     assert all(isinstance(m, Conv1D) for m in [model.transformer.h[0].attn.c_attn])
+
+
+# -- issue 13: bad input and faults -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "exclude",
+    [["transformer.h.0"], ["h.0"], r"transformer\.h\.0", ["transformer.h.0.attn"]],
+    ids=["parent-name", "parent-suffix", "parent-regex", "attn-block"],
+)
+def test_excluding_a_parent_module_excludes_its_subtree(exclude):
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, AnalogNoiseConfig(exclude_modules=exclude))
+    names = {n for n, _ in hf_cim.analog_layers(model)}
+    prefix = (
+        "transformer.h.0.attn." if isinstance(exclude, list) and exclude[0].endswith("attn") else "transformer.h.0."
+    )
+    assert names and not any(n.startswith(prefix) for n in names)
+    assert "transformer.h.1.attn.c_attn" in names and "lm_head" in names
+    all_linear = {n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    assert names == {n for n in all_linear if not n.startswith(prefix)}
+
+
+@pytest.mark.parametrize(
+    "exclude, match",
+    [
+        (["ln_f"], "`exclude_modules` entry 'ln_f' excludes no linear-like layer"),
+        (["wte"], "`exclude_modules` entry 'wte' excludes no linear-like layer"),
+        (r".*\.ln_\d", "`exclude_modules` regex .* excludes no linear-like layer"),
+        (["no_such"], "`exclude_modules` entry 'no_such' matches no module"),
+    ],
+)
+def test_an_exclude_that_excludes_nothing_is_an_error(exclude, match):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=match):
+        hf_cim.patch_model(model, AnalogNoiseConfig(exclude_modules=exclude))
+    assert hf_cim.get_config(model) is None and not list(hf_cim.analog_layers(model))
+
+
+def test_empty_exclude_list_excludes_nothing():
+    a, b = tiny_gpt2(), tiny_gpt2()
+    hf_cim.patch_model(a, AnalogNoiseConfig(exclude_modules=[]))
+    hf_cim.patch_model(b, AnalogNoiseConfig())
+    assert [n for n, _ in hf_cim.analog_layers(a)] == [n for n, _ in hf_cim.analog_layers(b)]
+
+
+def test_patching_twice_on_disjoint_targets_is_an_error():
+    model = tiny_gpt2()
+    first = AnalogNoiseConfig(target_modules=["c_attn"])
+    hf_cim.patch_model(model, first)
+    before = {n: m for n, m in hf_cim.analog_layers(model)}
+    with pytest.raises(ValueError, match=r"already patched.*one config per model.*unpatch_model"):
+        hf_cim.patch_model(model, AnalogNoiseConfig(target_modules=["c_fc"], seed=3))
+    assert {n: m for n, m in hf_cim.analog_layers(model)} == before
+    assert hf_cim.get_config(model) is first and model.config.quantization_config is first
+    # A submodule patched on its own counts too: its layers would be saved without a config.
+    model = tiny_gpt2()
+    hf_cim.patch_model(model.transformer.h[0], AnalogNoiseConfig())
+    with pytest.raises(ValueError, match="already patched"):
+        hf_cim.patch_model(model, AnalogNoiseConfig(exclude_modules=["h.0"]))
+
+
+def test_a_config_mutated_after_patching_is_validated():
+    model = tiny_gpt2()
+    cfg = AnalogNoiseConfig()
+    hf_cim.patch_model(model, cfg)
+    with pytest.raises(ValueError, match="`weight_bits`"):
+        cfg.weight_bits = 0
+    with pytest.raises(ValueError, match="`weight_bits`"):
+        cfg.update(weight_bits=1)
+    ids = torch.randint(0, 97, (1, 8))
+    assert torch.isfinite(model(ids).logits).all()  # the layers still compute with the valid config
+
+
+def test_patch_model_checks_noise_models_mutated_in_place():
+    cfg = AnalogNoiseConfig(noise=[{"name": "gaussian_weight", "std": 0.02}])
+    cfg.noise[0].std = -1.0  # a noise model's own field: the config cannot see this assignment
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"`noise\[0\]`.*`std` must be in \[0.0, 10.0\]"):
+        hf_cim.patch_model(model, cfg)
+    assert not list(hf_cim.analog_layers(model))
