@@ -42,8 +42,8 @@ def quantize_input(
     with torch.no_grad():
         if mode == "per_token":
             absmax = x.abs().amax(dim=-1, keepdim=True)
-        else:
-            absmax = x.abs().amax().reshape(1, 1)
+        else:  # an empty batch has no abs-max (amax() raises): the tiny floor below
+            absmax = (x.abs().amax() if x.numel() else x.new_zeros(())).reshape(1, 1)
         absmax.clamp_(min=_TINY)
     qmax = 1.0 if bits is None else float(2 ** (bits - 1) - 1)
     scale = absmax / qmax

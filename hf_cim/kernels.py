@@ -87,10 +87,6 @@ def _native_lib(*tensors: torch.Tensor | None):
     return native.library()
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def _key_words(key: torch.Tensor | None) -> tuple[int, int, int]:
     """``(has_key, k0, k1)`` with the key words as unsigned 32-bit ints (the same bits as the int32 key)."""
     if key is None:
@@ -103,8 +99,8 @@ def dac_eager(x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool) 
     """DAC: ``x_int = clip(round(x · qmax / absmax), ±qmax)``; returns ``(x_int, absmax)``, absmax ``(T, 1)``."""
     if per_token:
         absmax = x.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
-    else:
-        absmax = x.abs().amax().clamp_min(_TINY).reshape(1, 1)
+    else:  # an empty batch has no abs-max (amax() raises): the tiny floor, as the C kernel gives
+        absmax = (x.abs().amax() if x.numel() else x.new_zeros(())).clamp_min(_TINY).reshape(1, 1)
     x_int = x * (qmax / absmax)
     if quantize:
         x_int = torch.clamp(torch.round(x_int), -qmax, qmax)
@@ -249,9 +245,7 @@ def dac(x: torch.Tensor, qmax: float, per_token: bool, quantize: bool) -> tuple[
         x = x.contiguous()
         out = torch.empty_like(x)
         absmax = torch.empty((x.shape[0] if per_token else 1, 1), dtype=torch.float32)
-        lib.hfc_dac(
-            x.data_ptr(), out.data_ptr(), absmax.data_ptr(), *x.shape, qmax, per_token, quantize, native.threads()
-        )
+        native.dac(x, out, absmax, qmax, per_token, quantize)
         return out, absmax
     return _call("dac", dac_eager, (x, qmax), {"per_token": per_token, "quantize": quantize})
 
@@ -277,10 +271,9 @@ def epilogue(
         x_absmax, row_scale = x_absmax.contiguous(), row_scale.contiguous()
         bias_row = None if bias_row is None else bias_row.contiguous()
         recombine = recombine.contiguous()
-        lib.hfc_epilogue(
-            y.data_ptr(), out.data_ptr(), recombine.data_ptr(), x_absmax.data_ptr(), row_scale.data_ptr(),
-            _ptr(bias_row), tiles, t, o, inv_step, levels, in_scale, noise_std, *_key_words(key), adc,
-            native.threads(),
+        native.epilogue(
+            y, out, recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, *_key_words(key),
+            adc,
         )  # fmt: skip
         return out
     rest = (recombine, x_absmax, row_scale, bias_row, inv_step, levels, in_scale, noise_std, key)
@@ -300,9 +293,7 @@ def weight_program(
         scale = torch.empty((w.shape[0], 1), dtype=torch.float32)
         has_key, k0, k1 = _key_words(key)
         q = -1.0 if qmax is None else qmax
-        lib.hfc_weight_program(
-            w.data_ptr(), out.data_ptr(), scale.data_ptr(), *w.shape, q, noise_std, has_key, k0, k1, native.threads()
-        )
+        native.weight_program(w, out, scale, q, noise_std, has_key, k0, k1)
         return out, scale
     # A Parameter would get static-shape guards (a recompilation per layer shape): pass a plain tensor.
     return _call("weight_program", weight_program_eager, (w.detach(), qmax, noise_std, key))
@@ -314,7 +305,7 @@ def randn(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         lib = _native_lib() if like.device.type == "cpu" else None
         if lib is not None:
             out = torch.empty(like.shape, dtype=torch.float32)
-            lib.hfc_randn(out.data_ptr(), out.numel(), 0.0, 0, *_key_words(key)[1:], native.threads())
+            native.randn(out, 0.0, False, *_key_words(key)[1:])
             return out
         return _call("randn", randn_eager, (like, key))
 
@@ -323,7 +314,7 @@ def add_randn_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
     """``t += std·ξ`` in place (contiguous float32 ``t``, no autograd), ``ξ`` = :func:`randn` ``(t, key)``."""
     lib = _native_lib(t)
     if lib is not None and t.is_contiguous():
-        lib.hfc_randn(t.data_ptr(), t.numel(), std, 1, *_key_words(key)[1:], native.threads())
+        native.randn(t, std, True, *_key_words(key)[1:])
         return t
     return _call("add_randn", add_randn_eager_, (t, std, key))
 
@@ -341,9 +332,7 @@ def add_scaled_randn_(
     ``(t, key)``; ``scale`` has ``t``'s shape. One pass on the CPU (no autograd) instead of five."""
     lib = _native_lib(t, scale)
     if lib is not None and _native_inplace_ok(t, scale):
-        lib.hfc_add_scaled_randn(
-            t.data_ptr(), scale.data_ptr(), t.numel(), std, sqrt_scale, *_key_words(key)[1:], native.threads()
-        )
+        native.add_scaled_randn(t, scale, std, sqrt_scale, *_key_words(key)[1:])
         return t
     spread = scale.clamp(min=_TINY).sqrt() if sqrt_scale else scale
     return t.add_(randn(t, key).to(t.dtype).mul_(spread), alpha=std)
@@ -353,7 +342,7 @@ def ir_drop_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Ten
     """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place (:class:`hf_cim.noise.IRDrop`), one pass on the CPU."""
     lib = _native_lib(y, a, y_pos)
     if lib is not None and _native_inplace_ok(y, a, y_pos):
-        lib.hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), native.threads())
+        native.ir_drop(y, a, y_pos)
         return y
     c = torch.mul(a, 0.05).sub_(0.2).mul_(a).add_(0.5).mul_(a)
     return y.sub_(c.mul_(y_pos))

@@ -209,10 +209,11 @@ static inline __attribute__((always_inline)) void adc_row(const float *yr, float
 }
 
 /* y (tiles, T, O) contiguous analog partial sums -> out (T, O); out may alias y when tiles == 1.
- * recombine (tiles), x_absmax (T), row_scale (O), bias (O) or NULL. */
-void hfc_epilogue(const float *y, float *out, const float *recombine, const float *x_absmax, const float *row_scale,
-                  const float *bias, i64 tiles, i64 T, i64 O, float inv_step, float levels, float in_scale,
-                  float std, int noise, uint32_t k0, uint32_t k1, int adc, int threads) {
+ * recombine (tiles), x_absmax (T) when xa_stride == 1 (per token) or (1) when xa_stride == 0 (per tensor),
+ * row_scale (O), bias (O) or NULL. */
+void hfc_epilogue(const float *y, float *out, const float *recombine, const float *x_absmax, i64 xa_stride,
+                  const float *row_scale, const float *bias, i64 tiles, i64 T, i64 O, float inv_step, float levels,
+                  float in_scale, float std, int noise, uint32_t k0, uint32_t k1, int adc, int threads) {
     const i64 rpc = rows_per_chunk(O * tiles);
     const i64 n_chunks = (T + rpc - 1) / rpc;
 #pragma omp parallel for schedule(static) num_threads(threads) if (n_chunks > 1)
@@ -220,7 +221,7 @@ void hfc_epilogue(const float *y, float *out, const float *recombine, const floa
         const i64 r_hi = (b + 1) * rpc < T ? (b + 1) * rpc : T;
         for (i64 r = b * rpc; r < r_hi; ++r) {
             float *o = out + r * O;
-            const float xa = x_absmax[r];
+            const float xa = x_absmax[r * xa_stride];
             for (i64 t = 0; t < tiles; ++t) {
                 const float *yr = y + (t * T + r) * O;
                 const uint32_t base = (uint32_t)((t * T + r) * O);

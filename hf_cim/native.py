@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -34,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+# Seconds a compiler call may take before it is killed (and the kernels fall back to torch code with a warning).
+_VERSION_TIMEOUT_S = 30.0
+_COMPILE_TIMEOUT_S = 300.0
 _state: dict[str, object] = {"lib": None, "tried": False}
 
 _i64, _f32, _i32, _u32 = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_uint32
@@ -42,7 +48,7 @@ _SIGNATURES = {
     "hfc_randn": [_ptr, _i64, _f32, _i32, _u32, _u32, _i32],
     "hfc_weight_program": [_ptr, _ptr, _ptr, _i64, _i64, _f32, _f32, _i32, _u32, _u32, _i32],
     "hfc_dac": [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32, _i32],
-    "hfc_epilogue": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+    "hfc_epilogue": [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64]
     + [_f32, _f32, _f32, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32],
@@ -54,10 +60,42 @@ def enabled() -> bool:
 
 
 def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
+    """The compiler command: ``$CC`` when set (used as given, and reported if unusable), else cc, gcc or clang."""
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return cc
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
             return name
     return None
+
+
+def _argv(cc: str) -> list[str]:
+    """``cc`` split like a shell word list (``CC="ccache gcc"``); an error naming it if it is not a program."""
+    try:
+        argv = shlex.split(cc)
+    except ValueError as err:
+        raise RuntimeError(f"CC={cc!r} cannot be parsed ({err})") from None
+    if not argv or shutil.which(argv[0]) is None:
+        raise RuntimeError(f"the C compiler CC={cc!r} is not an executable program (unset CC to use cc, gcc or clang)")
+    return argv
+
+
+def _run(argv: list[str], timeout: float) -> str:
+    """Run a compiler command; its stdout, or an error with its stderr. Killed, with its children, after ``timeout``
+    seconds (a compiler driver's children, e.g. cc1, would otherwise keep the output pipes open)."""
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise RuntimeError(f"`{' '.join(argv[:2])} ...` did not finish within {timeout:g} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv[:2])} ...` failed (exit {proc.returncode}): {err.strip()[-2000:]}")
+    return out
 
 
 def _cpu_flags() -> str:
@@ -76,26 +114,120 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(cc: str) -> Path:
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_flags().encode()]))
-    target = _cache_dir() / f"hf_cim_native_{key.hexdigest()[:20]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: concurrent processes (ranks of one job) never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+def _manifest(argv: list[str]) -> Path:
+    """The cache entry of this source, flags, compiler and CPU: a JSON record naming the library file and its size
+    and SHA-256 (the library itself is named by its content hash, so no two contents ever share a path)."""
+    version = _run([*argv, "--version"], _VERSION_TIMEOUT_S)
+    parts = [_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    return _cache_dir() / f"hf_cim_native_{key}.json"
+
+
+def _cached(manifest: Path) -> tuple[Path | None, str | None]:
+    """``(library, problem)``: the library ``manifest`` names and, when it cannot be trusted, why; problem is None
+    for an intact library (same size and SHA-256 as recorded) and ``(None, None)`` means no cache entry at all."""
+    try:
+        record = json.loads(manifest.read_text())
+        name, size, digest = record["library"], record["size"], record["sha256"]
+        if not (isinstance(name, str) and isinstance(size, int) and isinstance(digest, str)) or "/" in name:
+            raise ValueError("malformed record")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError and JSONDecodeError: ValueError
+        return None, f"{manifest.name} is unreadable ({err})"
+    path = manifest.parent / name
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return path, f"{name}: {err.strerror or err}"
+    if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
+        return path, f"{name} does not match its recorded size and checksum ({len(data)} bytes, {size} recorded)"
+    return path, None
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build(argv: list[str], manifest: Path) -> Path:
+    """Compile the library beside the cache entry, fsync it, rename it into place, then record it in ``manifest``
+    (also written atomically): a crash or a concurrent process (ranks of one job) never sees a half-written file
+    that the manifest vouches for."""
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=manifest.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        _run([*argv, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], _COMPILE_TIMEOUT_S)
+        with open(tmp, "rb") as f:
+            data = f.read()
+            os.fsync(f.fileno())
+        digest = hashlib.sha256(data).hexdigest()
+        target = manifest.with_name(f"{manifest.stem}_{digest[:16]}.so")
         os.replace(tmp, target)
+        _write_atomic(manifest, json.dumps({"library": target.name, "size": len(data), "sha256": digest}).encode())
+        _fsync_dir(manifest.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """Load the library and declare its functions; OSError or AttributeError if it is not a library of native.c."""
+    # The library needs libgomp.so.1; torch's copy, already loaded under that name, satisfies it, so the kernels
+    # share torch's OpenMP runtime and thread pool instead of starting a second one that competes for the cores.
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return lib
+
+
+def _load(cc: str) -> tuple[ctypes.CDLL, str | None]:
+    """The library, from the cache when its entry is intact, else freshly built; and what was wrong with the cache
+    entry, if anything (a truncated, corrupted or foreign file is never loaded, or is rebuilt when loading fails)."""
+    argv = _argv(cc)
+    manifest = _manifest(argv)
+    path, problem = _cached(manifest)
+    if path is not None and problem is None:
+        try:
+            return _open(path), None
+        except (OSError, AttributeError) as err:
+            problem = f"{path.name} is not a library of this source ({err})"
+    try:
+        fresh = _build(argv, manifest)
+        lib = _open(fresh)
+    except Exception as err:
+        raise RuntimeError(f"{problem}; rebuilding failed: {err}" if problem else str(err)) from err
+    if path is not None and path != fresh:
+        try:
+            path.unlink()  # the bad file; a process that has it mapped keeps its own copy
+        except OSError:
+            pass
+    return lib, problem
 
 
 def library() -> ctypes.CDLL | None:
@@ -109,19 +241,141 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("hf_cim: no C compiler found (set CC); the CPU kernels fall back to slower torch code")
         return None
-    # The library needs libgomp.so.1; torch's copy, already loaded under that name, satisfies it, so the kernels
-    # share torch's OpenMP runtime and thread pool instead of starting a second one that competes for the cores.
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib, problem = _load(cc)
     except Exception as err:  # noqa: BLE001 - any failure means: use the torch kernels
         logger.warning("hf_cim: building the native CPU kernels failed (%s); falling back to torch code", err)
         return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes = argtypes
-        fn.restype = None
+    if problem is not None:
+        logger.warning("hf_cim: the cached native CPU kernel library was unusable (%s); rebuilt it", problem)
     _state["lib"] = lib
     return lib
+
+
+# -- checked entry points -----------------------------------------------------------------------------------------
+#
+# The C functions index raw pointers with lengths they are given: a buffer of the wrong shape, stride or dtype is
+# an out-of-bounds read or write. Every call goes through one of these wrappers, which checks each buffer once per
+# call (shape, contiguity, dtype and device: attribute reads, no data access, no host sync), derives the lengths
+# from the shapes, and raises ValueError naming the buffer and what was expected.
+
+
+def _describe(t: object) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} on {t.device}, shape {tuple(t.shape)}, strides {t.stride()}"
+
+
+def _check(fn: str, name: str, t: object, *shapes: tuple[int, ...]) -> None:
+    """``t`` must be a contiguous float32 CPU tensor of one of ``shapes``."""
+    if (
+        isinstance(t, torch.Tensor)
+        and t.dtype == torch.float32
+        and t.device.type == "cpu"
+        and t.shape in shapes
+        and t.is_contiguous()
+    ):
+        return
+    expected = " or ".join(str(tuple(s)) for s in shapes)
+    raise ValueError(
+        f"hf_cim.native.{fn}: `{name}` must be a contiguous float32 CPU tensor of shape {expected}; got {_describe(t)}"
+    )
+
+
+def _check_2d(fn: str, name: str, t: object) -> tuple[int, int]:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        raise ValueError(f"hf_cim.native.{fn}: `{name}` must be a 2-D tensor; got {_describe(t)}")
+    _check(fn, name, t, tuple(t.shape))
+    return t.shape[0], t.shape[1]
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError("hf_cim.native: the native CPU kernels are not available (see the earlier warning)")
+    return lib
+
+
+def randn(out: torch.Tensor, std: float, add: bool, k0: int, k1: int) -> None:
+    """``out = ξ`` (``add`` False) or ``out += std·ξ``, ``ξ`` the standard normals of key ``(k0, k1)``."""
+    _check("randn", "out", out, tuple(out.shape) if isinstance(out, torch.Tensor) else ())
+    _lib().hfc_randn(out.data_ptr(), out.numel(), std, add, k0, k1, threads())
+
+
+def weight_program(
+    w: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, qmax: float, std: float, noise: bool, k0: int, k1: int
+) -> None:
+    """``w`` ``(rows, cols)`` → ``out`` ``(rows, cols)``, ``scale`` ``(rows, 1)``; ``qmax <= 0``: no quantization."""
+    rows, cols = _check_2d("weight_program", "w", w)
+    _check("weight_program", "out", out, (rows, cols))
+    _check("weight_program", "scale", scale, (rows, 1))
+    _lib().hfc_weight_program(
+        w.data_ptr(), out.data_ptr(), scale.data_ptr(), rows, cols, qmax, std, noise, k0, k1, threads()
+    )
+
+
+def dac(
+    x: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, qmax: float, per_token: bool, quantize: bool
+) -> None:
+    """``x`` ``(T, K)`` → ``out`` ``(T, K)``; ``absmax`` ``(T, 1)`` per token, ``(1, 1)`` per tensor."""
+    t, k = _check_2d("dac", "x", x)
+    _check("dac", "out", out, (t, k))
+    _check("dac", "absmax", absmax, (t, 1) if per_token else (1, 1))
+    _lib().hfc_dac(x.data_ptr(), out.data_ptr(), absmax.data_ptr(), t, k, qmax, per_token, quantize, threads())
+
+
+def epilogue(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    recombine: torch.Tensor,
+    x_absmax: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    inv_step: float,
+    levels: float,
+    in_scale: float,
+    std: float,
+    noise: bool,
+    k0: int,
+    k1: int,
+    adc: bool,
+) -> None:
+    """``y`` ``(tiles, T, O)`` → ``out`` ``(T, O)`` (may be ``y[0]``); ``recombine`` ``(tiles,)``; ``x_absmax``
+    ``(T, 1)`` (per token) or ``(1, 1)`` (per tensor, one scale for every row); ``row_scale`` and ``bias``
+    ``(1, O)`` or ``(O,)``, ``bias`` optional."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 3:
+        raise ValueError(f"hf_cim.native.epilogue: `y` must be a 3-D tensor (tiles, T, O); got {_describe(y)}")
+    tiles, t, o = y.shape
+    _check("epilogue", "y", y, (tiles, t, o))
+    _check("epilogue", "out", out, (t, o))
+    _check("epilogue", "recombine", recombine, (tiles,))
+    _check("epilogue", "x_absmax", x_absmax, (t, 1), (1, 1))
+    _check("epilogue", "row_scale", row_scale, (1, o), (o,))
+    if bias is not None:
+        _check("epilogue", "bias", bias, (1, o), (o,))
+    xa_stride = 1 if x_absmax.shape[0] == t else 0
+    _lib().hfc_epilogue(
+        y.data_ptr(), out.data_ptr(), recombine.data_ptr(), x_absmax.data_ptr(), xa_stride, row_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), tiles, t, o, inv_step, levels, in_scale, std, noise, k0, k1, adc,
+        threads(),
+    )  # fmt: skip
+
+
+def add_scaled_randn(y: torch.Tensor, scale: torch.Tensor, std: float, sqrt_scale: bool, k0: int, k1: int) -> None:
+    """``y += std·(ξ·s)`` in place, ``s = scale`` or ``sqrt(max(scale, 1e-12))``; ``scale`` has ``y``'s shape."""
+    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
+    _check("add_scaled_randn", "y", y, shape)
+    _check("add_scaled_randn", "scale", scale, shape)
+    _lib().hfc_add_scaled_randn(y.data_ptr(), scale.data_ptr(), y.numel(), std, sqrt_scale, k0, k1, threads())
+
+
+def ir_drop(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> None:
+    """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place; ``a`` and ``y_pos`` have ``y``'s shape."""
+    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
+    _check("ir_drop", "y", y, shape)
+    _check("ir_drop", "a", a, shape)
+    _check("ir_drop", "y_pos", y_pos, shape)
+    _lib().hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), threads())
 
 
 def available() -> bool:

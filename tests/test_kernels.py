@@ -265,3 +265,38 @@ def test_native_ir_drop_is_bit_identical_to_eager(native_only):
     eager, nat = _both(lambda: kernels.ir_drop_(y0.clone(), a, y_pos))
     assert torch.equal(eager, nat)
     torch.testing.assert_close(nat, y0 - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tiles", [1, 3])
+@pytest.mark.parametrize("noise", [False, True])
+def test_native_per_tensor_epilogue_equals_eager(native_only, tiles, noise):
+    # One (1, 1) DAC scale for every token: the C epilogue must not index it per row (it read past the buffer).
+    key = torch.tensor([5, 6], dtype=torch.int32) if noise else None
+
+    def run():
+        y, rec, _, rs, b = _epilogue_args(tiles, bias=True)
+        return kernels.epilogue(y, rec, torch.tensor([[1.75]]), rs, b, 1 / 0.08, 127.0, 1 / 127, 0.04, key, adc=True)
+
+    eager, nat = _both(run)
+    assert nat.shape == (33, 70) and torch.isfinite(nat).all()
+    unit = 1.75 * _epilogue_args(tiles, bias=True)[3]
+    diff = (eager - nat).abs() / unit
+    if noise:  # the noise agrees to an ulp: a value on a rounding tie may move by one level
+        assert diff.max() <= 1.001 and (diff > 1e-3).float().mean() < 0.01
+    else:
+        assert torch.equal(eager, nat)
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_dac_of_an_empty_batch(per_token):
+    # T = 0 tokens: an empty output (as nn.Linear gives), not amax()'s error on an empty tensor.
+    for impl in ("eager", "native") if native._compiler() is not None else ("eager",):
+        _use(impl)
+        try:
+            with torch.no_grad():
+                x_int, absmax = kernels.dac(torch.empty(0, 5), 127.0, per_token, True)
+        finally:
+            kernels.set_native(None)
+            kernels.set_compile(None)
+        assert x_int.shape == (0, 5)
+        assert absmax.shape == ((0, 1) if per_token else (1, 1))

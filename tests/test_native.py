@@ -30,7 +30,9 @@ def test_builds_once_into_the_cache(fresh_native):
     native._state.update(lib=None, tried=False)  # a new process: the cached library is loaded, not rebuilt
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == stamp
-    assert [p.name for p in (fresh_native / "native").iterdir()] == [built[0].name]  # no temporary left behind
+    # The library and its manifest (size and checksum), no temporary left behind.
+    manifests = list((fresh_native / "native").glob("hf_cim_native_*.json"))
+    assert sorted(p.name for p in (fresh_native / "native").iterdir()) == sorted([built[0].name, manifests[0].name])
 
 
 def test_disabled_by_environment(fresh_native, monkeypatch):
@@ -76,3 +78,55 @@ def test_cache_key_changes_with_the_compiler_flags(fresh_native, monkeypatch):
     native._state.update(lib=None, tried=False)
     assert native.library() is not None
     assert len(list((fresh_native / "native").glob("hf_cim_native_*.so"))) == 2
+
+
+def _bad_buffers():
+    """(entry point, arguments) pairs that each hand the C code one wrong buffer."""
+    x, out, t_abs, one = torch.zeros(6, 5), torch.zeros(6, 5), torch.zeros(6, 1), torch.zeros(1, 1)
+    y, y_out, rec, rs, b = torch.zeros(2, 6, 4), torch.zeros(6, 4), torch.ones(2), torch.ones(1, 4), torch.zeros(1, 4)
+    ep = (1.0, 7.0, 1.0, 0.0, False, 0, 0, True)
+    return [
+        ("per-tensor DAC given a per-token scale buffer", native.dac, (x, out, t_abs, 127.0, False, True)),
+        ("per-token DAC given one scale", native.dac, (x, out, one, 127.0, True, True)),
+        ("DAC output too short", native.dac, (x, out[:5], t_abs, 127.0, True, True)),
+        ("strided DAC input", native.dac, (torch.zeros(5, 6).t(), out, t_abs, 127.0, True, True)),
+        ("float64 DAC input", native.dac, (x.double(), out, t_abs, 127.0, True, True)),
+        ("1-D DAC input", native.dac, (x.flatten(), out, t_abs, 127.0, True, True)),
+        ("not a tensor", native.dac, (x.tolist(), out, t_abs, 127.0, True, True)),
+        ("epilogue: x_absmax of another length", native.epilogue, (y, y_out, rec, torch.ones(7, 1), rs, b, *ep)),
+        ("epilogue: 1-D x_absmax", native.epilogue, (y, y_out, rec, torch.ones(6), rs, b, *ep)),
+        ("epilogue: recombine too short", native.epilogue, (y, y_out, rec[:1], t_abs, rs, b, *ep)),
+        ("epilogue: row_scale too short", native.epilogue, (y, y_out, rec, t_abs, rs[:, :3], b, *ep)),
+        ("epilogue: bias too long", native.epilogue, (y, y_out, rec, t_abs, rs, torch.zeros(1, 5), *ep)),
+        ("epilogue: output of another shape", native.epilogue, (y, torch.zeros(4, 6), rec, t_abs, rs, b, *ep)),
+        ("epilogue: 2-D products", native.epilogue, (y[0], y_out, rec, t_abs, rs, b, *ep)),
+        ("epilogue: strided products", native.epilogue, (y.transpose(1, 2), y_out, rec, t_abs, rs, b, *ep)),
+        ("epilogue: int32 recombine", native.epilogue, (y, y_out, rec.int(), t_abs, rs, b, *ep)),
+        ("weight_program: scale too short", native.weight_program, (x, out, t_abs[:5], 127.0, 0.0, False, 0, 0)),
+        ("weight_program: 3-D weights", native.weight_program, (y, out, t_abs, 127.0, 0.0, False, 0, 0)),
+        ("randn: strided output", native.randn, (x.t(), 1.0, True, 0, 0)),
+        ("add_scaled_randn: scale of another shape", native.add_scaled_randn, (x, x[:, :4], 1.0, False, 0, 0)),
+        ("ir_drop: y_pos of another shape", native.ir_drop, (x, x, x[:5])),
+        ("ir_drop: float16 a", native.ir_drop, (x, x.half(), x)),
+    ]
+
+
+@needs_cc
+@pytest.mark.parametrize("case", range(len(_bad_buffers())))
+def test_every_entry_point_refuses_a_wrong_buffer(case):
+    # The C code indexes raw pointers with the lengths it is given: each wrapper checks every buffer first and
+    # raises a clear error instead of reading or writing past one.
+    what, fn, args = _bad_buffers()[case]
+    with pytest.raises(ValueError, match=r"hf_cim\.native\.\w+: `\w+` must be"):
+        fn(*args)
+
+
+@needs_cc
+def test_the_checked_entry_points_accept_valid_buffers():
+    x = torch.randn(6, 5)
+    out, absmax = torch.empty(6, 5), torch.empty(1, 1)
+    native.dac(x, out, absmax, 127.0, False, True)
+    assert absmax.item() == x.abs().max().item()
+    y = torch.randn(1, 6, 4)
+    native.epilogue(y, y[0], torch.ones(1), absmax, torch.ones(4), None, 1.0, 7.0, 1.0, 0.0, False, 0, 0, True)
+    assert torch.isfinite(y).all()
