@@ -82,9 +82,9 @@ _SECRET_FLAG = re.compile(rf"--?{_SECRET_NAME}", re.IGNORECASE)
 _SECRET_KEY = re.compile(_SECRET_NAME, re.IGNORECASE)
 _SECRET_PATTERNS = (
     # --hub_token=x and --hub_token x
-    (re.compile(rf"(?<![\w-])(--?{_SECRET_NAME})(=|[ \t]+)(?!-)[^\s'\"]+", re.IGNORECASE), rf"\1\2{REDACTED}"),
+    (re.compile(rf"(?<![\w-])(--?{_SECRET_NAME})(=|[ \t]+)(['\"]?)(?!-)[^\s'\"]+", re.I), rf"\1\2\3{REDACTED}"),
     # environment-variable style: HF_TOKEN=x, HUGGING_FACE_HUB_TOKEN=x, WANDB_API_KEY=x
-    (re.compile(r"(?<![\w-])([A-Z0-9_]*(?:TOKEN|API_KEY|SECRET|PASSWORD))=[^\s'\"]+"), rf"\1={REDACTED}"),
+    (re.compile(r"(?<![\w-])([A-Z0-9_]*(?:TOKEN|API_KEY|SECRET|PASSWORD))=(['\"]?)[^\s'\"]+"), rf"\1=\2{REDACTED}"),
     # a Hugging Face access token anywhere
     (re.compile(r"hf_[A-Za-z0-9]{30,}"), REDACTED),
 )

@@ -213,6 +213,7 @@ FAKE_TOKEN = "hf_" + "aB3dE5gH7j" * 3 + "kLm9"  # the shape of a Hub access toke
         ("python run.py --hub_token my-own-secret --seed 0", "my-own-secret"),  # any value after a token flag
         ("python run.py --hub_token=my-own-secret", "my-own-secret"),
         ("HF_TOKEN=my-own-secret python run.py", "my-own-secret"),  # environment-variable style
+        ("HF_TOKEN='my-own-secret' python run.py --hub_token \"my-own-secret\"", "my-own-secret"),  # quoted
         ("HUGGING_FACE_HUB_TOKEN=my-own-secret python run.py", "my-own-secret"),
         (f"see {FAKE_TOKEN}.", FAKE_TOKEN),  # a bare Hub token anywhere
     ],
