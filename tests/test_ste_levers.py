@@ -1,0 +1,154 @@
+"""The STE backward levers: ``mask_saturated`` (no gradient through ADC-clipped partial sums) and
+``backward_weights="programmed"`` (input gradient through the weights the chip computed with)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import hf_cim
+from hf_cim import AnalogNoiseConfig
+from hf_cim.converters import quantize_input, quantize_weight
+
+KINDS = ["linear", "conv1d", "conv2d"]
+
+
+def _layer(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(40, 24), 3 * torch.randn(3, 5, 40)
+    if kind == "conv1d":
+        return Conv1D(24, 40), 3 * torch.randn(3, 5, 40)
+    return nn.Conv2d(5, 6, 3, stride=2, padding=1), 3 * torch.randn(2, 5, 9, 9)  # 45 crossbar rows
+
+
+def _grads(layer, x, g):
+    x = x.clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x)
+    y.backward(g)
+    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
+
+
+def _patched(plain, **fields):
+    layer = copy.deepcopy(plain)
+    hf_cim.patch_model(layer, AnalogNoiseConfig(**fields))
+    return layer
+
+
+def _reference_mask(layer, x, cfg):
+    """The ADC's pass mask from first principles: quantized inputs times quantized weights, per tile, in
+    normalized units; an output passes when ``|y/Δ| <= L + ½``."""
+    rows = layer._to_rows(x)
+    w = layer._weight_oi(layer.weight.detach())
+    x_int, _ = quantize_input(rows, cfg.input_bits, cfg.input_quant)
+    w_n, _ = quantize_weight(w, cfg.weight_bits)
+    x_n = x_int / (2 ** (cfg.input_bits - 1) - 1)
+    tiles = []
+    for start in range(0, rows.shape[1], cfg.tile_size or rows.shape[1]):
+        stop = start + (cfg.tile_size or rows.shape[1])
+        tiles.append(x_n[:, start:stop] @ w_n[:, start:stop].t())
+    y = torch.stack(tiles)
+    levels = 2 ** (cfg.output_bits - 1) - 1
+    return y.abs() <= (levels + 0.5) * cfg.output_step()
+
+
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_matches_first_principles_and_gradients_follow_it(kind, tile):
+    plain, x = _layer(kind)
+    fields = dict(noise=[], out_bound=1.0, tile_size=tile, mask_saturated=True)
+    layer = _patched(plain, gradient="ste", **fields)
+    cfg = hf_cim.get_config(layer)
+    mask = _reference_mask(layer, x, cfg)
+    assert 0.05 < (~mask).float().mean() < 0.6  # the bound really clips a part of the outputs
+    g = torch.randn_like(plain(x))
+    _, gx, gw, gb = _grads(layer, x, g)
+    # Reference: per tile, the plain layer's VJP of the masked upstream gradient.
+    g_rows = layer._grad_rows(g)
+    rows, w = layer._to_rows(x), layer._weight_oi(plain.weight.detach())
+    step = tile or rows.shape[1]
+    ref_gx_rows = torch.cat([(g_rows * m) @ w[:, i * step : (i + 1) * step] for i, m in enumerate(mask)], dim=1)
+    ref_gw = torch.cat([(g_rows * m).t() @ rows[:, i * step : (i + 1) * step] for i, m in enumerate(mask)], dim=1)
+    torch.testing.assert_close(layer._weight_oi(gw), ref_gw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, layer._input_grad_from_rows(ref_gx_rows, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, layer._bias_grad(g))  # the bias is added digitally, after the ADC: unmasked
+
+
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_hardware_aware_ste_input_gradient_equals_full_without_noise(kind, tile):
+    """Without noise, ``full`` differentiates the clamp (zero outside) and the quantized weights: its input
+    gradient is exactly the masked product with the programmed weights."""
+    plain, x = _layer(kind)
+    fields = dict(noise=[], out_bound=1.0, tile_size=tile)
+    full = _patched(plain, gradient="full", **fields)
+    hw = _patched(plain, gradient="ste", mask_saturated=True, backward_weights="programmed", **fields)
+    g = torch.randn_like(plain(x))
+    y_full, gx_full, _, _ = _grads(full, x, g)
+    y_hw, gx_hw, _, _ = _grads(hw, x, g)
+    torch.testing.assert_close(y_hw, y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_hw, gx_full, rtol=1e-4, atol=1e-5)
+    plain_ste = _patched(plain, gradient="ste", **fields)
+    assert not torch.allclose(_grads(plain_ste, x, g)[1], gx_full, atol=1e-3)  # the levers do change it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_programmed_weights_input_gradient_equals_full_under_lognormal_noise(kind):
+    """The paper preset (no ADC, lognormal devices): ``full``'s input gradient is ``g·W'`` with the noisy
+    programmed weights; ``backward_weights='programmed'`` gives the same from the same noise draw."""
+    plain, x = _layer(kind)
+    full = _patched(plain, gradient="full", noise="paper", level=3.0, output_bits=None, tile_size=None, seed=3)
+    prog = _patched(plain, gradient="ste", noise="paper", level=3.0, output_bits=None, tile_size=None, seed=3,
+                    backward_weights="programmed")  # fmt: skip
+    g = torch.randn_like(plain(x))
+    y_full, gx_full, _, _ = _grads(full, x, g)
+    y_prog, gx_prog, gw_prog, _ = _grads(prog, x, g)
+    torch.testing.assert_close(y_prog, y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_prog, gx_full, rtol=1e-4, atol=1e-5)
+    _, _, gw_plain, _ = _grads(plain, x, g)
+    torch.testing.assert_close(gw_prog, gw_plain, rtol=1e-5, atol=1e-5)  # the weight gradient stays clean
+
+
+@pytest.mark.parametrize("levers", [dict(mask_saturated=True), dict(backward_weights="programmed"),
+                                    dict(mask_saturated=True, backward_weights="programmed")],
+                         ids=["mask", "programmed", "both"])  # fmt: skip
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ste_and_ste_detach_agree_with_levers(kind, tile, levers):
+    plain, x = _layer(kind)
+    noise = [{"name": "gaussian_weight", "std": 0.05}, {"name": "output_noise", "std": 0.1}]
+    fields = dict(noise=noise, out_bound=1.0, tile_size=tile, seed=5, **levers)
+    a = _grads(_patched(plain, gradient="ste", **fields), x, g := torch.randn_like(plain(x)))
+    b = _grads(_patched(plain, gradient="ste_detach", **fields), x, g)
+    for ta, tb in zip(a, b):
+        torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+
+
+def test_levers_train_a_gpt2():
+    from conftest import tiny_gpt2
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.get_preset("pcm", mask_saturated=True, backward_weights="programmed", seed=0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_full_mode_rejects_the_levers():
+    with pytest.raises(ValueError, match="mask_saturated"):
+        AnalogNoiseConfig(gradient="full", mask_saturated=True)
+    with pytest.raises(ValueError, match="backward_weights"):
+        AnalogNoiseConfig(backward_weights="noisy")
+    cfg = AnalogNoiseConfig(mask_saturated=True, backward_weights="programmed")
+    assert AnalogNoiseConfig.from_json_string(cfg.to_json_string()) == cfg
