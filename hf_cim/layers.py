@@ -8,6 +8,7 @@ lowered to a matrix product over its unfolded patches (im2col), as a crossbar co
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 
@@ -45,6 +46,11 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+#: Generator states a layer keeps for checkpoint recomputes: one per forward not yet recomputed (a layer called
+#: k times per step needs k); older ones (forwards never recomputed) fall off.
+_REPLAY_DEPTH = 16
+
+
 class AnalogLayerMixin:
     """Analog behaviour shared by the noisy layers; the per-layer classes supply the layout adapters."""
 
@@ -64,6 +70,8 @@ class AnalogLayerMixin:
         self._hf_cim_seed = config.seed
         self._hf_cim_generator: torch.Generator | None = None
         self._hf_cim_chip: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hf_cim_replay: collections.deque = collections.deque(maxlen=_REPLAY_DEPTH)
+        self._hf_cim_replay_generator: torch.Generator | None = None
 
     def _hf_cim_clear(self) -> None:
         for attr in (
@@ -75,6 +83,8 @@ class AnalogLayerMixin:
             "_hf_cim_seed",
             "_hf_cim_generator",
             "_hf_cim_chip",
+            "_hf_cim_replay",
+            "_hf_cim_replay_generator",
         ):
             self.__dict__.pop(attr, None)
 
@@ -84,7 +94,13 @@ class AnalogLayerMixin:
         self._hf_cim_generator = None
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
-        """The layer's generator on ``device``, created on first use (after the process group exists)."""
+        """The layer's generator on ``device``, created on first use (after the process group exists).
+
+        During an activation-checkpointing recompute it is a copy of the generator as the original forward found
+        it (see :meth:`forward`), so the recompute draws the same noise and the layer's own stream is not advanced.
+        """
+        if self._hf_cim_replay_generator is not None:
+            return self._hf_cim_replay_generator
         gen = self._hf_cim_generator
         if gen is None or gen.device != device:
             gen = torch.Generator(device=device)
@@ -262,6 +278,27 @@ class AnalogLayerMixin:
         cfg = self.hf_cim_config
         if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
             return self._clean_forward(x)
+        if self.training and self.hf_cim_level > 0.0:
+            # Activation checkpointing re-runs this forward inside the backward pass: it must see the noise the
+            # original forward drew, or the gradient belongs to activations that never ran. Each training forward
+            # records the generator's state; a forward inside a backward (a recompute: reentrant or not) replays
+            # the latest record on a copy. Records are popped last-in first-out, the order in which the backward
+            # recomputes segments.
+            gen = self.noise_generator(x.device)
+            if torch._C._current_graph_task_id() == -1:
+                self._hf_cim_replay.append(gen.get_state())
+            elif self._hf_cim_replay:
+                replay = torch.Generator(device=gen.device)
+                replay.set_state(self._hf_cim_replay.pop())
+                self._hf_cim_replay_generator = replay
+                try:
+                    return self._analog_forward(x)
+                finally:
+                    self._hf_cim_replay_generator = None
+        return self._analog_forward(x)
+
+    def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf_cim_config
         if not torch.is_grad_enabled():
             with torch.no_grad():
                 return self._noisy_forward(x, self.weight, self.bias, differentiable=False)

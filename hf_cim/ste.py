@@ -44,11 +44,12 @@ class AnalogSTEFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        if len(ctx.saved_tensors) == 2:
-            x, weight = ctx.saved_tensors
+        saved = ctx.saved_tensors  # once: checkpointing's unpack hooks allow a single read
+        if len(saved) == 2:
+            x, weight = saved
             grad_x, grad_w = ctx.layer._clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
         else:
-            x, weight, mask, w_prog = ctx.saved_tensors
+            x, weight, mask, w_prog = saved
             grad_x, grad_w = ctx.layer._ste_backward(
                 x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype
             )
