@@ -12,6 +12,18 @@ The library is built once per source, compiler and CPU into ``$HF_CIM_CACHE`` (d
 ``~/.cache/hf_cim/native``), with ``-march=native`` (the cache key includes the CPU's flags) and
 ``-ffp-contract=off`` (no fused multiply-add: the same roundings as torch's eager ops). ``HF_CIM_NATIVE=0``
 disables it; without a working compiler :func:`library` returns None after one warning and the caller falls back.
+``$CC`` (split like shell words) is used when set; one that cannot run is reported, not replaced by another. Each
+compiler call is killed after a timeout.
+
+The cache entry is a small JSON manifest that names the library file (named by its SHA-256) with its size and
+SHA-256; both files are written to a temporary, fsynced and renamed into place. A library is loaded only after its
+bytes match the manifest: a truncated file (a crash or a full disk while writing), garbage, or a library that lacks
+the kernels' symbols is rebuilt with one warning instead of crashing the process (``dlopen`` of a truncated file
+dies with SIGBUS).
+
+Every kernel is called through a checked wrapper (:func:`dac`, :func:`epilogue`...): the C code indexes raw
+pointers with the lengths it is given, so each wrapper checks every buffer's shape, contiguity, dtype and device
+once per call and raises ValueError for anything else.
 """
 
 from __future__ import annotations
@@ -123,14 +135,22 @@ def _manifest(argv: list[str]) -> Path:
     return _cache_dir() / f"hf_cim_native_{key}.json"
 
 
+def _library_name(manifest: Path, digest: str) -> str:
+    return f"{manifest.stem}_{digest[:16]}.so"
+
+
 def _cached(manifest: Path) -> tuple[Path | None, str | None]:
     """``(library, problem)``: the library ``manifest`` names and, when it cannot be trusted, why; problem is None
     for an intact library (same size and SHA-256 as recorded) and ``(None, None)`` means no cache entry at all."""
     try:
         record = json.loads(manifest.read_text())
         name, size, digest = record["library"], record["size"], record["sha256"]
-        if not (isinstance(name, str) and isinstance(size, int) and isinstance(digest, str)) or "/" in name:
+        if not (isinstance(name, str) and isinstance(size, int) and isinstance(digest, str)):
             raise ValueError("malformed record")
+        if name != _library_name(manifest, digest):
+            # Content-addressed: a rebuilt library (other bytes) never reuses the path of one loaded before, which
+            # dlopen would hand back from its cache of loaded objects instead of loading the new file.
+            raise ValueError(f"the library {name!r} is not named by its checksum")
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError, KeyError, TypeError) as err:  # UnicodeDecodeError and JSONDecodeError: ValueError
@@ -184,7 +204,7 @@ def _build(argv: list[str], manifest: Path) -> Path:
             data = f.read()
             os.fsync(f.fileno())
         digest = hashlib.sha256(data).hexdigest()
-        target = manifest.with_name(f"{manifest.stem}_{digest[:16]}.so")
+        target = manifest.with_name(_library_name(manifest, digest))
         os.replace(tmp, target)
         _write_atomic(manifest, json.dumps({"library": target.name, "size": len(data), "sha256": digest}).encode())
         _fsync_dir(manifest.parent)

@@ -1,4 +1,5 @@
 import logging
+import time
 
 import pytest
 import torch
@@ -21,8 +22,12 @@ needs_cc = pytest.mark.skipif(native._compiler() is None, reason="no C compiler 
 
 
 @needs_cc
-def test_builds_once_into_the_cache(fresh_native):
+def test_builds_once_into_the_cache(fresh_native, monkeypatch):
+    synced = []
+    real_fsync = native.os.fsync
+    monkeypatch.setattr(native.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
     lib = native.library()
+    assert len(synced) >= 2  # the library and its manifest reach the disk before they are renamed into place
     assert lib is not None
     built = list((fresh_native / "native").glob("hf_cim_native_*.so"))
     assert len(built) == 1
@@ -69,6 +74,33 @@ def test_a_failing_compiler_falls_back_with_a_warning(fresh_native, monkeypatch,
         assert native.library() is None
     assert "building the native CPU kernels failed" in caplog.text and "nope" in caplog.text
     assert not list(fresh_native.rglob("*.so"))
+
+
+def test_an_unusable_cc_is_reported(fresh_native, monkeypatch, caplog):
+    # CC names the compiler to use: one that does not exist is an error to report, not a reason to pick another.
+    monkeypatch.setenv("CC", "/nonexistent/hf-cim-cc")
+    with caplog.at_level(logging.WARNING, logger="hf_cim.native"):
+        assert native.library() is None
+    assert "CC='/nonexistent/hf-cim-cc' is not an executable program" in caplog.text
+    assert len(caplog.records) == 1
+
+
+@pytest.mark.parametrize("hang", ["--version", "compile"])
+def test_a_hanging_compiler_is_killed_after_a_timeout(fresh_native, monkeypatch, caplog, tmp_path, hang):
+    # The compiler hangs with a child holding its output pipes (as gcc's cc1 does): both are killed.
+    stuck = tmp_path / "stuck-cc"
+    version = 'if [ "$1" = --version ]; then echo stuck 1.0; exit 0; fi\n' if hang == "compile" else ""
+    stuck.write_text(f"#!/bin/sh\n{version}sleep 60 &\nwait\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(native, "_compiler", lambda: str(stuck))
+    monkeypatch.setattr(native, "_VERSION_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(native, "_COMPILE_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hf_cim.native"):
+        assert native.library() is None
+    assert time.monotonic() - start < 10
+    assert "did not finish within 0.5 s" in caplog.text and len(caplog.records) == 1
+    assert not list(fresh_native.rglob("*.so*"))
 
 
 @needs_cc
