@@ -126,7 +126,7 @@ def epilogue_eager(
     Args:
         y: analog partial sums ``(tiles, T, out)``; ``y·in_scale`` is in normalized units.
         recombine: ``(tiles,)`` digital weights of each tile's output (1, or the input slice's power of two).
-        x_absmax: ``(T, 1)`` DAC full-scale per token.
+        x_absmax: ``(T, 1)`` DAC full-scale per token, or ``(1, 1)`` for every token (a per-tensor DAC).
         row_scale: ``(1, out)`` weight scale, times the ADC step when ``adc``.
         bias_row: ``(1, out)`` bias or None.
         inv_step, levels: ``1/Δ_out`` and the largest ADC level (unused without ``adc``).

@@ -97,7 +97,7 @@ def _run(argv: list[str], timeout: float) -> str:
     """Run a compiler command; its stdout, or an error with its stderr. Killed, with its children, after ``timeout``
     seconds (a compiler driver's children, e.g. cc1, would otherwise keep the output pipes open)."""
     with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True
     ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
