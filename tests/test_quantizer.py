@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -176,8 +177,23 @@ def test_trainer_trains_model_loaded_through_quantizer(tmp_path):
         ({"noise": [{"name": "gaussian_weight", "std": 0.1, "sigma_typo": 1}]}, "sigma_typo"),
         ({"noise": [{"name": "no_such_noise"}]}, "no_such_noise"),
         ({"hf_cim_config_version": 99}, "hf_cim_config_version"),
+        ({"target_modules": "(c_attn"}, "`target_modules` is not a valid regex"),
+        ({"exclude_modules": "(.|.)*Z"}, "`exclude_modules` regex .* repeats an alternation"),
+        ({"exclude_modules": "(a+)+$"}, "`exclude_modules` regex .* nested quantifier"),
+        ({"tile_size": 32.5}, "`tile_size`"),
     ],
-    ids=["level", "weight_bits", "gradient", "noise-field", "noise-name", "version"],
+    ids=[
+        "level",
+        "weight_bits",
+        "gradient",
+        "noise-field",
+        "noise-name",
+        "version",
+        "bad-regex",
+        "hostile-regex",
+        "nested-quantifier",
+        "fractional-int",
+    ],
 )
 def test_bad_config_json_raises_naming_the_field(tmp_path, change, match):
     hf_cim.patch_model(tiny_gpt2(), _config()).save_pretrained(tmp_path)
@@ -187,6 +203,35 @@ def test_bad_config_json_raises_naming_the_field(tmp_path, change, match):
     path.write_text(json.dumps(data))
     with pytest.raises((ValueError, TypeError), match=match):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_tampered_regex_fails_before_the_weights_load(tmp_path, monkeypatch):
+    hf_cim.patch_model(tiny_gpt2(), _config()).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    data["quantization_config"]["exclude_modules"] = "(.|.)*Z"  # exponential backtracking on any module name
+    path.write_text(json.dumps(data))
+    loaded = []
+    monkeypatch.setattr(
+        hf_cim.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
+    )
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="`exclude_modules`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 5.0 and not loaded
+
+
+def test_config_json_with_integral_floats_loads(tmp_path):
+    cfg = _config(input_slice_bits=2)
+    hf_cim.patch_model(tiny_gpt2(), cfg).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = json.loads(path.read_text())
+    q = data["quantization_config"]
+    for key in ("tile_size", "seed", "input_bits", "weight_bits", "output_bits", "input_slice_bits"):
+        q[key] = float(q[key])  # as JSON tools that keep every number as a double write them
+    path.write_text(json.dumps(data))
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf_cim.get_config(back) == cfg and isinstance(hf_cim.get_config(back).tile_size, int)
 
 
 def test_unknown_config_json_field_warns(tmp_path, caplog):
