@@ -60,8 +60,10 @@ from _harness import (  # noqa: E402
 
 logger = logging.getLogger("step_time")
 
-ALL_VARIANTS = ("plain", "ste", "ste_detach", "full", "aihwkit_lightning")
+ALL_VARIANTS = ("plain", "ste", "ste_hw", "ste_detach", "full", "aihwkit_lightning")
 HF_CIM_VARIANTS = ("ste", "ste_detach", "full")
+#: ``ste`` with the hardware-aware backward levers (ADC saturation mask, input gradient through programmed weights).
+STE_HW = {"gradient": "ste", "mask_saturated": True, "backward_weights": "programmed"}
 PEER = "aihwkit_lightning"
 
 
@@ -145,6 +147,10 @@ def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         import hf_cim
 
         return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(gradient=variant))
+    if variant == "ste_hw":
+        import hf_cim
+
+        return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(**STE_HW))
     if variant == PEER:
         from peer_aihwkit_lightning import make_peer_model
 
@@ -349,7 +355,7 @@ def targets(result: dict, device: str) -> list[str]:
         lines.append(f"`ste`/plain step memory {m:.2f}× (target ≤ 1.05×): {'met' if m <= 1.05 else 'NOT met'}")
         p = mem["ste"]["peak_mb"] / mem["plain"]["peak_mb"]
         lines.append(f"`ste`/plain peak memory {p:.2f}× (target ≤ 1.05×): {'met' if p <= 1.05 else 'NOT met'}")
-    for other in ("ste_detach", "full", PEER):
+    for other in ("ste_hw", "ste_detach", "full", PEER):
         if other in t["variants"]:
             p = summarize(_paired(t[f"{key}_s_per_step"]["ste"], t[f"{key}_s_per_step"][other]))
             verdict = "faster" if p.max < 1.0 else ("faster (median)" if p.median < 1.0 else "NOT faster")

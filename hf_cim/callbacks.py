@@ -420,7 +420,12 @@ def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0
             layer.training = True  # but the analog layers behave as in a training step
         for mode in ("ste", "full"):
             for layer, cfg, _ in saved:
-                layer.hf_cim_config = cfg.replace(gradient=mode)
+                # The STE pass keeps the config's own backward levers; ``full`` has none (autograd differentiates).
+                layer.hf_cim_config = (
+                    cfg.replace(gradient="ste")
+                    if mode == "ste"
+                    else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
+                )
                 gen = torch.Generator(device=device)
                 gen.manual_seed(derive_seed(seed, layer.hf_cim_name, rank, "probe"))
                 layer._hf_cim_generator = gen

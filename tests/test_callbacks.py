@@ -289,3 +289,13 @@ def test_all_callbacks_end_to_end(tmp_path):
     for r in records:
         assert {"grad_cosine", "noise_level", *MEMORY_KEYS} <= set(r)
     assert (tmp_path / "out" / "hf_cim_memory.json").exists()
+
+
+def test_alignment_measures_the_configs_own_ste_levers():
+    """A saturating ADC: the hardware-aware STE backward (mask + programmed weights) points closer to ``full``'s
+    gradient than the plain clean backward, and the probe works with the levers on (``full`` drops them)."""
+    probe = _probe(_data())
+    plain = gradient_alignment(_patched(noise=[], out_bound=1.0), probe)["grad_cosine"]
+    levers = dict(mask_saturated=True, backward_weights="programmed")
+    hw = gradient_alignment(_patched(noise=[], out_bound=1.0, **levers), probe)["grad_cosine"]
+    assert plain < 0.9 and hw > 0.9999  # no noise: the levers give full's gradient up to the DAC rounding of x

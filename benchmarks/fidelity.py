@@ -1,0 +1,448 @@
+"""Does noise-aware training pay off on simulated chips? Training modes compared paired, with seeds and chips.
+
+For one setting (model + data) this trains one model per (training mode, training seed) — same initial weights, same
+batch order and same number of steps for every mode of a seed — then measures every model on the same simulated
+chips (chip seeds 0..N-1, programmed with :func:`hf_cim.program_chip`) under every evaluation condition
+(preset, level, drift time). Results are cached per run in ``--out`` (``runs/*.json``), so a sweep can be extended
+or resumed; the tables (mean ± spread over training seeds, each seed's value the mean over the chips; the chips'
+own spread beside it) go to ``--out/fidelity.md`` and ``--out/summary.json``.
+
+Modes (``--modes``, comma-separated):
+
+* ``digital``: noise off in training (the baseline every gain is measured against).
+* ``ste``, ``ste_detach``, ``full``: the three gradient modes with the plain clean backward (``full``: autograd).
+* ``ste_mask``: ``ste`` without gradient through ADC-clipped partial sums (``mask_saturated=True``).
+* ``ste_prog``: ``ste`` with the input gradient through the programmed weights (``backward_weights="programmed"``).
+* ``ste_hw`` / ``ste_detach_hw``: both levers (the library's hardware-aware STE), in either STE form.
+* ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
+  fine-tuning of a digitally trained model, same total budget and schedule).
+
+Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model)
+and ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images).
+
+Example (the README main job's model, trained for the ``pcm`` chip, measured on ``pcm`` and drifted ``pcm_drift``)::
+
+    python benchmarks/fidelity.py --setting shakespeare --train pcm:1 --modes digital,ste,ste_hw,full \\
+        --seeds 0,1,2 --chips 5 --steps 600 --eval pcm:1,pcm_drift:1@1d,pcm_drift:2@1y --out runs/fidelity/pcm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hf_cim
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.0 * 86400.0}
+BASE_MODES = {
+    "digital": None,
+    "ste": dict(gradient="ste"),
+    "ste_detach": dict(gradient="ste_detach"),
+    "full": dict(gradient="full"),
+    "ste_mask": dict(gradient="ste", mask_saturated=True),
+    "ste_prog": dict(gradient="ste", backward_weights="programmed"),
+    "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed"),
+    "ste_detach_hw": dict(gradient="ste_detach", mask_saturated=True, backward_weights="programmed"),
+}
+
+
+def seconds(text: str) -> float:
+    """``"1d"`` → 86400.0; plain numbers are seconds."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([smhdy]?)\s*", text)
+    if not m:
+        raise ValueError(f"not a time: {text!r} (use e.g. 0, 3600, 1h, 1d, 1y)")
+    return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+def human_time(t: float) -> str:
+    for unit in ("y", "d", "h", "m"):
+        if t >= _UNITS[unit] and math.isclose(t / _UNITS[unit], round(t / _UNITS[unit])):
+            return f"{round(t / _UNITS[unit])}{unit}"
+    return f"{t:g}s"
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A chip to measure on: preset, level, drift time."""
+
+    preset: str
+    level: float
+    t: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        m = re.fullmatch(r"(\w+):([0-9.]+)(?:@(\S+))?", text.strip())
+        if not m:
+            raise ValueError(f"not a condition: {text!r} (preset:level[@time], e.g. pcm_drift:1@1d)")
+        return cls(m.group(1), float(m.group(2)), seconds(m.group(3)) if m.group(3) else 0.0)
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} L{self.level:g}" + (f" @{human_time(self.t)}" if self.t else "")
+
+
+def mode_config(mode: str, train: Condition, seed: int, exclude: list[str] | None) -> hf_cim.AnalogNoiseConfig | None:
+    base = mode[3:] if mode.startswith("ft_") else mode
+    if base not in BASE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)} and ft_<mode>")
+    fields = BASE_MODES[base]
+    if fields is None:
+        return None
+    return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude, **fields)
+
+
+# --------------------------------------------------------------------------------------------------------- settings
+class Shakespeare:
+    """Char-level GPT-2 on Tiny Shakespeare: first 90 % train, the first ``eval_blocks`` blocks of the last 10 %."""
+
+    metric = "loss"
+    lower_is_better = True
+
+    def __init__(self, args: argparse.Namespace):
+        with open(args.train_file, encoding="utf-8") as f:
+            text = f.read()
+        chars = sorted(set(text))
+        stoi = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+        cut = int(len(ids) * 0.9)
+        self.train_ids, val = ids[:cut], ids[cut:]
+        n = min(args.eval_blocks, len(val) // args.block_size)
+        self.val = val[: n * args.block_size].view(n, args.block_size)
+        self.vocab = len(chars) + 1  # + an end-of-text id, as the recipe's char tokenizer
+        self.args = args
+        layers, width = (int(v) for v in args.arch.split("x"))
+        self.arch = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 32))
+
+    def model(self) -> nn.Module:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            vocab_size=self.vocab,
+            n_positions=self.args.block_size,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **self.arch,
+        )
+        return GPT2LMHeadModel(cfg)
+
+    def batches(self, seed: int, steps: int):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        bs, block = self.args.batch_size, self.args.block_size
+        n = len(self.train_ids) // block
+        for _ in range(steps):
+            idx = torch.randint(0, n, (bs,), generator=gen)
+            yield self.train_ids.view(-1)[: n * block].view(n, block)[idx]
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=batch, labels=batch).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        total = 0.0
+        for chunk in self.val.split(64):
+            total += model(input_ids=chunk, labels=chunk).loss.item() * len(chunk)
+        loss = total / len(self.val)
+        return {"loss": loss, "perplexity": math.exp(loss)}
+
+
+class Digits:
+    """A VGG-style Conv2d net on scikit-learn's 8x8 digits (1,797 images; a fixed 80/20 split)."""
+
+    metric = "accuracy"
+    lower_is_better = False
+
+    def __init__(self, args: argparse.Namespace):
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(data.target, dtype=torch.long)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1234))
+        cut = int(0.8 * len(x))
+        self.train_x, self.train_y = x[perm[:cut]], y[perm[:cut]]
+        self.val_x, self.val_y = x[perm[cut:]], y[perm[cut:]]
+        self.args = args
+
+    def model(self) -> nn.Module:
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        return nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+        )  # fmt: skip
+
+    def batches(self, seed: int, steps: int):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.train_x), (self.args.batch_size,), generator=gen)
+            yield idx
+
+    def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(self.train_x[idx]), self.train_y[idx])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        logits = torch.cat([model(c) for c in self.val_x.split(256)])
+        return {
+            "loss": F.cross_entropy(logits, self.val_y).item(),
+            "accuracy": 100.0 * (logits.argmax(-1) == self.val_y).float().mean().item(),
+        }
+
+
+SETTINGS = {"shakespeare": Shakespeare, "digits": Digits}
+
+
+# --------------------------------------------------------------------------------------------------------- training
+def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+    train_cond = Condition.parse(args.train)
+    torch.manual_seed(seed)  # same initial weights for every mode of this seed
+    model = setting.model()
+    cfg = mode_config(mode, train_cond, seed, args.exclude)
+    if cfg is not None:
+        hf_cim.patch_model(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    warmup = args.warmup_steps
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    digital_steps = int(args.digital_fraction * args.steps) if mode.startswith("ft_") else 0
+    model.train()
+    losses, times = [], []
+    for step, batch in enumerate(setting.batches(seed, args.steps)):
+        t0 = time.perf_counter()
+        if cfg is not None and step < digital_steps:
+            with hf_cim.noise_disabled(model):
+                loss = setting.loss(model, batch)
+                loss.backward()
+        else:
+            loss = setting.loss(model, batch)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    tail = max(1, args.steps // 10)
+    info = {
+        "train_loss_last10pct": sum(losses[-tail:]) / tail,
+        "step_time_s": sorted(times[len(times) // 2 :])[len(times[len(times) // 2 :]) // 2] if times else None,
+    }
+    if cfg is not None:
+        hf_cim.unpatch_model(model)
+    return model, info
+
+
+def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, exclude) -> dict:
+    """The clean metrics, and each condition's metrics on chips 0..chips-1 (same chips for every model)."""
+    model.eval()
+    out = {"clean": setting.evaluate(model), "chips": {}}
+    for cond in conditions:
+        cfg = hf_cim.get_preset(cond.preset, level=cond.level, exclude_modules=exclude)
+        hf_cim.patch_model(model, cfg)
+        model.eval()
+        per_chip = []
+        for chip in range(chips):
+            hf_cim.program_chip(model, seed=chip, t_inference=cond.t)
+            hf_cim.reseed(model, 1_000 + chip)  # the read noise of chip k: the same for every model
+            per_chip.append(setting.evaluate(model))
+        hf_cim.unpatch_model(model)
+        out["chips"][cond.label] = per_chip
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------- tables
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def summarize(runs: dict, modes: list[str], seeds: list[int], labels: list[str], metric: str, lower: bool) -> dict:
+    """Per (mode, condition): mean ± std over seeds of the chip-mean, the chips' std, and the share of the chip's
+    cost recovered against ``digital`` (paired per seed and chip)."""
+    table: dict = {}
+    for mode in modes:
+        row = {}
+        clean = [runs[(mode, s)]["clean"][metric] for s in seeds]
+        row["clean"] = _mean_std(clean)
+        for label in labels:
+            per_seed = [[c[metric] for c in runs[(mode, s)]["chips"][label]] for s in seeds]
+            means = [sum(v) / len(v) for v in per_seed]
+            chip_std = sum(_mean_std(v)[1] for v in per_seed) / len(per_seed)
+            cell = {"mean": _mean_std(means), "chip_std": chip_std}
+            if "digital" in modes and mode != "digital":
+                rec = []
+                for s, m in zip(seeds, means):
+                    d_chip = sum(c[metric] for c in runs[("digital", s)]["chips"][label]) / len(per_seed[0])
+                    d_clean = runs[("digital", s)]["clean"][metric]
+                    cost = (d_chip - d_clean) if lower else (d_clean - d_chip)
+                    gain = (d_chip - m) if lower else (m - d_chip)
+                    rec.append(100.0 * gain / cost if abs(cost) > 1e-12 else float("nan"))
+                cell["recovered_pct"] = _mean_std(rec)
+                cell["delta_vs_digital"] = _mean_std(
+                    [m - sum(c[metric] for c in runs[("digital", s)]["chips"][label]) / len(per_seed[0])
+                     for s, m in zip(seeds, means)]
+                )  # fmt: skip
+            row[label] = cell
+        times = [runs[(mode, s)]["info"]["step_time_s"] for s in seeds]
+        row["step_time_s"] = _mean_std(times)
+        table[mode] = row
+    return table
+
+
+def markdown(table: dict, labels: list[str], metric: str, header: str) -> str:
+    lines = [header, ""]
+    cols = ["clean", *labels]
+    lines.append("| trained | " + " | ".join(cols) + " | s/step |")
+    lines.append("| --- | " + " | ".join("---:" for _ in cols) + " | ---: |")
+    for mode, row in table.items():
+        cells = [f"{row['clean'][0]:.4f} ± {row['clean'][1]:.4f}"]
+        for label in labels:
+            c = row[label]
+            text = f"{c['mean'][0]:.4f} ± {c['mean'][1]:.4f} (chips ±{c['chip_std']:.4f})"
+            if "recovered_pct" in c:
+                text += f"<br>Δ {c['delta_vs_digital'][0]:+.4f} ± {c['delta_vs_digital'][1]:.4f}, "
+                text += f"rec. {c['recovered_pct'][0]:.0f} ± {c['recovered_pct'][1]:.0f} %"
+            cells.append(text)
+        lines.append(f"| {mode} | " + " | ".join(cells) + f" | {row['step_time_s'][0]:.3f} |")
+    lines += ["", f"Metric: {metric}; `mean ± std` over training seeds of each model's mean over the chips; "
+              "`chips ±`: the std over chips (mean over seeds); `Δ`: paired difference to `digital` on the same "
+              "chips; `rec.`: share of the chip's cost to the digital model (chip − clean) that the mode recovers."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(table: dict, labels: list[str], metric: str, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(labels), 3.6))
+    cols = ["clean", *labels]
+    width = 0.8 / len(table)
+    for i, (mode, row) in enumerate(table.items()):
+        means = [row["clean"][0]] + [row[lab]["mean"][0] for lab in labels]
+        errs = [row["clean"][1]] + [row[lab]["mean"][1] for lab in labels]
+        xs = [j + i * width for j in range(len(cols))]
+        ax.bar(xs, means, width, yerr=errs, label=mode, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cols))], cols, rotation=20, fontsize=8)
+    ax.set_ylabel(metric)
+    lo = min(min([row["clean"][0]] + [row[lab]["mean"][0] for lab in labels]) for row in table.values())
+    hi = max(max([row["clean"][0]] + [row[lab]["mean"][0] for lab in labels]) for row in table.values())
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="shakespeare")
+    p.add_argument("--train", default="pcm:1", help="Chip the noise-aware modes train for: preset:level.")
+    p.add_argument("--modes", default="digital,ste,ste_hw,full")
+    p.add_argument("--seeds", default="0,1,2", help="Training seeds (init, data order and training noise).")
+    p.add_argument("--chips", type=int, default=5, help="Chips per condition (seeds 0..N-1, same for every model).")
+    p.add_argument("--eval", default="pcm:1", help="Conditions: preset:level[@time], comma-separated.")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight_decay", type=float, default=0.0)
+    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--digital_fraction", type=float, default=0.75, help="ft_ modes: digital share of the steps.")
+    p.add_argument("--exclude", default=None, help="Modules kept digital, comma-separated (default: none).")
+    p.add_argument("--arch", default="4x128", help="shakespeare: LAYERSxWIDTH (4x128 = the README main job).")
+    p.add_argument("--block_size", type=int, default=128)
+    p.add_argument("--eval_blocks", type=int, default=256)
+    p.add_argument("--train_file", default=os.path.join("..", "shared", "data", "tinyshakespeare", "input.txt"))
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    args.exclude = args.exclude.split(",") if args.exclude else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = args.modes.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    conditions = [Condition.parse(c) for c in args.eval.split(",")]
+    labels = [c.label for c in conditions]
+    for mode in modes:
+        mode_config(mode, Condition.parse(args.train), 0, args.exclude)  # fail early on a bad mode
+    setting = SETTINGS[args.setting](args)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
+                                              "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
+                                              "block_size", "eval_blocks")}  # fmt: skip
+    runs = {}
+    for seed in seeds:
+        for mode in modes:
+            path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.json")
+            cached = json.load(open(path)) if os.path.isfile(path) else None
+            if cached and cached["args"] == key_args and cached["chips"] == args.chips:
+                missing = [c for c in conditions if c.label not in cached["result"]["chips"]]
+                if not missing:
+                    runs[(mode, seed)] = cached["result"]
+                    continue
+            t0 = time.perf_counter()
+            model, info = train(setting, mode, seed, args)
+            result = measure(setting, model, conditions, args.chips, args.exclude)
+            result["info"] = info
+            runs[(mode, seed)] = result
+            with open(path, "w") as f:
+                json.dump({"args": key_args, "chips": args.chips, "result": result}, f, indent=1)
+            clean = result["clean"][setting.metric]
+            first = labels[0]
+            chip = sum(c[setting.metric] for c in result["chips"][first]) / args.chips
+            print(f"[{time.perf_counter() - t0:6.0f}s] {mode:>14} seed {seed}: clean {clean:.4f}, {first} {chip:.4f}",
+                  flush=True)  # fmt: skip
+    table = summarize(runs, modes, seeds, labels, setting.metric, setting.lower_is_better)
+    cmd = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = (f"### {args.setting} ({args.arch if args.setting == 'shakespeare' else 'CNN'}), trained for "
+              f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips\n\n"
+              f"`{cmd}` at commit {_commit()}, torch {torch.__version__}, {platform.machine()}, "
+              f"{torch.get_num_threads()} threads")  # fmt: skip
+    text = markdown(table, labels, setting.metric, header)
+    with open(os.path.join(args.out, "fidelity.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"command": cmd, "commit": _commit(), "table": table}, f, indent=1)
+    plot(table, labels, setting.metric, os.path.join(args.out, "fidelity.png"))
+    print(text)
+    return table
+
+
+if __name__ == "__main__":
+    main()
