@@ -38,7 +38,10 @@ CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
 BACKWARD_WEIGHTS = ("clean", "programmed")
 INPUT_QUANT_MODES = ("per_token", "per_tensor")
-#: Upper bound of ``out_bound``: beyond it the ADC never clips, and ``1e308`` would overflow float32 to inf/NaN.
+#: Range of ``out_bound`` (normalized units). A tile's partial sum is at most its row count (<= 65536), so a larger
+#: bound never clips; far below one full-scale product (1) the ADC only saturates. Outside, the ADC step or its
+#: inverse overflows float32 (``1e308``, ``1e-30``) and outputs turn inf/NaN.
+MIN_OUT_BOUND = 1e-3
 MAX_OUT_BOUND = 1e6
 #: The transformers ``quant_method`` under which the config travels in ``config.json`` (see ``hf_cim/quantizer.py``).
 QUANT_METHOD = "hf_cim"
@@ -237,10 +240,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             (dynamic abs-max of the whole input).
         weight_bits: weight resolution in bits, in [2, 16], per output channel (abs-max); ``None`` = float weights.
         output_bits: ADC resolution in bits, in [2, 24]; ``None`` turns the ADC off (no clipping, no rounding).
-        out_bound: ADC clipping range ``b_out`` in normalized units, in (0, 1e6]: each tile's partial sum is clipped
-            to [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset). A tile's sum
-            is at most its row count (<= 65536) without noise, so a larger bound never clips; the cap keeps the ADC
-            step and its inverse finite in float32.
+        out_bound: ADC clipping range ``b_out`` in normalized units, in [1e-3, 1e6]: each tile's partial sum is
+            clipped to [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset). A
+            tile's sum is at most its row count (<= 65536) without noise, so a larger bound never clips; the range
+            keeps the ADC step and its inverse finite in float32.
         tile_size: crossbar rows, in [1, 65536]; layers with more inputs are split into tiles along the input
             dimension, each with its own ADC, summed digitally. ``None``: one tile of any size.
         input_slice_bits: input bit-slicing (SplitInput): the magnitude of the ``input_bits`` integer input is
@@ -309,7 +312,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"AnalogNoiseConfig: `input_quant` must be one of {INPUT_QUANT_MODES}, got {self.input_quant!r}"
             )
-        check_range("AnalogNoiseConfig", "out_bound", self.out_bound, 0.0, MAX_OUT_BOUND, low_inclusive=False)
+        check_range("AnalogNoiseConfig", "out_bound", self.out_bound, MIN_OUT_BOUND, MAX_OUT_BOUND)
         self.out_bound = float(self.out_bound)
         if self.tile_size is not None:
             if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int):

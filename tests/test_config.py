@@ -245,8 +245,9 @@ def test_from_dict_accepts_integral_floats_for_int_fields():
 
 def test_out_bound_is_bounded_to_a_physical_range():
     assert AnalogNoiseConfig(out_bound=1e6).out_bound == 1e6
-    for bad in (1e6 * 1.001, 1e308):
-        with pytest.raises(ValueError, match=r"`out_bound` must be in \(0.0, 1000000.0\]"):
+    assert AnalogNoiseConfig(out_bound=1e-3).out_bound == 1e-3
+    for bad in (1e6 * 1.001, 1e308, 1e-30, 0.0):
+        with pytest.raises(ValueError, match=r"`out_bound` must be in \[0.001, 1000000.0\]"):
             AnalogNoiseConfig(out_bound=bad)
 
 

@@ -135,3 +135,16 @@ def test_read_noise_per_batch_through_the_tile_simulation_and_json():
         w_read = ReadNoise(std=0.02, draw="batch").read(w_prog2, c2)
     x_abs = x.abs().amax(1, keepdim=True)
     torch.testing.assert_close(y, ((x / x_abs) @ w_read.T) * x_abs * scale.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean_corrected", [False, True], ids=["plain", "mean_corrected"])
+def test_lognormal_stays_finite_at_the_top_of_its_ranges(mean_corrected):
+    # std = 5 at level = 100: σ = 500, exp(σ·ξ) overflows float32 and 0·inf gave NaN.
+    w = torch.linspace(-1, 1, 10_001)
+    w[5000] = 0.0
+    out = LogNormalNoise(std=5.0, mean_corrected=mean_corrected).program(w, ctx(level=100.0))
+    assert torch.isfinite(out).all()
+    assert out[5000] == 0.0 and torch.equal(torch.sign(out), torch.sign(w))
+    ratio = (out / w)[w != 0]
+    bound = math.exp(LogNormalNoise.MAX_LOG_FACTOR)
+    assert ratio.max().item() <= bound * (1 + 1e-6) and ratio.min().item() >= (1 - 1e-6) / bound

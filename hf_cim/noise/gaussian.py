@@ -8,6 +8,7 @@ variation used for RRAM (e.g. the paper arXiv 2508.11940's lognormal noise level
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -100,11 +101,17 @@ class LogNormalNoise(NoiseModel):
     Moments (the tests check them): ``E[w'/w] = exp(σ²/2)``, ``Var[ln(w'/w)] = σ²``. With ``mean_corrected=True``
     the factor is ``exp(σ·ξ − σ²/2)`` so that ``E[w'] = w`` (the weights are unbiased; the median shrinks).
 
+    The exponent is clipped to ``±MAX_LOG_FACTOR`` (20: a factor within [2e-9, 5e8]): no device varies by more,
+    and at the top of the ranges (``std = 5`` at ``level = 100``: ``σ = 500``) ``exp`` would overflow float32 to inf,
+    which a zero weight or input turns into NaN. Below ``σ ≈ 4`` the clip changes fewer than one draw in 10^6.
+
     Args:
         std: ``σ`` of ``ln g`` (dimensionless, in [0, 5]) at ``level = 1``. The ``"paper"`` preset uses 0.1 per
             unit of ``level`` (see :mod:`hf_cim.presets`).
         mean_corrected: subtract ``σ²/2`` in the exponent so that the mean conductance is unchanged.
     """
+
+    MAX_LOG_FACTOR: ClassVar[float] = 20.0
 
     std: float = 0.1
     mean_corrected: bool = False
@@ -121,7 +128,7 @@ class LogNormalNoise(NoiseModel):
         log_factor = ctx.randn_like(w).mul_(sigma)
         if self.mean_corrected:
             log_factor.sub_(0.5 * sigma * sigma)
-        return w * log_factor.exp_()
+        return w * log_factor.clamp_(-self.MAX_LOG_FACTOR, self.MAX_LOG_FACTOR).exp_()
 
 
 @register_noise_model("read_noise")
