@@ -291,9 +291,14 @@ def test_a_config_mutated_after_patching_is_validated():
 
 
 def test_patch_model_checks_noise_models_mutated_in_place():
+    # Changes no assignment check sees: a field set behind the model's back, an item appended to the list.
     cfg = AnalogNoiseConfig(noise=[{"name": "gaussian_weight", "std": 0.02}])
-    cfg.noise[0].std = -1.0  # a noise model's own field: the config cannot see this assignment
+    object.__setattr__(cfg.noise[0], "std", -1.0)
     model = tiny_gpt2()
     with pytest.raises(ValueError, match=r"`noise\[0\]`.*`std` must be in \[0.0, 10.0\]"):
+        hf_cim.patch_model(model, cfg)
+    cfg = AnalogNoiseConfig(noise=[])
+    cfg.noise.append({"name": "no_such_noise"})
+    with pytest.raises(ValueError, match=r"`noise\[0\]`.*no_such_noise"):
         hf_cim.patch_model(model, cfg)
     assert not list(hf_cim.analog_layers(model))

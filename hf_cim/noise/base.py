@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[NoiseModel]] = {}
+_assignment = threading.local()
 
 
 @dataclass
@@ -153,6 +155,20 @@ class NoiseModel:
 
     name: ClassVar[str] = ""
     differentiable: ClassVar[bool] = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A field assigned on a built model (``model.std = -1``) is checked as the constructor checks it: through a
+        # copy with the new value (``dataclasses.replace`` runs ``__post_init__``), which also stores the value
+        # normalized. First assignments (in ``__init__``) and those made while a check runs are set as they are.
+        if name in self.__dict__ and not getattr(_assignment, "checking", False):
+            fields = {f.name: f for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+            if name in fields and fields[name].init:
+                _assignment.checking = True
+                try:
+                    value = getattr(dataclasses.replace(self, **{name: value}), name)
+                finally:
+                    _assignment.checking = False
+        object.__setattr__(self, name, value)
 
     # Hooks: subclasses override the ones they need; the tile simulation calls only the overridden ones.
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:  # pragma: no cover - protocol default
