@@ -436,7 +436,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
                 f"({CONFIG_VERSION}); upgrade hf_cim"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted((k for k in data if k not in known), key=str)
         if unknown:
             logger.warning("AnalogNoiseConfig.from_dict: ignoring unknown field(s) %s", unknown)
         return cls(**{k: v for k, v in data.items() if k in known})

@@ -55,6 +55,7 @@ class AnalogHfQuantizer(HfQuantizer):
                 f"AnalogHfQuantizer: `quantization_config` must be an AnalogNoiseConfig, "
                 f"got {type(quantization_config).__name__}"
             )
+        quantization_config.validate()  # a bad config fails here, before the weights load, not after
         super().__init__(quantization_config, **kwargs)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

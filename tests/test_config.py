@@ -226,6 +226,13 @@ def test_from_dict_refuses_non_dicts(data):
         AnalogNoiseConfig.from_dict(data)
 
 
+def test_from_dict_ignores_non_string_keys_with_a_warning(caplog):
+    data = {**AnalogNoiseConfig().to_dict(), 1: "x", "zz_future": 2}
+    with caplog.at_level(logging.WARNING, logger="hf_cim.config"):
+        assert AnalogNoiseConfig.from_dict(data) == AnalogNoiseConfig()
+    assert "zz_future" in caplog.text and "1" in caplog.text
+
+
 def test_from_dict_accepts_integral_floats_for_int_fields():
     data = AnalogNoiseConfig(tile_size=512, input_slice_bits=2).to_dict()
     rewritten = {

@@ -221,6 +221,19 @@ def test_tampered_regex_fails_before_the_weights_load(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 5.0 and not loaded
 
 
+def test_a_config_made_invalid_in_place_fails_before_the_weights_load(tmp_path, monkeypatch):
+    tiny_gpt2().save_pretrained(tmp_path)
+    cfg = _config()
+    object.__setattr__(cfg.noise[0], "std", -1.0)  # behind the assignment check's back
+    loaded = []
+    monkeypatch.setattr(
+        hf_cim.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
+    )
+    with pytest.raises(ValueError, match=r"`noise\[0\]`.*`std`"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
+    assert not loaded
+
+
 def test_config_json_with_integral_floats_loads(tmp_path):
     cfg = _config(input_slice_bits=2)
     hf_cim.patch_model(tiny_gpt2(), cfg).save_pretrained(tmp_path)
