@@ -12,7 +12,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ from hf_cim.hub import redact_argv, redact_secrets
 logger = logging.getLogger("recipes")
 
 GRADIENT_CHOICES = ("ste", "ste_detach", "full", "none")
+BACKWARD_WEIGHTS_CHOICES = ("clean", "programmed")
+# The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
+# differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
+STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed"}
+STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean"}
 
 
 @dataclass
@@ -56,12 +62,64 @@ class AnalogArguments:
     eval_t_inference: str = field(
         default="0", metadata={"help": "Comma-separated seconds since programming (drift) of the final sweep."}
     )
+    mask_saturated: bool | None = field(
+        default=None,
+        metadata={
+            "help": "STE backward: no gradient through partial sums the ADC clipped (AnalogNoiseConfig."
+            f"mask_saturated). Default: {STE_LEVER_DEFAULTS['mask_saturated']} for --gradient ste/ste_detach/none; "
+            "always False with --gradient full (autograd differentiates the clip there; a true is overridden)."
+        }
+        | {"nargs": "?", "const": True},  # a bare --mask_saturated is true, as the other bool flags
+    )
+    backward_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "STE backward: weights of the input gradient, clean or programmed (the weights the chip "
+            f"computed with; AnalogNoiseConfig.backward_weights). Default: {STE_LEVER_DEFAULTS['backward_weights']} "
+            "for --gradient ste/ste_detach/none; always clean with --gradient full (overridden)."
+        },
+    )
+    digital_baseline: bool = field(
+        default=False,
+        metadata={
+            "help": "After the noise-aware run, train a digital twin (same initial weights, data order and steps; "
+            "output_dir/digital_baseline) and measure it on the same simulated chips: results.json 'comparison' "
+            "and comparison.md. Not with --gradient none (that run is the digital baseline itself)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.gradient not in GRADIENT_CHOICES:
             raise ValueError(f"`--gradient` must be one of {GRADIENT_CHOICES}, got {self.gradient!r}")
         if self.eval_chips < 0:
             raise ValueError(f"`--eval_chips` must be >= 0, got {self.eval_chips}")
+        if self.backward_weights is not None and self.backward_weights not in BACKWARD_WEIGHTS_CHOICES:
+            raise ValueError(
+                f"`--backward_weights` must be one of {BACKWARD_WEIGHTS_CHOICES}, got {self.backward_weights!r}"
+            )
+        if self.gradient == "full":
+            if self.mask_saturated or self.backward_weights == "programmed":
+                warnings.warn(
+                    "--gradient full differentiates the ADC clip and the programmed weights itself: "
+                    "--mask_saturated / --backward_weights are set to False / clean",
+                    stacklevel=2,
+                )
+            self.mask_saturated = STE_LEVERS_OFF["mask_saturated"]
+            self.backward_weights = STE_LEVERS_OFF["backward_weights"]
+        else:
+            if self.mask_saturated is None:
+                self.mask_saturated = STE_LEVER_DEFAULTS["mask_saturated"]
+            if self.backward_weights is None:
+                self.backward_weights = STE_LEVER_DEFAULTS["backward_weights"]
+        if self.digital_baseline and self.gradient == "none":
+            raise ValueError(
+                "`--digital_baseline` trains a digital twin to compare a noise-aware model with; with "
+                "`--gradient none` this run is itself the digital baseline: drop one of the two"
+            )
+        if self.digital_baseline and self.eval_chips == 0:
+            raise ValueError(
+                "`--digital_baseline` compares the two models on simulated chips: set `--eval_chips` >= 1"
+            )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
         self.t_inference = _floats("eval_t_inference", self.eval_t_inference)
 
@@ -156,6 +214,8 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
         "target_modules": _modules(args.target_modules),
         "exclude_modules": _modules(args.exclude_modules),
         "seed": args.analog_seed,
+        "mask_saturated": args.mask_saturated,
+        "backward_weights": args.backward_weights,
     }
     from hf_cim.presets import get_preset
 
@@ -225,6 +285,7 @@ def measure_chips(
             )
             out[name] = {
                 "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},
+                "chip_seeds": list(result.seeds),
                 "robustness": result.rows,
                 "table": result.to_markdown(),
             }
@@ -233,6 +294,167 @@ def measure_chips(
         if patched_here:
             hf_cim.unpatch_model(model)
     return out
+
+
+def snapshot_for_baseline(model: torch.nn.Module, args: AnalogArguments) -> torch.nn.Module | None:
+    """With ``--digital_baseline``: a copy of the freshly built (still digital) model, taken before patching and
+    training, from which the digital twin starts (same initial weights). None otherwise."""
+    import copy
+
+    return copy.deepcopy(model) if args.digital_baseline else None
+
+
+def train_digital_baseline(
+    trainer: transformers.Trainer,
+    initial_model: torch.nn.Module,
+    noise_config: hf_cim.AnalogNoiseConfig,
+    args: AnalogArguments,
+    eval_sets: dict[str, Any],
+    metric: str,
+    tokens_per_sample: int | None = None,
+) -> tuple[transformers.Trainer, dict[str, Any]]:
+    """Train the digital twin of the noise-aware run and measure it on the same simulated chips.
+
+    ``initial_model``: :func:`snapshot_for_baseline`'s copy. The twin's Trainer gets the noise-aware Trainer's
+    arguments (hence the same seed, data order and number of steps), datasets, collator and metrics, with
+    ``output_dir/digital_baseline`` as output, no checkpoints, no push, no resume. :func:`measure_chips` then
+    measures it on ``args.eval_chips`` chips at ``args.levels`` × ``args.t_inference`` with ``noise_config`` (the
+    chip seeds and evaluation data of the noise-aware model's sweep). Returns the twin's Trainer and
+    ``{"output_dir", "train", "train_loss_history", "eval"}``.
+    """
+    if hf_cim.get_config(initial_model) is not None:
+        raise ValueError("the digital baseline must start from the model before patching")
+    twin_args = replace(
+        trainer.args,
+        output_dir=os.path.join(trainer.args.output_dir, "digital_baseline"),
+        save_strategy="no",
+        load_best_model_at_end=False,
+        push_to_hub=False,
+        hub_model_id=None,
+        resume_from_checkpoint=None,
+    )
+    logger.info("digital baseline: training the digital twin into %s", twin_args.output_dir)
+    twin = type(trainer)(
+        model=initial_model,
+        args=twin_args,
+        train_dataset=trainer.train_dataset,
+        eval_dataset=trainer.eval_dataset,
+        processing_class=trainer.processing_class,
+        data_collator=trainer.data_collator,
+        compute_metrics=trainer.compute_metrics,
+        callbacks=callbacks(twin_args, tokens_per_sample=tokens_per_sample),
+    )
+    train_result = twin.train()
+    twin.save_model()
+    evals = measure_chips(twin, noise_config, args, eval_sets, metric)
+    return twin, {
+        "output_dir": twin_args.output_dir,
+        "train": train_result.metrics,
+        "train_loss_history": [{"step": e["step"], "loss": e["loss"]} for e in twin.state.log_history if "loss" in e],
+        "eval": evals,
+    }
+
+
+def _mean_std(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0  # sample std, as the sweep
+    return {"mean": mean, "std": std, "values": list(values)}
+
+
+def compare_with_baseline(
+    aware: dict[str, Any], digital: dict[str, Any], metric: str, greater_is_better: bool = False
+) -> dict[str, Any]:
+    """The paired comparison of the noise-aware model (``aware``) and its digital twin (``digital``), both
+    :func:`measure_chips` results on the same chips: per evaluation set, both clean metrics and per
+    ``(level, t_inference)`` cell the twin's and the noise-aware model's mean ± std over chips, the per-chip difference
+    noise-aware − digital (mean ± std), and ``recovered_percent`` = (digital chip − aware chip) / (digital chip −
+    digital clean) × 100: the share of the digital twin's degradation on chips that noise-aware training wins back
+    (the formula holds for either metric direction; None where the twin's chips are no worse than its clean model,
+    judged by ``greater_is_better``). A difference < 0 favours noise-aware training for a loss, > 0 for a score."""
+    sets: dict[str, Any] = {}
+    for name, a in aware.items():
+        d = digital[name]
+        if a.get("chip_seeds") != d.get("chip_seeds"):
+            raise ValueError(f"{name}: chip seeds differ ({a.get('chip_seeds')} vs {d.get('chip_seeds')})")
+        clean_d, clean_a = d["clean"][metric], a["clean"][metric]
+        cells = []
+        for ra in a.get("robustness", []):
+            rd = next(
+                r for r in d["robustness"] if r["level"] == ra["level"] and r["t_inference"] == ra["t_inference"]
+            )
+            diff = [va - vd for va, vd in zip(ra["values"], rd["values"], strict=True)]
+            gap = rd["mean"] - clean_d
+            degraded = gap < 0 if greater_is_better else gap > 0
+            cells.append(
+                {
+                    "level": ra["level"],
+                    "t_inference": ra["t_inference"],
+                    "n_chips": len(diff),
+                    "digital": _mean_std(rd["values"]),
+                    "noise_aware": _mean_std(ra["values"]),
+                    "difference": _mean_std(diff),
+                    "recovered_percent": 100.0 * (rd["mean"] - ra["mean"]) / gap if degraded else None,
+                }
+            )
+        sets[name] = {
+            "chip_seeds": a.get("chip_seeds"),
+            "clean": {"digital": clean_d, "noise_aware": clean_a, "difference": clean_a - clean_d},
+            "cells": cells,
+        }
+    return {
+        "metric": metric,
+        "greater_is_better": greater_is_better,
+        "difference": "noise_aware - digital (per chip seed)",
+        "sets": sets,
+    }
+
+
+def comparison_markdown(comparison: dict[str, Any], digits: int = 4) -> str:
+    """``comparison.md``: one table per evaluation set, the clean models first, then one line per chip cell."""
+    m = comparison["metric"]
+    out = [
+        f"# Noise-aware vs digital twin ({m})",
+        "",
+        "Same initial weights, data order and steps; the same simulated chips (paired by chip seed). "
+        "Difference: noise-aware − digital, per chip. Recovered: (digital chip − noise-aware chip) / "
+        "(digital chip − digital clean), where the twin loses on chips. "
+        + ("Higher is better." if comparison.get("greater_is_better") else "Lower is better."),
+    ]
+
+    def ms(s: dict[str, Any]) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+    for name, entry in comparison["sets"].items():
+        clean = entry["clean"]
+        out += [
+            "",
+            f"## {name} (chip seeds {entry['chip_seeds']})",
+            "",
+            "| noise level | t_inference (s) | digital twin | noise-aware | difference (paired) | recovered | chips |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| clean | – | {clean['digital']:.{digits}f} | {clean['noise_aware']:.{digits}f} | "
+            f"{clean['difference']:+.{digits}f} | – | – |",
+        ]
+        for c in entry["cells"]:
+            rec = "–" if c["recovered_percent"] is None else f"{c['recovered_percent']:.0f} %"
+            d = c["difference"]
+            out.append(
+                f"| {c['level']:g} | {c['t_inference']:g} | {ms(c['digital'])} | {ms(c['noise_aware'])} | "
+                f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f} | {rec} | {c['n_chips']} |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def write_comparison(trainer: transformers.Trainer, comparison: dict[str, Any]) -> str:
+    """``comparison.md`` in ``output_dir`` (main process), also logged; returns the text."""
+    text = comparison_markdown(comparison)
+    if trainer.is_world_process_zero():
+        path = os.path.join(trainer.args.output_dir, "comparison.md")
+        with open(path, "w") as f:
+            f.write(text)
+        logger.info("noise-aware training vs the digital twin (%s):\n%s", path, text)
+    return text
 
 
 def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_model: str | None) -> dict[str, Any]:

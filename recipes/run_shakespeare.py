@@ -33,11 +33,15 @@ from _common import (
     card_and_push,
     card_kwargs,
     command_line,
+    compare_with_baseline,
     measure_chips,
     parse_args,
     resume_arg,
     setup_logging,
     shutdown,
+    snapshot_for_baseline,
+    train_digital_baseline,
+    write_comparison,
     write_results,
 )
 from transformers import (
@@ -149,6 +153,15 @@ def blocks(ids: list[int], block_size: int) -> dict[str, list[list[int]]]:
     return {"input_ids": chunks, "labels": [list(c) for c in chunks]}
 
 
+def add_perplexity(evals: dict) -> None:
+    """perplexity = exp(mean token cross-entropy), clean and of each chip."""
+    for entry in evals.values():
+        entry["clean"]["perplexity"] = perplexity(entry["clean"]["loss"])
+        for row in entry.get("robustness", []):
+            row["perplexity"] = [perplexity(v) for v in row["values"]]
+            row["perplexity_mean"] = sum(row["perplexity"]) / len(row["perplexity"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     model_args, data_args, analog_args, training_args = parse_args(
@@ -220,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_config(config)
         logger.info("from scratch: %s, %.2fM parameters", config.to_diff_dict(), model.num_parameters() / 1e6)
 
+    initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
     if analog_args.gradient != "none":
         hf_cim.patch_model(model, noise_config)
         logger.info(
@@ -255,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
             "preset": analog_args.preset,
             "level": analog_args.level,
             "gradient": analog_args.gradient,
+            "mask_saturated": analog_args.mask_saturated,
+            "backward_weights": analog_args.backward_weights,
             "config": noise_config.to_dict(),
         },
     }
@@ -262,11 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["train"] = train_result.metrics
     trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
     evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss")
-    for entry in evals.values():  # perplexity = exp(mean token cross-entropy) of each chip
-        entry["clean"]["perplexity"] = perplexity(entry["clean"]["loss"])
-        for row in entry.get("robustness", []):
-            row["perplexity"] = [perplexity(v) for v in row["values"]]
-            row["perplexity_mean"] = sum(row["perplexity"]) / len(row["perplexity"])
+    add_perplexity(evals)
     results["eval"] = evals
     val = evals["validation"]
     trained = [r for r in val.get("robustness", []) if math.isclose(r["level"], analog_args.level)]
@@ -279,7 +291,16 @@ def main(argv: list[str] | None = None) -> dict:
         if trained
         else "",
     )
+    if initial_model is not None:
+        _, baseline = train_digital_baseline(
+            trainer, initial_model, noise_config, analog_args, {"validation": valid}, "loss", data_args.block_size
+        )
+        add_perplexity(baseline["eval"])
+        results["digital_baseline"] = baseline
+        results["comparison"] = compare_with_baseline(evals, baseline["eval"], "loss")
     write_results(trainer, results, start)
+    if "comparison" in results:
+        write_comparison(trainer, results["comparison"])
     card = card_kwargs(results, "text-generation", ["tiny_shakespeare"], model_args.model_name_or_path)
     card_and_push(trainer, analog_args.gradient != "none", card)
     return results

@@ -178,3 +178,117 @@ def test_hub_token_reaches_no_file_written_or_uploaded(tmp_path, fake_hub, gradi
     assert not [
         (up["repo_id"], f) for up in fake_hub for f, data in up["files"].items() if FAKE_TOKEN.encode() in data
     ]
+
+
+@pytest.fixture
+def trainer_record(monkeypatch):
+    """Per Trainer (keyed by output_dir): the model's state dict when train() starts and every training batch."""
+    import torch
+    from transformers import Trainer
+
+    record = {}
+    train, training_step = Trainer.train, Trainer.training_step
+
+    def recording_train(self, *args, **kwargs):
+        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        record[os.path.normpath(self.args.output_dir)] = {"initial": state, "batches": [], "args": self.args}
+        return train(self, *args, **kwargs)
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        record[os.path.normpath(self.args.output_dir)]["batches"].append(inputs["input_ids"].detach().clone())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    monkeypatch.setattr(Trainer, "training_step", recording_step)
+    record["torch"] = torch
+    return record
+
+
+def test_digital_baseline_is_a_paired_twin_on_the_same_chips(tmp_path, trainer_record):
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    out, twin_dir = tmp_path / "out", tmp_path / "out" / "digital_baseline"
+    common = ["--max_steps", "4", "--eval_levels", "0,2", "--eval_t_inference", "0,100", "--preset", "pcm_drift"]
+    res = run_shakespeare.main(clm_args(path, out, *common, "--gradient", "ste", "--digital_baseline", "true"))
+    torch = trainer_record["torch"]
+
+    # two trainings: the noise-aware model and its twin, from the same initial weights, on the same batches
+    aware, twin = trainer_record[str(out)], trainer_record[str(twin_dir)]
+    assert set(twin["initial"]) <= set(aware["initial"])  # the patched model may hold extra buffers, no fewer
+    assert all(torch.equal(twin["initial"][k], aware["initial"][k]) for k in twin["initial"])
+    assert len(aware["batches"]) == len(twin["batches"]) == 4
+    assert all(torch.equal(a, b) for a, b in zip(aware["batches"], twin["batches"]))
+    assert twin["args"].save_strategy == "no" and not twin["args"].push_to_hub and twin["args"].seed == 0
+    assert not list(twin_dir.glob("checkpoint-*")) and (twin_dir / "robustness_validation").is_dir()
+
+    # the comparison: every (level, t_inference) cell, paired per chip seed
+    on_disk = json.loads((out / "results.json").read_text())
+    comp = on_disk["comparison"]["sets"]["validation"]
+    assert on_disk["comparison"]["metric"] == "loss" and comp["chip_seeds"] == [0, 1]
+    assert [(c["level"], c["t_inference"]) for c in comp["cells"]] == [
+        (lv, t) for lv in (0.0, 1.0, 2.0) for t in (0.0, 100.0)
+    ]
+    aware_rows = res["eval"]["validation"]["robustness"]
+    twin_rows = json.loads((twin_dir / "robustness_validation" / "robustness.json").read_text())
+    assert twin_rows["seeds"] == res["eval"]["validation"]["chip_seeds"] == [0, 1]
+    for cell, ra, rd in zip(comp["cells"], aware_rows, twin_rows["rows"], strict=True):
+        assert cell["noise_aware"]["values"] == ra["values"] and cell["digital"]["values"] == rd["values"]
+        diff = [a - d for a, d in zip(ra["values"], rd["values"])]
+        assert cell["difference"]["values"] == pytest.approx(diff, abs=1e-12)
+        assert cell["difference"]["mean"] == pytest.approx(sum(diff) / 2, abs=1e-12)
+        gap = rd["mean"] - comp["clean"]["digital"]
+        expected = 100 * (rd["mean"] - ra["mean"]) / gap if gap > 0 else None
+        assert cell["recovered_percent"] == (pytest.approx(expected) if expected is not None else None)
+    assert comp["clean"]["noise_aware"] == res["eval"]["validation"]["clean"]["loss"]
+    assert comp["clean"]["digital"] == res["digital_baseline"]["eval"]["validation"]["clean"]["loss"]
+    md = (out / "comparison.md").read_text()
+    assert "| clean | – |" in md and md.count("\n| 2 | 100 |") == 1 and "chip seeds [0, 1]" in md
+
+    # an independent digital run with the same seed is the twin: same losses step by step, same chip values
+    ref = run_shakespeare.main(clm_args(path, tmp_path / "ref", *common, "--gradient", "none"))
+    twin_hist = [e["loss"] for e in res["digital_baseline"]["train_loss_history"]]
+    ref_hist = [e["loss"] for e in json.loads((tmp_path / "ref" / "results.json").read_text())["train_loss_history"]]
+    assert len(twin_hist) == 4 and twin_hist == pytest.approx(ref_hist, rel=1e-6)
+    for rr, rd in zip(ref["eval"]["validation"]["robustness"], twin_rows["rows"], strict=True):
+        assert rr["values"] == pytest.approx(rd["values"], rel=1e-6)
+
+
+def test_digital_baseline_needs_a_noise_aware_run_and_chips(tmp_path):
+    path, _ = write_text(tmp_path / "input.txt", n_chars=2000)
+    with pytest.raises(ValueError, match="with `--gradient none` this run is itself the digital baseline"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o", "--gradient", "none", "--digital_baseline", "true"))
+    with pytest.raises(ValueError, match="`--digital_baseline` compares .* set `--eval_chips` >= 1"):
+        run_shakespeare.main(clm_args(path, tmp_path / "o", "--digital_baseline") + ["--eval_chips", "0"])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_ste_levers_reach_the_noise_config(tmp_path):
+    from _common import STE_LEVER_DEFAULTS, AnalogArguments, build_noise_config, parse_args
+    from transformers import AutoModelForCausalLM
+
+    import hf_cim
+
+    def config(*argv):
+        (args,) = parse_args((AnalogArguments,), list(argv))
+        return build_noise_config(args)
+
+    default = config()
+    assert (default.mask_saturated, default.backward_weights) == tuple(STE_LEVER_DEFAULTS.values())
+    assert (default.mask_saturated, default.backward_weights) == (True, "programmed")  # the recipes' choice today
+    off = config("--mask_saturated", "false", "--backward_weights", "clean", "--gradient", "ste_detach")
+    assert (off.gradient, off.mask_saturated, off.backward_weights) == ("ste_detach", False, "clean")
+    full = config("--gradient", "full")  # the config rejects the levers with `full`: forced off
+    assert (full.gradient, full.mask_saturated, full.backward_weights) == ("full", False, "clean")
+    with pytest.warns(UserWarning, match="--gradient full .* set to False / clean"):
+        forced = config("--gradient", "full", "--mask_saturated", "--backward_weights", "programmed")
+    assert (forced.mask_saturated, forced.backward_weights) == (False, "clean")
+    with pytest.raises(ValueError, match="`--backward_weights` must be one of"):
+        config("--backward_weights", "noisy")
+
+    # end to end: the model trains and is saved with the levers of the command line
+    path, _ = write_text(tmp_path / "input.txt", n_chars=3000)
+    out = tmp_path / "out"
+    args = clm_args(path, out, "--max_steps", "1", "--mask_saturated", "false", "--backward_weights", "programmed")
+    res = run_shakespeare.main(args + ["--eval_chips", "0"])
+    assert (res["analog"]["mask_saturated"], res["analog"]["backward_weights"]) == (False, "programmed")
+    cfg = hf_cim.get_config(AutoModelForCausalLM.from_pretrained(out))
+    assert (cfg.mask_saturated, cfg.backward_weights) == (False, "programmed")
