@@ -31,11 +31,15 @@ from _common import (
     card_and_push,
     card_kwargs,
     command_line,
+    compare_with_baseline,
     measure_chips,
     parse_args,
     resume_arg,
     setup_logging,
     shutdown,
+    snapshot_for_baseline,
+    train_digital_baseline,
+    write_comparison,
     write_results,
 )
 from transformers import (
@@ -360,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
         preds = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
         return glue_metric(metric_task, preds, pred.label_ids)
 
+    initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
     if analog_args.gradient != "none":
         hf_cim.patch_model(model, noise_config)
         logger.info(
@@ -390,6 +395,8 @@ def main(argv: list[str] | None = None) -> dict:
             "preset": analog_args.preset,
             "level": analog_args.level,
             "gradient": analog_args.gradient,
+            "mask_saturated": analog_args.mask_saturated,
+            "backward_weights": analog_args.backward_weights,
             "config": noise_config.to_dict(),
         },
     }
@@ -397,7 +404,15 @@ def main(argv: list[str] | None = None) -> dict:
     results["train"] = train_result.metrics
     trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
     results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key)
+    if initial_model is not None:  # every GLUE metric (accuracy, F1, Matthews, Pearson) is higher-is-better
+        _, baseline = train_digital_baseline(trainer, initial_model, noise_config, analog_args, eval_sets, metric_key)
+        results["digital_baseline"] = baseline
+        results["comparison"] = compare_with_baseline(
+            results["eval"], baseline["eval"], metric_key, greater_is_better=True
+        )
     write_results(trainer, results, start)
+    if "comparison" in results:
+        write_comparison(trainer, results["comparison"])
     card = card_kwargs(
         results, "text-classification", [f"nyu-mll/glue/{data_args.task_name}"], model_args.model_name_or_path
     )

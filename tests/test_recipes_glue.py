@@ -284,3 +284,36 @@ def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(bert_dir, tmp_p
     assert [e["step"] for e in b] == [1, 2, 3, 4]  # steps 1-2 come from the checkpoint's trainer_state.json
     assert [e["loss"] for e in b] == pytest.approx([e["loss"] for e in a], rel=1e-5)
     assert (part / "checkpoint-4" / "hf_cim_noise_state.safetensors").is_file()
+
+
+def test_digital_baseline_on_both_mnli_sets_matches_a_digital_run(bert_dir, tmp_path):
+    """--digital_baseline: the twin (same freshly initialised classifier, data order and steps) is an independent
+    --gradient none run, measured on the same chips; one comparison per evaluation set, higher is better."""
+    train = write_glue_tsv(tmp_path / "train.tsv", "mnli", 32)
+    dev_m = write_glue_tsv(tmp_path / "dev_matched.tsv", "mnli", 12, seed=1)
+    dev_mm = write_glue_tsv(tmp_path / "dev_mismatched.tsv", "mnli", 12, seed=2)
+
+    def run(out, *extra):
+        return run_glue.main(
+            glue_args(bert_dir, "mnli", train, dev_m, out, "--max_steps", "3", "--learning_rate", "5e-3", *extra)
+            + ["--validation_mismatched_file", dev_mm, "--ignore_mismatched_sizes", "true"]
+        )
+
+    res = run(tmp_path / "out", "--gradient", "ste", "--digital_baseline", "true")
+    ref = run(tmp_path / "ref", "--gradient", "none")
+    comp = json.loads((tmp_path / "out" / "results.json").read_text())["comparison"]
+    assert comp["metric"] == "accuracy" and comp["greater_is_better"] is True
+    assert set(comp["sets"]) == {"validation_matched", "validation_mismatched"}
+    twin = res["digital_baseline"]
+    ref_history = json.loads((tmp_path / "ref" / "results.json").read_text())["train_loss_history"]
+    assert len(twin["train_loss_history"]) == 3
+    assert [e["loss"] for e in twin["train_loss_history"]] == pytest.approx([e["loss"] for e in ref_history], rel=1e-6)
+    for name, entry in comp["sets"].items():
+        assert entry["chip_seeds"] == [0, 1] and entry["clean"]["digital"] == ref["eval"][name]["clean"]["accuracy"]
+        assert [(c["level"], c["t_inference"]) for c in entry["cells"]] == [(0.0, 0.0), (1.0, 0.0)]
+        for cell, rr, ra in zip(entry["cells"], ref["eval"][name]["robustness"], res["eval"][name]["robustness"]):
+            assert cell["digital"]["values"] == rr["values"] and cell["noise_aware"]["values"] == ra["values"]
+            gap = cell["digital"]["mean"] - entry["clean"]["digital"]
+            if gap >= 0:  # the twin lost nothing on chips: nothing to recover
+                assert cell["recovered_percent"] is None
+    assert "Higher is better." in (tmp_path / "out" / "comparison.md").read_text()
