@@ -278,6 +278,10 @@ class AnalogLayerMixin:
         cfg = self.hf_cim_config
         if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
             return self._clean_forward(x)
+        if x.is_meta or self.weight.is_meta:
+            # Meta tensors hold no values, only shapes: the plain layer's forward gives the analog output's shape and
+            # dtype (and the plain layer's error for mixed devices); generators and autocast have no meta device.
+            return self._clean_forward(x)
         if self.training and self.hf_cim_level > 0.0:
             # Activation checkpointing re-runs this forward inside the backward pass: it must see the noise the
             # original forward drew, or the gradient belongs to activations that never ran. Each training forward
@@ -431,7 +435,11 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
         return out[0], out[1]
 
     def _to_rows(self, x):
-        xp, pad = self._padded(x)
+        if x.dim() not in (3, 4):  # nn.Conv2d's own check and message
+            raise RuntimeError(
+                f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(x.shape)}"
+            )
+        xp, pad = self._padded(x if x.dim() == 4 else x.unsqueeze(0))  # (C, H, W): one image, as nn.Conv2d
         cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N·L, C·kh·kw)
 

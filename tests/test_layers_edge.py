@@ -9,10 +9,6 @@ from transformers.pytorch_utils import Conv1D
 import hf_cim
 from hf_cim import AnalogNoiseConfig
 
-# Until hf_cim/layers.py gets its fix (issue 13, item 5: unbatched Conv2d input, meta forward), every test here fails;
-# strict: once the fix lands they pass and this marker must go.
-pytestmark = pytest.mark.xfail(strict=True, reason="needs the layers.py fix of issue 13 item 5 (Conv2d (C,H,W), meta)")
-
 NOISE = [{"name": "gaussian_weight", "std": 0.05}, {"name": "output_noise", "std": 0.1}]
 CONVS = {
     "zeros": dict(padding=1),
