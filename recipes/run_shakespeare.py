@@ -7,12 +7,14 @@ Two ways, as transformers' ``run_clm.py`` and nanoGPT's ``shakespeare_char``:
   the tokenizer is built from the text's characters (65 for Tiny Shakespeare) and saved with the model;
 * a pretrained GPT-2 with its BPE tokenizer: ``--model_name_or_path gpt2`` (or a local folder).
 
-Data: ``--train_file`` (a local copy of ``input.txt``), else the public file (1,115,394 characters) downloaded from
-``--data_url`` and checked against its SHA-256. Split (fixed, as nanoGPT): the first 90 % of the characters train,
+Data: by default the copy of Tiny Shakespeare shipped with the recipes (``recipes/data/tinyshakespeare.txt.xz``,
+1,115,394 characters, checked against its SHA-256: no network). Else ``--train_file`` (a local text file),
+``--dataset_name`` (a dataset through ``datasets.load_dataset``: its train split's text column, joined) or
+``--data_url`` (downloaded once, cached). Split (fixed, as nanoGPT): the first 90 % of the characters train,
 the last 10 % validate (``--validation_split_percentage``). Both are cut into non-overlapping blocks of
 ``--block_size`` tokens. Reports validation loss and perplexity (``exp(loss)``), clean and on simulated chips.
 
-    python recipes/run_shakespeare.py --train_file ../shared/data/tinyshakespeare/input.txt --output_dir out/char \\
+    python recipes/run_shakespeare.py --output_dir out/char \\
         --config_overrides n_layer=4,n_head=4,n_embd=128 --block_size 128 --max_steps 1000 --preset paper
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import math
 import os
 import time
@@ -61,7 +64,9 @@ from hf_cim.metrics import perplexity
 logger = logging.getLogger("recipes.run_shakespeare")
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # of input.txt
+# input.txt compressed with xz -9e (356 KiB), source and checksum in recipes/data/README.md
+SHIPPED_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tinyshakespeare.txt.xz")
 
 
 @dataclass
@@ -84,9 +89,25 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: str | None = field(
-        default=None, metadata={"help": "Local Tiny Shakespeare text (default: download --data_url)."}
+        default=None,
+        metadata={"help": "A local text file (default: the Tiny Shakespeare copy in recipes/data, no network)."},
     )
-    data_url: str = field(default=TINY_SHAKESPEARE_URL, metadata={"help": "Where to download the text from."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A dataset for datasets.load_dataset (Hub id or local folder) instead: the rows of its train "
+            "split's --text_column, joined by newlines, are the text (then split as any text)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
+    text_column: str = field(default="text", metadata={"help": "--dataset_name: the column holding the text."})
+    data_url: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Download the text from this URL instead (cached in --cache_dir; the original {TINY_SHAKESPEARE_URL}"
+            " is checked against its SHA-256)."
+        },
+    )
     validation_split_percentage: float = field(
         default=10.0, metadata={"help": "The last N percent of the text is the validation set (nanoGPT: 10)."}
     )
@@ -95,6 +116,9 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation blocks."})
 
     def __post_init__(self) -> None:
+        given = [f"--{n}" for n in ("train_file", "dataset_name", "data_url") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one source of text, got {' and '.join(given)}")
         if not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"`--validation_split_percentage` must be in (0, 100), got {self.validation_split_percentage}"
@@ -103,8 +127,44 @@ class DataArguments:
             raise ValueError(f"`--block_size` must be >= 2 tokens, got {self.block_size}")
 
 
+def read_shipped_text(path: str = SHIPPED_TEXT) -> str:
+    """Tiny Shakespeare as shipped with the recipes: ``recipes/data/tinyshakespeare.txt.xz`` decompressed with
+    :mod:`lzma`, checked against :data:`TINY_SHAKESPEARE_SHA256` (the SHA-256 of the original ``input.txt``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing from this checkout; pass a text with --train_file or --data_url")
+    with lzma.open(path) as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != TINY_SHAKESPEARE_SHA256:
+        raise RuntimeError(f"{path}: SHA-256 mismatch (expected {TINY_SHAKESPEARE_SHA256}); the file is damaged")
+    return data.decode("utf-8")
+
+
+def read_dataset_text(data_args: DataArguments, cache_dir: str | None) -> str:
+    """``--dataset_name``: the train split's ``--text_column``, rows joined by newlines."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split="train", cache_dir=cache_dir
+        )
+    except Exception as err:  # offline without a cache, unknown name
+        raise RuntimeError(
+            f"could not load `--dataset_name` {data_args.dataset_name!r} ({type(err).__name__}: {err}); "
+            "leave it out for the shipped Tiny Shakespeare or pass --train_file"
+        ) from err
+    if data_args.text_column not in ds.column_names:
+        raise ValueError(
+            f"`--text_column` {data_args.text_column!r} is not a column of {data_args.dataset_name!r}: "
+            f"{ds.column_names}"
+        )
+    text = "\n".join(ds[data_args.text_column])
+    if not text:
+        raise ValueError(f"`--dataset_name` {data_args.dataset_name!r} holds no text")
+    return text
+
+
 def read_text(data_args: DataArguments, cache_dir: str | None) -> str:
-    """The training text: ``--train_file``, else the download (cached, SHA-256 checked)."""
+    """The text: ``--train_file``, ``--dataset_name``, ``--data_url`` (downloaded once, cached), else the shipped copy."""
     if data_args.train_file is not None:
         if not os.path.isfile(data_args.train_file):
             raise FileNotFoundError(f"`--train_file` {data_args.train_file!r} does not exist")
@@ -113,23 +173,40 @@ def read_text(data_args: DataArguments, cache_dir: str | None) -> str:
         if not text:
             raise ValueError(f"`--train_file` {data_args.train_file!r} is empty")
         return text
-    cache = os.path.join(cache_dir or os.path.expanduser("~/.cache/hf_cim"), "tinyshakespeare", "input.txt")
+    if data_args.dataset_name is not None:
+        return read_dataset_text(data_args, cache_dir)
+    if data_args.data_url is None:
+        return read_shipped_text()
+    url = data_args.data_url
+    name = hashlib.sha256(url.encode()).hexdigest()[:16] if url != TINY_SHAKESPEARE_URL else "input"
+    cache = os.path.join(cache_dir or os.path.expanduser("~/.cache/hf_cim"), "tinyshakespeare", f"{name}.txt")
     if not os.path.isfile(cache):
-        logger.info("downloading %s", data_args.data_url)
+        logger.info("downloading %s", url)
         try:
-            with urllib.request.urlopen(data_args.data_url, timeout=60) as r:
+            with urllib.request.urlopen(url, timeout=60) as r:
                 data = r.read()
         except OSError as err:
             raise RuntimeError(
-                f"could not download {data_args.data_url} ({err}); pass a local copy with --train_file"
+                f"could not download {url} ({err}); leave out --data_url for the shipped copy, or use --train_file"
             ) from err
-        if data_args.data_url == TINY_SHAKESPEARE_URL and hashlib.sha256(data).hexdigest() != TINY_SHAKESPEARE_SHA256:
-            raise RuntimeError(f"{data_args.data_url}: SHA-256 mismatch (expected {TINY_SHAKESPEARE_SHA256})")
+        if url == TINY_SHAKESPEARE_URL and hashlib.sha256(data).hexdigest() != TINY_SHAKESPEARE_SHA256:
+            raise RuntimeError(f"{url}: SHA-256 mismatch (expected {TINY_SHAKESPEARE_SHA256})")
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(cache, "wb") as f:
             f.write(data)
     with open(cache, encoding="utf-8") as f:
         return f.read()
+
+
+def data_source(data_args: DataArguments) -> str:
+    """Where the text came from, for results.json."""
+    if data_args.train_file is not None:
+        return data_args.train_file
+    if data_args.dataset_name is not None:
+        return (
+            f"{data_args.dataset_name} ({data_args.dataset_config_name or 'default'}, train, {data_args.text_column})"
+        )
+    return data_args.data_url or "recipes/data/tinyshakespeare.txt.xz (shipped, SHA-256 checked)"
 
 
 def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
@@ -259,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokenizer": "character" if char_level else (model_args.tokenizer_name or model_args.model_name_or_path),
         "vocab_size": len(tokenizer),
         "num_parameters": model.num_parameters(),
+        "data": data_source(data_args),
         "text_characters": len(text),
         "split": {"train_characters": cut, "validation_characters": len(text) - cut},
         "num_train_blocks": len(train),
@@ -301,7 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(trainer, results, start)
     if "comparison" in results:
         write_comparison(trainer, results["comparison"])
-    card = card_kwargs(results, "text-generation", ["tiny_shakespeare"], model_args.model_name_or_path)
+    card = card_kwargs(
+        results, "text-generation", [data_args.dataset_name or "tiny_shakespeare"], model_args.model_name_or_path
+    )
     card_and_push(trainer, analog_args.gradient != "none", card)
     return results
 
