@@ -37,7 +37,13 @@ STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean"}
 class AnalogArguments:
     """How the model is trained and measured as an analog chip."""
 
-    preset: str = field(default="paper", metadata={"help": "Noise preset (hf_cim.presets.list_presets())."})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Noise preset (hf_cim.presets.list_presets()); default paper. A model saved by hf_cim (analog "
+            "checkpoint) keeps its own noise config unless --preset is given."
+        },
+    )
     level: float = field(default=1.0, metadata={"help": "Noise level the model is trained at (scales all noise)."})
     gradient: str = field(
         default="ste",
@@ -60,7 +66,11 @@ class AnalogArguments:
         metadata={"help": "Comma-separated noise levels of the final sweep (the trained level is always added)."},
     )
     eval_t_inference: str = field(
-        default="0", metadata={"help": "Comma-separated seconds since programming (drift) of the final sweep."}
+        default="0",
+        metadata={
+            "help": "Comma-separated times since programming (drift) of the chip sweep: seconds (3600) or a number "
+            "with a unit s, min, h, d, w, y (1 y = 365.25 d), e.g. 1h,1d,30d,1y."
+        },
     )
     mask_saturated: bool | None = field(
         default=None,
@@ -79,6 +89,13 @@ class AnalogArguments:
             "for --gradient ste/ste_detach/none; always clean with --gradient full (overridden)."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "With --do_train, train from scratch even if output_dir holds checkpoint-* folders (by default "
+            "training resumes from the last one, as transformers' examples; TrainingArguments dropped this flag)."
+        },
+    )
     digital_baseline: bool = field(
         default=False,
         metadata={
@@ -89,6 +106,9 @@ class AnalogArguments:
     )
 
     def __post_init__(self) -> None:
+        self.preset_given = self.preset is not None  # an analog checkpoint keeps its own noise config otherwise
+        if self.preset is None:
+            self.preset = "paper"
         if self.gradient not in GRADIENT_CHOICES:
             raise ValueError(f"`--gradient` must be one of {GRADIENT_CHOICES}, got {self.gradient!r}")
         if self.eval_chips < 0:
@@ -121,7 +141,54 @@ class AnalogArguments:
                 "`--digital_baseline` compares the two models on simulated chips: set `--eval_chips` >= 1"
             )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
-        self.t_inference = _floats("eval_t_inference", self.eval_t_inference)
+        self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
+
+
+# Units of --eval_t_inference, largest first (format_time picks the largest that divides a time exactly). A year is
+# the Julian year, 365.25 days, as in astronomy and most drift papers quoting "1 year" in seconds (3.156e7 s).
+TIME_UNITS = {"y": 365.25 * 86400, "w": 7 * 86400, "d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
+
+
+def parse_time(text: str, name: str = "eval_t_inference") -> float:
+    """A time since programming in seconds: ``"3600"``, ``"90s"``, ``"30min"``, ``"1h"``, ``"1d"``, ``"2w"``, ``"1y"``,
+    ``"1.5h"``.
+
+    Raises:
+        ValueError: not a number with one of the units :data:`TIME_UNITS`, negative or not finite; the message
+            names the flag, the value and the accepted forms.
+    """
+    word = str(text).strip().lower().replace(" ", "")
+    unit = next((u for u in TIME_UNITS if word.endswith(u) and word[: -len(u)]), "")
+    try:
+        value = float(word[: len(word) - len(unit)]) * TIME_UNITS.get(unit, 1.0)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"`--{name}`: {text!r} is not a time >= 0; use seconds (3600) or a number with a unit "
+            f"{', '.join(reversed(TIME_UNITS))} (e.g. 1h, 30d, 1y)"
+        )
+    return value
+
+
+def parse_times(name: str, text: str) -> tuple[float, ...]:
+    """Comma-separated :func:`parse_time` values, sorted, without duplicates."""
+    words = [w for w in str(text).split(",") if w.strip()]
+    if not words:
+        raise ValueError(f"`--{name}` must hold at least one time, got {text!r}")
+    return tuple(sorted({parse_time(w, name) for w in words}))
+
+
+def format_time(seconds: float) -> str:
+    """The largest unit of :data:`TIME_UNITS` that divides ``seconds`` exactly: 86400 → ``"1d"``, 90 → ``"90s"``,
+    5400 → ``"90min"``, 0 → ``"0"``; other values as seconds (``"0.5s"``)."""
+    if seconds == 0:
+        return "0"
+    for unit, size in TIME_UNITS.items():
+        n = seconds / size
+        if n >= 1 and abs(n - round(n)) < 1e-9 * n:
+            return f"{round(n)}{unit}"
+    return f"{seconds:g}s"
 
 
 def _floats(name: str, text: str, extra: float | None = None) -> tuple[float, ...]:
@@ -222,6 +289,72 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
     return get_preset(args.preset, level=args.level, **overrides)
 
 
+def run_mode(training_args: TrainingArguments, args: AnalogArguments) -> None:
+    """``--do_train`` / ``--do_eval`` / ``--do_predict`` as transformers' examples; none of them given: train and
+    evaluate (the recipes' behaviour before these flags counted)."""
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        training_args.do_train = training_args.do_eval = True
+    if args.digital_baseline and not (training_args.do_train and training_args.do_eval):
+        raise ValueError(
+            "`--digital_baseline` trains a digital twin next to the noise-aware run and compares them on chips: "
+            "it needs `--do_train` and `--do_eval`"
+        )
+
+
+def prepare_model(
+    model: torch.nn.Module, noise_config: hf_cim.AnalogNoiseConfig, args: AnalogArguments, train: bool
+) -> hf_cim.AnalogNoiseConfig:
+    """Patch ``model`` for training and return the noise config its chips are measured with.
+
+    * A digital model: patched with ``noise_config`` (the preset) if it is trained with a noisy gradient; the chip
+      sweep patches it with the same config for the measurement only.
+    * An analog checkpoint (saved by hf_cim: ``quantization_config`` with ``quant_method`` ``hf_cim``, patched again
+      by ``from_pretrained``): measured (and trained) with its own noise config, its own level added to the sweep;
+      with an explicit ``--preset``, unpatched and treated as a digital model with that preset instead.
+    """
+    own = hf_cim.get_config(model)
+    if own is not None and not args.preset_given:
+        logger.info("analog checkpoint: its own noise config (preset level %g); --preset replaces it", own.level)
+        args.levels = _floats("eval_levels", args.eval_levels, extra=own.level)
+        if train and args.gradient == "none":
+            hf_cim.unpatch_model(model)  # digital training; the chips still use the checkpoint's config
+        return own
+    if own is not None:
+        logger.info("analog checkpoint: its noise config is replaced by --preset %s", args.preset)
+        hf_cim.unpatch_model(model)
+    if train and args.gradient != "none":
+        hf_cim.patch_model(model, noise_config)
+        logger.info(
+            "analog training: %d layers patched, gradient %s",
+            len(list(hf_cim.analog_layers(model))),
+            noise_config.gradient,
+        )
+    return noise_config
+
+
+def find_checkpoint(training_args: TrainingArguments, args: AnalogArguments) -> str | bool | None:
+    """What ``Trainer.train`` resumes from, as transformers' ``run_clm.py``: ``--resume_from_checkpoint`` (a folder,
+    or ``true`` for the newest in ``output_dir``), else with ``--do_train`` the newest ``checkpoint-*`` already in
+    ``output_dir`` (``get_last_checkpoint``) unless ``--overwrite_output_dir``. A detected checkpoint is also set as
+    ``training_args.resume_from_checkpoint`` (the noise streams are restored from it)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    explicit = resume_arg(training_args)
+    if explicit is not None or not training_args.do_train or args.overwrite_output_dir:
+        return explicit
+    if not os.path.isdir(training_args.output_dir):
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    if last is not None:
+        logger.info(
+            "checkpoint detected, resuming training at %s; to train from scratch, change --output_dir or add "
+            "--overwrite_output_dir",
+            last,
+        )
+        training_args.resume_from_checkpoint = last
+    return last
+
+
 def resume_arg(training_args: TrainingArguments) -> str | bool | None:
     """``--resume_from_checkpoint``: a checkpoint folder, or ``true``/``last`` for the newest in ``output_dir``."""
     value = training_args.resume_from_checkpoint
@@ -287,13 +420,91 @@ def measure_chips(
                 "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},
                 "chip_seeds": list(result.seeds),
                 "robustness": result.rows,
-                "table": result.to_markdown(),
+                "table": chip_table(result.clean_value, result.rows, f"eval_{metric}"),
             }
+            for row in result.rows:
+                row["t_inference_label"] = format_time(row["t_inference"])
             logger.info("%s on %d simulated chips:\n%s", name, args.eval_chips, out[name]["table"])
     finally:
         if patched_here:
             hf_cim.unpatch_model(model)
     return out
+
+
+def chip_table(clean: float | None, rows: list[dict[str, Any]], metric: str, digits: int = 4) -> str:
+    """The chip sweep as Markdown, the digital model first, drift times human-readable (``1d``)."""
+    lines = [
+        f"| noise level | t_inference | {metric} (mean ± std) | min | max | chips |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if clean is not None:
+        lines.append(f"| digital | – | {clean:.{digits}f} | – | – | – |")
+    for r in rows:
+        lines.append(
+            f"| {r['level']:g} | {format_time(r['t_inference'])} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+            f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
+        )
+    return "\n".join(lines)
+
+
+def save_train_outputs(trainer: transformers.Trainer, train_result: Any, num_samples: int) -> dict[str, Any]:
+    """As transformers' examples: ``train_results.json`` / ``all_results.json`` (``log_metrics``, ``save_metrics``)
+    and ``trainer_state.json`` (``save_state``). Returns the train metrics (with ``train_samples``)."""
+    metrics = {**train_result.metrics, "train_samples": num_samples}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    return metrics
+
+
+def eval_metrics(evals: dict[str, Any], primary: str, metric: str, samples: dict[str, int]) -> dict[str, Any]:
+    """Flat ``eval_*`` metrics of :func:`measure_chips`' result, as transformers' examples name them: the primary set
+    as ``eval_<key>``, another set (MNLI mismatched) as ``eval_<set>_<key>``; per chip cell
+    ``eval_chips_<metric>_level<l>_t<time>_mean`` / ``_std`` (``t1d``), plus ``eval_samples``, ``eval_chip_seeds``
+    and the full sweep as ``eval_robustness`` (a list)."""
+    out: dict[str, Any] = {}
+    for name, entry in evals.items():
+        prefix = "eval" if name == primary else f"eval_{name}"
+        out.update({f"{prefix}_{k}": v for k, v in entry["clean"].items()})
+        out[f"{prefix}_samples"] = samples[name]
+        if "robustness" not in entry:
+            continue
+        for row in entry["robustness"]:
+            cell = f"{prefix}_chips_{metric}_level{row['level']:g}_t{format_time(row['t_inference'])}"
+            out[f"{cell}_mean"], out[f"{cell}_std"] = row["mean"], row["std"]
+        out[f"{prefix}_chip_seeds"] = entry["chip_seeds"]
+        out[f"{prefix}_robustness"] = entry["robustness"]
+    return out
+
+
+def save_eval_outputs(trainer: transformers.Trainer, metrics: dict[str, Any]) -> None:
+    """``eval_results.json`` (clean metrics and the chip sweep) and ``all_results.json``; the scalars are logged."""
+    trainer.log_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    trainer.save_metrics("eval", _finite(metrics))
+
+
+def predict_digital_and_chip(
+    trainer: transformers.Trainer, dataset: Any, noise_config: hf_cim.AnalogNoiseConfig, t_inference: float
+) -> tuple[Any, Any]:
+    """``--do_predict``: the predictions (logits) of the digital model and of simulated chip 0 (``noise_config`` at its
+    level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after."""
+    model = trainer.model
+    patched_here = hf_cim.get_config(model) is None
+    if patched_here:
+        hf_cim.patch_model(model, noise_config)
+    try:
+        with hf_cim.noise_disabled(model):
+            digital = trainer.predict(dataset, metric_key_prefix="predict").predictions
+        model.eval()
+        hf_cim.program_chip(model, seed=0, t_inference=t_inference)
+        try:
+            chip = trainer.predict(dataset, metric_key_prefix="predict").predictions
+        finally:
+            hf_cim.clear_chip(model)
+    finally:
+        if patched_here:
+            hf_cim.unpatch_model(model)
+    return digital, chip
 
 
 def snapshot_for_baseline(model: torch.nn.Module, args: AnalogArguments) -> torch.nn.Module | None:
@@ -431,7 +642,7 @@ def comparison_markdown(comparison: dict[str, Any], digits: int = 4) -> str:
             "",
             f"## {name} (chip seeds {entry['chip_seeds']})",
             "",
-            "| noise level | t_inference (s) | digital twin | noise-aware | difference (paired) | recovered | chips |",
+            "| noise level | t_inference | digital twin | noise-aware | difference (paired) | recovered | chips |",
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             f"| clean | – | {clean['digital']:.{digits}f} | {clean['noise_aware']:.{digits}f} | "
             f"{clean['difference']:+.{digits}f} | – | – |",
@@ -440,7 +651,7 @@ def comparison_markdown(comparison: dict[str, Any], digits: int = 4) -> str:
             rec = "–" if c["recovered_percent"] is None else f"{c['recovered_percent']:.0f} %"
             d = c["difference"]
             out.append(
-                f"| {c['level']:g} | {c['t_inference']:g} | {ms(c['digital'])} | {ms(c['noise_aware'])} | "
+                f"| {c['level']:g} | {format_time(c['t_inference'])} | {ms(c['digital'])} | {ms(c['noise_aware'])} | "
                 f"{d['mean']:+.{digits}f} ± {d['std']:.{digits}f} | {rec} | {c['n_chips']} |"
             )
     return "\n".join(out) + "\n"
@@ -459,7 +670,7 @@ def write_comparison(trainer: transformers.Trainer, comparison: dict[str, Any]) 
 
 def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_model: str | None) -> dict[str, Any]:
     """What the model card shows: base model, task, data, the command, the clean metric and the chip table."""
-    first = next(iter(results["eval"].values()))
+    first = next(iter(results.get("eval", {}).values()), {"clean": {}})
     rows = first.get("robustness")
     metric = f"eval_{results['metric']}"
     return {

@@ -32,9 +32,16 @@ from _common import (
     card_kwargs,
     command_line,
     compare_with_baseline,
+    eval_metrics,
+    find_checkpoint,
+    format_time,
     measure_chips,
     parse_args,
-    resume_arg,
+    predict_digital_and_chip,
+    prepare_model,
+    run_mode,
+    save_eval_outputs,
+    save_train_outputs,
     setup_logging,
     shutdown,
     snapshot_for_baseline,
@@ -114,6 +121,10 @@ class DataArguments:
     )
     validation_file: str | None = field(default=None, metadata={"help": "Local validation data (MNLI: matched)."})
     validation_mismatched_file: str | None = field(default=None, metadata={"help": "MNLI: mismatched validation."})
+    test_file: str | None = field(
+        default=None,
+        metadata={"help": "--do_predict: examples to predict (as --validation_file; the label column may be absent)."},
+    )
     text_columns: str | None = field(
         default=None, metadata={"help": "Comma-separated text column(s) of local files, if not the task's."}
     )
@@ -129,8 +140,6 @@ class DataArguments:
         self.task_name = self.task_name.lower().replace("-", "")
         if self.task_name not in GLUE_TASKS:
             raise ValueError(f"`--task_name` must be one of {list(GLUE_TASKS)}, got {self.task_name!r}")
-        if (self.train_file is None) != (self.validation_file is None):
-            raise ValueError("`--train_file` and `--validation_file` go together (or neither: data from the Hub)")
 
 
 # -- local files ---------------------------------------------------------------------------------------------------
@@ -177,8 +186,10 @@ def _resolve(header: list[str], names: list, path: str) -> int:
     raise ValueError(f"{path}: column {names[0]!r} not found; the file's columns are {header}")
 
 
-def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, list]:
+def read_examples(path: str, task: GlueTask, args: DataArguments, labels_required: bool = True) -> dict[str, list]:
     """Read a tsv / csv / json(l) file into the task's Hub columns, checking every row and label.
+
+    ``labels_required=False`` (a test file): without a label column, every label is -1.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -218,6 +229,9 @@ def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, l
             keys = list(rec)
             for names, hub_name in zip(text_names, out):
                 out[hub_name].append(str(rec[keys[_resolve(keys, names, where)]]))
+            if not labels_required and not any(n in keys for n in label_names):
+                out["label"].append(-1)
+                continue
             label_key = keys[_resolve(keys, label_names, where)]
             out["label"].append(_parse_label(task, rec[label_key], f"{where} column {label_key!r}"))
         return out
@@ -231,7 +245,7 @@ def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, l
         header: list[str] | None = None
         width = None
         idx: list[int] = []
-        label_idx = -1
+        label_idx: int | None = -1
         for line_no, row in enumerate(rows, 1):
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -239,8 +253,11 @@ def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, l
                 header = [h.strip() for h in row]
                 width = len(header)
                 idx = [_resolve(header, names, path) for names in text_names]
-                label_idx = _resolve(header, label_names, path)
-                label_col = header[label_idx]
+                if labels_required or any(n in header for n in label_names):
+                    label_idx = _resolve(header, label_names, path)
+                    label_col = header[label_idx]
+                else:
+                    label_idx = None
                 continue
             if width is None:  # CoLA: no header, fixed layout
                 width = len(row)
@@ -255,17 +272,35 @@ def read_examples(path: str, task: GlueTask, args: DataArguments) -> dict[str, l
                 )
             for i, hub_name in zip(idx, out):
                 out[hub_name].append(row[i])
+            if label_idx is None:
+                out["label"].append(-1)
+                continue
             out["label"].append(_parse_label(task, row[label_idx], f"{path}:{line_no} column {label_col!r}"))
     if not out["label"]:
         raise ValueError(f"{path}: no examples found")
     return out
 
 
-def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments):
+def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments, training_args: TrainingArguments):
+    """The splits the run needs: train (``--do_train``), the task's evaluation splits (``--do_eval``), test
+    (``--do_predict``); from local files when any is given, else from ``nyu-mll/glue`` on the Hub."""
     import datasets
 
     task = GLUE_TASKS[data_args.task_name]
-    if data_args.train_file is None:
+    local = data_args.train_file or data_args.validation_file or data_args.test_file
+    if local:
+        needed = [
+            ("--train_file", data_args.train_file, training_args.do_train),
+            ("--validation_file", data_args.validation_file, training_args.do_eval),
+            ("--test_file", data_args.test_file, training_args.do_predict),
+        ]
+        missing = [flag for flag, path, wanted in needed if wanted and path is None]
+        if missing:
+            raise ValueError(
+                f"with local files, {' and '.join(missing)} must be given too (--do_train needs --train_file, "
+                "--do_eval --validation_file, --do_predict --test_file), or none of them: data from the Hub"
+            )
+    if not local:
         try:
             raw = datasets.load_dataset("nyu-mll/glue", data_args.task_name, cache_dir=model_args.cache_dir)
         except Exception as err:  # offline, no cache
@@ -273,12 +308,25 @@ def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments):
                 f"could not load nyu-mll/glue/{data_args.task_name} from the Hub ({type(err).__name__}: {err}); "
                 "pass local files with --train_file/--validation_file"
             ) from err
-        return datasets.DatasetDict({"train": raw["train"], **{s: raw[s] for s in task.eval_splits}})
-    files = {"train": data_args.train_file, task.eval_splits[0]: data_args.validation_file}
-    if data_args.task_name == "mnli" and data_args.validation_mismatched_file:
-        files["validation_mismatched"] = data_args.validation_mismatched_file
+        splits = {"train": raw["train"]} if training_args.do_train else {}
+        if training_args.do_eval:
+            splits.update({s: raw[s] for s in task.eval_splits})
+        if training_args.do_predict:
+            splits["test"] = raw["test_matched" if data_args.task_name == "mnli" else "test"]
+        return datasets.DatasetDict(splits)
+    files = {}
+    if training_args.do_train:
+        files["train"] = data_args.train_file
+    if training_args.do_eval:
+        files[task.eval_splits[0]] = data_args.validation_file
+        if data_args.task_name == "mnli" and data_args.validation_mismatched_file:
+            files["validation_mismatched"] = data_args.validation_mismatched_file
+    if training_args.do_predict:
+        files["test"] = data_args.test_file
     # Read and check every file before anything heavy happens.
-    parsed = {split: read_examples(path, task, data_args) for split, path in files.items()}
+    parsed = {
+        split: read_examples(path, task, data_args, labels_required=split != "test") for split, path in files.items()
+    }
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(cols) for split, cols in parsed.items()})
 
 
@@ -289,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
         (ModelArguments, DataArguments, AnalogArguments, TrainingArguments), argv
     )
     setup_logging(training_args)
+    run_mode(training_args, analog_args)
     if training_args.average_tokens_across_devices:
         # Sequence classification returns a per-example mean loss; averaging "tokens" across devices multiplies
         # it by the world size in transformers 5.x (doubled loss and gradients on 2 processes).
@@ -296,7 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     task = GLUE_TASKS[data_args.task_name]
     is_regression = task.labels is None
     noise_config = build_noise_config(analog_args)  # validates the analog arguments before any data is read
-    raw = load_raw_datasets(data_args, model_args)
+    checkpoint = find_checkpoint(training_args, analog_args)
+    raw = load_raw_datasets(data_args, model_args, training_args)
     set_seed(training_args.seed)
 
     num_labels = 1 if is_regression else len(task.labels)
@@ -324,7 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    text_cols = [c for c in task.text if c in raw["train"].column_names]
+    first = next(iter(raw.values()))
+    text_cols = [c for c in task.text if c in first.column_names]
     limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
     if data_args.max_seq_length > limit:
         logger.warning(
@@ -343,18 +394,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     with training_args.main_process_first(desc="tokenize"):
         keep = {"label"}
-        raw = raw.map(tokenize, batched=True, remove_columns=[c for c in raw["train"].column_names if c not in keep])
-    train = raw["train"]
-    if data_args.max_train_samples is not None:
+        raw = raw.map(tokenize, batched=True, remove_columns=[c for c in first.column_names if c not in keep])
+    train = raw["train"] if training_args.do_train else None
+    if train is not None and data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     eval_sets = {}
-    for split in task.eval_splits:
+    for split in task.eval_splits if training_args.do_eval else ():
         if split in raw:
             ds = raw[split]
             if data_args.max_eval_samples is not None:
                 ds = ds.select(range(min(data_args.max_eval_samples, len(ds))))
             eval_sets[split] = ds
     primary = task.eval_splits[0]
+    test = raw["test"].remove_columns("label") if training_args.do_predict else None  # GLUE test: label -1
 
     metric_task = data_args.task_name
     metric_key = GLUE_METRIC_KEYS[metric_task][0]
@@ -364,22 +416,15 @@ def main(argv: list[str] | None = None) -> dict:
         preds = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
         return glue_metric(metric_task, preds, pred.label_ids)
 
+    analog_checkpoint = hf_cim.get_config(model) is not None
     initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
-    if analog_args.gradient != "none":
-        hf_cim.patch_model(model, noise_config)
-        logger.info(
-            "analog training: %d layers patched, gradient %s",
-            len(list(hf_cim.analog_layers(model))),
-            noise_config.gradient,
-        )
-    else:
-        logger.info("clean digital training (--gradient none); the chips are measured at the end")
+    noise_config = prepare_model(model, noise_config, analog_args, train=training_args.do_train)
 
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train,
-        eval_dataset=eval_sets[primary],
+        eval_dataset=eval_sets.get(primary),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
         callbacks=callbacks(training_args),
@@ -387,23 +432,33 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "recipe": "run_glue",
         "command": command_line(argv, __file__),
+        "do_train": training_args.do_train,
+        "do_eval": training_args.do_eval,
+        "do_predict": training_args.do_predict,
         "task": data_args.task_name,
         "model": model_args.model_name_or_path,
+        "analog_checkpoint": analog_checkpoint,
         "metric": metric_key,
-        "num_train_examples": len(train),
+        "num_train_examples": len(train) if train is not None else None,
         "analog": {
-            "preset": analog_args.preset,
-            "level": analog_args.level,
+            "preset": analog_args.preset if not analog_checkpoint or analog_args.preset_given else "checkpoint",
+            "level": noise_config.level,
             "gradient": analog_args.gradient,
             "mask_saturated": analog_args.mask_saturated,
             "backward_weights": analog_args.backward_weights,
             "config": noise_config.to_dict(),
         },
     }
-    train_result = trainer.train(resume_from_checkpoint=resume_arg(training_args))
-    results["train"] = train_result.metrics
-    trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
-    results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key)
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
+        results["train"] = save_train_outputs(trainer, train_result, len(train))
+    if training_args.do_eval:
+        results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key)
+        samples = {name: len(ds) for name, ds in eval_sets.items()}
+        save_eval_outputs(trainer, eval_metrics(results["eval"], primary, metric_key, samples))
+    if training_args.do_predict:
+        results["predict"] = write_predictions(trainer, test, task, data_args.task_name, noise_config, analog_args)
     if initial_model is not None:  # every GLUE metric (accuracy, F1, Matthews, Pearson) is higher-is-better
         _, baseline = train_digital_baseline(trainer, initial_model, noise_config, analog_args, eval_sets, metric_key)
         results["digital_baseline"] = baseline
@@ -413,11 +468,36 @@ def main(argv: list[str] | None = None) -> dict:
     write_results(trainer, results, start)
     if "comparison" in results:
         write_comparison(trainer, results["comparison"])
-    card = card_kwargs(
-        results, "text-classification", [f"nyu-mll/glue/{data_args.task_name}"], model_args.model_name_or_path
-    )
-    card_and_push(trainer, analog_args.gradient != "none", card)
+    if training_args.do_train:
+        card = card_kwargs(
+            results, "text-classification", [f"nyu-mll/glue/{data_args.task_name}"], model_args.model_name_or_path
+        )
+        card_and_push(trainer, hf_cim.get_config(model) is not None, card)
     return results
+
+
+def write_predictions(trainer, test, task: GlueTask, task_name: str, noise_config, analog_args) -> dict:
+    """``predict_results_<task>.txt`` as transformers' run_glue.py (``index``, ``prediction``: the label name, or the
+    score for STS-B) with a ``prediction_chip_0`` column: the same examples on simulated chip 0 (the measured noise
+    config at its level, drifted to the last ``--eval_t_inference``)."""
+    t = max(analog_args.t_inference)
+    digital, chip = predict_digital_and_chip(trainer, test, noise_config, t)
+
+    def labels(logits):
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        if task.labels is None:
+            return [f"{v:.3f}" for v in np.squeeze(logits, -1)]
+        return [task.labels[i] for i in np.argmax(logits, axis=-1)]
+
+    pred, pred_chip = labels(digital), labels(chip)
+    path = os.path.join(trainer.args.output_dir, f"predict_results_{task_name}.txt")
+    if trainer.is_world_process_zero():
+        with open(path, "w") as f:
+            f.write("index\tprediction\tprediction_chip_0\n")
+            f.writelines(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(zip(pred, pred_chip)))
+        logger.info("predictions of %d test examples (digital, chip 0 at t = %s): %s", len(pred), format_time(t), path)
+    agree = sum(a == b for a, b in zip(pred, pred_chip)) / len(pred) if task.labels else None
+    return {"file": path, "num_examples": len(pred), "t_inference": t, "chip_agrees_with_digital": agree}
 
 
 if __name__ == "__main__":

@@ -37,9 +37,15 @@ from _common import (
     card_kwargs,
     command_line,
     compare_with_baseline,
+    eval_metrics,
+    find_checkpoint,
+    format_time,
     measure_chips,
     parse_args,
-    resume_arg,
+    prepare_model,
+    run_mode,
+    save_eval_outputs,
+    save_train_outputs,
     setup_logging,
     shutdown,
     snapshot_for_baseline,
@@ -114,6 +120,8 @@ class DataArguments:
     block_size: int = field(default=128, metadata={"help": "Tokens per training example (context length)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation blocks."})
+    predict_prompt: str = field(default="ROMEO:", metadata={"help": "--do_predict: the text the model continues."})
+    predict_max_new_tokens: int = field(default=200, metadata={"help": "--do_predict: tokens generated."})
 
     def __post_init__(self) -> None:
         given = [f"--{n}" for n in ("train_file", "dataset_name", "data_url") if getattr(self, n) is not None]
@@ -239,13 +247,54 @@ def add_perplexity(evals: dict) -> None:
             row["perplexity_mean"] = sum(row["perplexity"]) / len(row["perplexity"])
 
 
+def generate(model, tokenizer, data_args: DataArguments, noise_config, t_inference: float) -> dict[str, str]:
+    """``--do_predict``: greedy continuations of ``--predict_prompt`` by the digital model and by simulated chip 0
+    (the measured noise config at its level, drifted to the last ``--eval_t_inference``)."""
+    import torch
+
+    model.eval()
+    ids = tokenizer(data_args.predict_prompt, return_tensors="pt")["input_ids"].to(model.device)
+    limit = model.config.n_positions - ids.shape[1]
+    kwargs = {
+        "max_new_tokens": min(data_args.predict_max_new_tokens, limit),
+        "do_sample": False,
+        "pad_token_id": tokenizer.eos_token_id,
+    }
+    patched_here = hf_cim.get_config(model) is None
+    if patched_here:
+        hf_cim.patch_model(model, noise_config)
+    out = {}
+    try:
+        with torch.no_grad():
+            with hf_cim.noise_disabled(model):
+                out["digital"] = tokenizer.decode(model.generate(ids, **kwargs)[0])
+            hf_cim.program_chip(model, seed=0, t_inference=t_inference)
+            try:
+                out[f"chip_0_level{noise_config.level:g}_t{format_time(t_inference)}"] = tokenizer.decode(
+                    model.generate(ids, **kwargs)[0]
+                )
+            finally:
+                hf_cim.clear_chip(model)
+    finally:
+        if patched_here:
+            hf_cim.unpatch_model(model)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     model_args, data_args, analog_args, training_args = parse_args(
         (ModelArguments, DataArguments, AnalogArguments, TrainingArguments), argv
     )
     setup_logging(training_args)
+    run_mode(training_args, analog_args)
+    if not training_args.do_train and not model_args.model_name_or_path:
+        raise ValueError(
+            "without `--do_train` there is no model to evaluate: pass `--model_name_or_path` (a saved model folder, "
+            "digital or analog)"
+        )
     noise_config = build_noise_config(analog_args)
+    checkpoint = find_checkpoint(training_args, analog_args)
     text = read_text(data_args, model_args.cache_dir)
     set_seed(training_args.seed)
 
@@ -259,31 +308,32 @@ def main(argv: list[str] | None = None) -> dict:
         tokenizer = char_tokenizer(text)
         char_level = True
 
-    # fixed split on characters: first (100 - p) % train, last p % validation
-    cut = int(len(text) * (1 - data_args.validation_split_percentage / 100))
-    with training_args.main_process_first(desc="tokenize"):
-        train_ids = tokenizer(text[:cut])["input_ids"]
-        eval_ids = tokenizer(text[cut:])["input_ids"]
+    # fixed split on characters: first (100 - p) % train, last p % validation; only what the run needs is tokenized
     import datasets
 
-    train = datasets.Dataset.from_dict(blocks(train_ids, data_args.block_size))
-    valid = datasets.Dataset.from_dict(blocks(eval_ids, data_args.block_size))
-    if len(train) == 0 or len(valid) == 0:
+    cut = int(len(text) * (1 - data_args.validation_split_percentage / 100))
+    train = valid = None
+    with training_args.main_process_first(desc="tokenize"):
+        if training_args.do_train:
+            train = datasets.Dataset.from_dict(blocks(tokenizer(text[:cut])["input_ids"], data_args.block_size))
+        if training_args.do_eval:
+            valid = datasets.Dataset.from_dict(blocks(tokenizer(text[cut:])["input_ids"], data_args.block_size))
+    if (train is not None and len(train) == 0) or (valid is not None and len(valid) == 0):
         raise ValueError(
-            f"the text gives {len(train)} training and {len(valid)} validation blocks of --block_size "
+            f"the text gives {len(train or [])} training and {len(valid or [])} validation blocks of --block_size "
             f"{data_args.block_size} tokens; use a longer text or a smaller --block_size"
         )
-    if data_args.max_train_samples is not None:
+    if train is not None and data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if data_args.max_eval_samples is not None:
+    if valid is not None and data_args.max_eval_samples is not None:
         valid = valid.select(range(min(data_args.max_eval_samples, len(valid))))
     logger.info(
-        "%d characters (%s tokenizer, vocab %d): %d train / %d validation blocks of %d tokens",
+        "%d characters (%s tokenizer, vocab %d): %s train / %s validation blocks of %d tokens",
         len(text),
         "character" if char_level else "pretrained",
         len(tokenizer),
-        len(train),
-        len(valid),
+        len(train) if train is not None else "no",
+        len(valid) if valid is not None else "no",
         data_args.block_size,
     )
 
@@ -310,14 +360,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_config(config)
         logger.info("from scratch: %s, %.2fM parameters", config.to_diff_dict(), model.num_parameters() / 1e6)
 
+    analog_checkpoint = hf_cim.get_config(model) is not None
     initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
-    if analog_args.gradient != "none":
-        hf_cim.patch_model(model, noise_config)
-        logger.info(
-            "analog training: %d layers patched, gradient %s",
-            len(list(hf_cim.analog_layers(model))),
-            noise_config.gradient,
-        )
+    noise_config = prepare_model(model, noise_config, analog_args, train=training_args.do_train)
 
     trainer = Trainer(
         model=model,
@@ -331,58 +376,73 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {
         "recipe": "run_shakespeare",
         "command": command_line(argv, __file__),
+        "do_train": training_args.do_train,
+        "do_eval": training_args.do_eval,
+        "do_predict": training_args.do_predict,
         "model": model_args.model_name_or_path
         or f"{model_args.model_type} from scratch ({model_args.config_overrides})",
+        "analog_checkpoint": analog_checkpoint,
         "tokenizer": "character" if char_level else (model_args.tokenizer_name or model_args.model_name_or_path),
         "vocab_size": len(tokenizer),
         "num_parameters": model.num_parameters(),
         "data": data_source(data_args),
         "text_characters": len(text),
         "split": {"train_characters": cut, "validation_characters": len(text) - cut},
-        "num_train_blocks": len(train),
-        "num_eval_blocks": len(valid),
+        "num_train_blocks": len(train) if train is not None else None,
+        "num_eval_blocks": len(valid) if valid is not None else None,
         "block_size": data_args.block_size,
         "metric": "loss",
         "analog": {
-            "preset": analog_args.preset,
-            "level": analog_args.level,
+            "preset": analog_args.preset if not analog_checkpoint or analog_args.preset_given else "checkpoint",
+            "level": noise_config.level,
             "gradient": analog_args.gradient,
             "mask_saturated": analog_args.mask_saturated,
             "backward_weights": analog_args.backward_weights,
             "config": noise_config.to_dict(),
         },
     }
-    train_result = trainer.train(resume_from_checkpoint=resume_arg(training_args))
-    results["train"] = train_result.metrics
-    trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
-    evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss")
-    add_perplexity(evals)
-    results["eval"] = evals
-    val = evals["validation"]
-    trained = [r for r in val.get("robustness", []) if math.isclose(r["level"], analog_args.level)]
-    logger.info(
-        "validation loss: clean %.4f (perplexity %.2f)%s",
-        val["clean"]["loss"],
-        val["clean"]["perplexity"],
-        f"; noisy at level {analog_args.level:g}: {trained[0]['mean']:.4f} ± {trained[0]['std']:.4f} "
-        f"(perplexity {trained[0]['perplexity_mean']:.2f})"
-        if trained
-        else "",
-    )
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=checkpoint)
+        trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
+        results["train"] = save_train_outputs(trainer, train_result, len(train))
+    if training_args.do_eval:
+        evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss")
+        add_perplexity(evals)
+        results["eval"] = evals
+        val = evals["validation"]
+        trained = [r for r in val.get("robustness", []) if math.isclose(r["level"], noise_config.level)]
+        logger.info(
+            "validation loss: clean %.4f (perplexity %.2f)%s",
+            val["clean"]["loss"],
+            val["clean"]["perplexity"],
+            f"; noisy at level {noise_config.level:g}: {trained[0]['mean']:.4f} ± {trained[0]['std']:.4f} "
+            f"(perplexity {trained[0]['perplexity_mean']:.2f})"
+            if trained
+            else "",
+        )
+        metrics = eval_metrics(evals, "validation", "loss", {"validation": len(valid)})
+        metrics["perplexity"] = val["clean"]["perplexity"]  # transformers' run_clm.py key
+        save_eval_outputs(trainer, metrics)
+    if training_args.do_predict:
+        results["predict"] = generate(model, tokenizer, data_args, noise_config, max(analog_args.t_inference))
+        if trainer.is_world_process_zero():
+            with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:
+                f.writelines(f"## {k}\n{v}\n\n" for k, v in results["predict"].items())
     if initial_model is not None:
         _, baseline = train_digital_baseline(
             trainer, initial_model, noise_config, analog_args, {"validation": valid}, "loss", data_args.block_size
         )
         add_perplexity(baseline["eval"])
         results["digital_baseline"] = baseline
-        results["comparison"] = compare_with_baseline(evals, baseline["eval"], "loss")
+        results["comparison"] = compare_with_baseline(results["eval"], baseline["eval"], "loss")
     write_results(trainer, results, start)
     if "comparison" in results:
         write_comparison(trainer, results["comparison"])
-    card = card_kwargs(
-        results, "text-generation", [data_args.dataset_name or "tiny_shakespeare"], model_args.model_name_or_path
-    )
-    card_and_push(trainer, analog_args.gradient != "none", card)
+    if training_args.do_train:
+        card = card_kwargs(
+            results, "text-generation", [data_args.dataset_name or "tiny_shakespeare"], model_args.model_name_or_path
+        )
+        card_and_push(trainer, hf_cim.get_config(model) is not None, card)
     return results
 
 

@@ -241,7 +241,7 @@ def test_digital_baseline_is_a_paired_twin_on_the_same_chips(tmp_path, trainer_r
     assert comp["clean"]["noise_aware"] == res["eval"]["validation"]["clean"]["loss"]
     assert comp["clean"]["digital"] == res["digital_baseline"]["eval"]["validation"]["clean"]["loss"]
     md = (out / "comparison.md").read_text()
-    assert "| clean | – |" in md and md.count("\n| 2 | 100 |") == 1 and "chip seeds [0, 1]" in md
+    assert "| clean | – |" in md and md.count("\n| 2 | 100s |") == 1 and "chip seeds [0, 1]" in md
 
     # an independent digital run with the same seed is the twin: same losses step by step, same chip values
     ref = run_shakespeare.main(clm_args(path, tmp_path / "ref", *common, "--gradient", "none"))
