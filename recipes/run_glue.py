@@ -4,8 +4,8 @@
 Follows transformers' ``examples/pytorch/text-classification/run_glue.py``. Data: ``--task_name`` alone loads
 ``nyu-mll/glue`` from the Hub; ``--train_file`` / ``--validation_file`` read local tsv (the original GLUE layout),
 csv or json files, checked before training (a missing file, a malformed row, an unknown label or column stops the
-run with the file, line and column). Metrics: the task's official GLUE metric, computed offline by
-:mod:`hf_cim.metrics`.
+run with the file, line and column). Metrics: the task's official GLUE metric through ``evaluate.load("glue", task)``,
+else (offline) the same metric from :mod:`hf_cim.metrics`; ``combined_score`` where transformers' run_glue.py adds it.
 
     python recipes/run_glue.py --task_name mrpc --model_name_or_path <bert folder> \\
         --train_file ../shared/data/glue/MRPC/train.tsv --validation_file ../shared/data/glue/MRPC/dev.tsv \\
@@ -22,6 +22,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 from _common import (
@@ -330,6 +332,37 @@ def load_raw_datasets(data_args: DataArguments, model_args: ModelArguments, trai
     return datasets.DatasetDict({split: datasets.Dataset.from_dict(cols) for split, cols in parsed.items()})
 
 
+# -- metric ------------------------------------------------------------------------------------------------------
+_METRICS: dict[str, tuple[Any, str]] = {}
+
+
+def load_glue_metric(task_name: str) -> tuple[Any, str]:
+    """The task's GLUE metric as transformers' run_glue.py: ``evaluate.load("glue", task)`` first (its script lives
+    on the Hub), else the offline implementation :func:`hf_cim.metrics.glue_metric` (same keys, same values; checked
+    in ``tests/test_metrics.py``). Offline with ``HF_HUB_OFFLINE=1`` the load fails in about a second (without it,
+    the Hub client retries for ~40 s first); the answer is kept per task for the process. Returns
+    ``(compute(predictions=, references=) -> dict, source)``."""
+    if task_name not in _METRICS:
+        try:
+            import evaluate
+
+            metric = evaluate.load("glue", task_name)
+            _METRICS[task_name] = (metric.compute, "evaluate")
+        except Exception as err:  # offline: FileNotFoundError / ConnectionError from the Hub client
+            logger.info("evaluate.load('glue', %r) failed (%s): using hf_cim.metrics", task_name, type(err).__name__)
+            _METRICS[task_name] = (partial(glue_metric, task_name), "hf_cim.metrics")
+    return _METRICS[task_name]
+
+
+def with_combined_score(result: dict[str, float]) -> dict[str, float]:
+    """transformers' run_glue.py: with several metrics (MRPC/QQP: accuracy, f1; STS-B: pearson, spearmanr), their
+    mean as ``combined_score``."""
+    result = {k: float(v) for k, v in result.items()}
+    if len(result) > 1:
+        result["combined_score"] = float(np.mean(list(result.values())))
+    return result
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     start = time.time()
@@ -408,13 +441,13 @@ def main(argv: list[str] | None = None) -> dict:
     primary = task.eval_splits[0]
     test = raw["test"].remove_columns("label") if training_args.do_predict else None  # GLUE test: label -1
 
-    metric_task = data_args.task_name
-    metric_key = GLUE_METRIC_KEYS[metric_task][0]
+    metric_key = GLUE_METRIC_KEYS[data_args.task_name][0]
+    compute, metric_source = load_glue_metric(data_args.task_name)
 
     def compute_metrics(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         preds = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
-        return glue_metric(metric_task, preds, pred.label_ids)
+        return with_combined_score(compute(predictions=preds, references=pred.label_ids))
 
     analog_checkpoint = hf_cim.get_config(model) is not None
     initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
@@ -439,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": model_args.model_name_or_path,
         "analog_checkpoint": analog_checkpoint,
         "metric": metric_key,
+        "metric_source": metric_source,
         "num_train_examples": len(train) if train is not None else None,
         "analog": {
             "preset": analog_args.preset if not analog_checkpoint or analog_args.preset_given else "checkpoint",
