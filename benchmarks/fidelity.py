@@ -149,6 +149,11 @@ class Shakespeare:
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(input_ids=batch, labels=batch).loss
 
+    def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        """A fixed batch (not a training one) for the gradient-alignment probe."""
+        batch = next(self.batches(-1, 1))
+        return model, {"input_ids": batch, "labels": batch}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         total = 0.0
@@ -195,6 +200,10 @@ class Digits:
     def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(self.train_x[idx]), self.train_y[idx])
 
+    def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        idx = next(self.batches(-1, 1))
+        return _WithLoss(model), {"x": self.train_x[idx], "y": self.train_y[idx]}
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         logits = torch.cat([model(c) for c in self.val_x.split(256)])
@@ -202,6 +211,17 @@ class Digits:
             "loss": F.cross_entropy(logits, self.val_y).item(),
             "accuracy": 100.0 * (logits.argmax(-1) == self.val_y).float().mean().item(),
         }
+
+
+class _WithLoss(nn.Module):
+    """A classifier whose forward returns its cross-entropy loss (what the alignment probe differentiates)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
 
 
 SETTINGS = {"shakespeare": Shakespeare, "digits": Digits}
@@ -230,8 +250,17 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     digital_steps = int(args.digital_fraction * args.steps) if mode.startswith("ft_") else 0
     model.train()
-    losses, times = [], []
+    losses, times, alignment = [], [], []
+    probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
     for step, batch in enumerate(setting.batches(seed, args.steps)):
+        if probe_every and (step % probe_every == 0 or step == args.steps - 1) and step >= digital_steps:
+            from hf_cim.callbacks import gradient_alignment
+
+            module, probe = setting.probe(model)
+            found = gradient_alignment(module, probe, seed=step)
+            alignment.append({"step": step, "grad_cosine": found["grad_cosine"],
+                              "grad_norm_ratio": found["grad_norm_ratio"]})  # fmt: skip
+            model.train()
         t0 = time.perf_counter()
         if cfg is not None and step < digital_steps:
             with hf_cim.noise_disabled(model):
@@ -250,6 +279,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     info = {
         "train_loss_last10pct": sum(losses[-tail:]) / tail,
         "step_time_s": sorted(times[len(times) // 2 :])[len(times[len(times) // 2 :]) // 2] if times else None,
+        "alignment": alignment,
     }
     if cfg is not None:
         hf_cim.unpatch_model(model)
@@ -308,6 +338,13 @@ def summarize(runs: dict, modes: list[str], seeds: list[int], labels: list[str],
             row[label] = cell
         times = [runs[(mode, s)]["info"]["step_time_s"] for s in seeds]
         row["step_time_s"] = _mean_std(times)
+        probes = [runs[(mode, s)]["info"].get("alignment") or [] for s in seeds]
+        if all(probes):
+            row["grad_cosine"] = {
+                "first": _mean_std([p[0]["grad_cosine"] for p in probes]),
+                "mean": _mean_std([sum(q["grad_cosine"] for q in p) / len(p) for p in probes]),
+                "last": _mean_std([p[-1]["grad_cosine"] for p in probes]),
+            }
         table[mode] = row
     return table
 
@@ -328,6 +365,14 @@ def markdown(table: dict, labels: list[str], metric: str, header: str) -> str:
                 text += f", rec. {rec:.0f} %" if rec is not None else ", rec. –"
             cells.append(text)
         lines.append(f"| {mode} | " + " | ".join(cells) + f" | {row['step_time_s'][0]:.3f} |")
+    aligned = {mode: row["grad_cosine"] for mode, row in table.items() if "grad_cosine" in row}
+    if aligned:
+        lines += ["", "Cosine between the mode's gradient and `full`'s on a fixed probe batch, same noise sample "
+                  "(`hf_cim.callbacks.gradient_alignment`), over training (mean ± std over seeds):", "",
+                  "| trained | first probe | mean over training | last probe |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+        for mode, cos in aligned.items():
+            cells = [f"{cos[k][0]:.4f} ± {cos[k][1]:.4f}" for k in ("first", "mean", "last")]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", f"Metric: {metric}; `mean ± std` over training seeds of each model's mean over the chips; "
               "`chips ±`: the std over chips (mean over seeds); `Δ`: paired difference to `digital` on the same "
               "chips (mean ± std over seeds); `rec.`: share of the chip's cost to the digital model (its chip − clean "
@@ -392,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval_blocks", type=int, default=256)
     p.add_argument("--train_file", default=os.path.join("..", "shared", "data", "tinyshakespeare", "input.txt"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--alignment_every", type=int, default=0,
+                   help="STE modes: cosine of their gradient with full's every N steps (0: off).")  # fmt: skip
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.exclude = args.exclude.split(",") if args.exclude else None
