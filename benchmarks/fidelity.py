@@ -48,11 +48,11 @@ import hf_cim
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.0 * 86400.0}
 BASE_MODES = {
     "digital": None,
-    "ste": dict(gradient="ste"),
-    "ste_detach": dict(gradient="ste_detach"),
+    "ste": dict(gradient="ste", mask_saturated=False, backward_weights="clean"),
+    "ste_detach": dict(gradient="ste_detach", mask_saturated=False, backward_weights="clean"),
     "full": dict(gradient="full"),
-    "ste_mask": dict(gradient="ste", mask_saturated=True),
-    "ste_prog": dict(gradient="ste", backward_weights="programmed"),
+    "ste_mask": dict(gradient="ste", mask_saturated=True, backward_weights="clean"),
+    "ste_prog": dict(gradient="ste", mask_saturated=False, backward_weights="programmed"),
     "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed"),
     "ste_detach_hw": dict(gradient="ste_detach", mask_saturated=True, backward_weights="programmed"),
 }

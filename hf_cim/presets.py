@@ -32,7 +32,7 @@ from .noise.ir_drop import IRDrop
 from .noise.pcm import PCMNoise
 from .noise.reram import ReRAMNoise
 
-__all__ = ["get_preset", "list_presets", "preset_noise"]
+__all__ = ["TRAINING_DEFAULTS", "get_preset", "list_presets", "preset_noise"]
 
 
 def _paper() -> dict[str, Any]:
@@ -95,8 +95,18 @@ def preset_noise(name: str) -> list[NoiseModel]:
     return _fields(name)["noise"]
 
 
+#: How a preset's chip is trained: the hardware-aware STE backward. No gradient through partial sums the ADC
+#: clipped, and the input gradient through the programmed weights. Paired over seeds and chips, this is what made
+#: noise-aware training beat digital training on the presets' chips (docs/fidelity.md); the plain clean backward
+#: (``AnalogNoiseConfig``'s default) lost there. ``gradient="full"`` differentiates both itself and takes neither.
+TRAINING_DEFAULTS: dict[str, Any] = {"mask_saturated": True, "backward_weights": "programmed"}
+
+
 def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:
     """The :class:`AnalogNoiseConfig` of preset ``name`` at noise ``level``, with any field overridden.
+
+    The STE modes train with :data:`TRAINING_DEFAULTS` (override them like any field, e.g. ``mask_saturated=False``
+    for the plain clean backward).
 
     Args:
         name: one of :func:`list_presets`.
@@ -108,6 +118,8 @@ def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseCo
         ValueError: for an unknown preset (listing the known ones) or an invalid field value.
     """
     fields = _fields(name)
+    if overrides.get("gradient", "ste") != "full":
+        fields.update(TRAINING_DEFAULTS)
     fields.update(overrides)
     fields["level"] = level
     return AnalogNoiseConfig(**fields)

@@ -63,3 +63,15 @@ def test_level_zero_is_quantization_only(name, model_factory):
     model = hf_cim.patch_model(model_factory(), get_preset(name, level=1.0))
     with torch.no_grad():
         assert not torch.equal(model(input_ids=ids).logits, outs[0])
+
+
+def test_presets_train_with_the_hardware_aware_ste():
+    cfg = get_preset("pcm")
+    assert (cfg.gradient, cfg.mask_saturated, cfg.backward_weights) == ("ste", True, "programmed")
+    assert get_preset("rram", gradient="ste_detach").mask_saturated is True
+    full = get_preset("pcm", gradient="full")  # full differentiates the clip itself: no STE levers
+    assert (full.mask_saturated, full.backward_weights) == (False, "clean")
+    plain = get_preset("paper", mask_saturated=False, backward_weights="clean")
+    assert (plain.mask_saturated, plain.backward_weights) == (False, "clean")
+    # a bare config keeps the plain clean backward (the gradient contract of hf_cim.ste)
+    assert (hf_cim.AnalogNoiseConfig().mask_saturated, hf_cim.AnalogNoiseConfig().backward_weights) == (False, "clean")
