@@ -225,11 +225,15 @@ def _config_table(config: AnalogNoiseConfig) -> str:
     return "\n".join(lines)
 
 
+def _robustness_rows(robustness: Any) -> list[dict[str, Any]]:
+    return list(getattr(robustness, "rows", robustness))
+
+
 def _robustness_markdown(robustness: Any, metric: str | None) -> tuple[str, str | None, dict[str, float]]:
     """(table, metric name, clean metrics) from a ``RobustnessResult`` or a list of row dicts."""
     if hasattr(robustness, "to_markdown"):
         return robustness.to_markdown(), getattr(robustness, "metric", metric), dict(getattr(robustness, "clean", {}))
-    rows = list(robustness)
+    rows = _robustness_rows(robustness)
     name = metric or "metric"
     lines = [
         f"| noise level | t_inference (s) | {name} (mean ± std) | min | max | chips |",
@@ -244,6 +248,54 @@ def _robustness_markdown(robustness: Any, metric: str | None) -> tuple[str, str 
             f"{r['min']:.4f} | {r['max']:.4f} | {r['n_chips']} |"
         )
     return "\n".join(lines), metric, {}
+
+
+_NOT_METRICS = ("runtime", "per_second", "epoch", "samples", "steps")
+
+
+def _eval_results(
+    rows: list[dict[str, Any]],
+    metric: str | None,
+    clean: Mapping[str, float],
+    task: str | None,
+    datasets: list[str] | None,
+    dataset_split: str | None,
+) -> list[Any]:
+    """The Hub's ``model-index`` entries (``huggingface_hub.EvalResult``): the digital model's metrics, then one per
+    chip cell ``(level, t_inference)`` with the mean over chips as value and the cell in ``metric_config``."""
+    from huggingface_hub import EvalResult
+
+    dataset = datasets[0] if datasets else "custom"
+    common = {
+        "task_type": task or "other",
+        "dataset_type": dataset,
+        "dataset_name": dataset,
+        "dataset_split": dataset_split,
+    }
+    out = []
+    for key, value in clean.items():
+        if any(w in key for w in _NOT_METRICS):  # Trainer's timing keys (eval_runtime...) are not results
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            name = key.removeprefix("eval_")
+            out.append(
+                EvalResult(**common, metric_type=name, metric_value=float(value), metric_name=f"{name} (digital)")
+            )
+    name = (metric or "metric").removeprefix("eval_")
+    for r in rows:
+        if not math.isfinite(r["mean"]):
+            continue
+        cell = f"level {r['level']:g}, t_inference {r['t_inference']:g} s"
+        out.append(
+            EvalResult(
+                **common,
+                metric_type=name,
+                metric_value=float(r["mean"]),
+                metric_name=f"{name} on {r['n_chips']} simulated chips ({cell}, mean)",
+                metric_config=f"level={r['level']:g},t_inference={r['t_inference']:g}s,chips={r['n_chips']}",
+            )
+        )
+    return out
 
 
 def _training_lines(training_args: Any) -> list[str]:
@@ -273,6 +325,7 @@ def write_model_card(
     metric: str | None = None,
     license: str | None = None,
     language: str | list[str] | None = None,
+    dataset_split: str | None = None,
 ) -> str:
     """Write ``README.md`` (a Hub model card) for an analog checkpoint in ``save_directory``; returns its text.
 
@@ -293,6 +346,11 @@ def write_model_card(
             ``t_inference``, ``mean``, ``std``, ``min``, ``max``, ``n_chips``): chips × levels × drift times.
         metric: the name of the robustness metric, when ``robustness`` is a list of rows.
         license, language: Hub metadata.
+        dataset_split: the split the metrics were measured on (``"validation"``), for the ``model-index``.
+
+    The metadata (``huggingface_hub.ModelCardData``) carries the tags ``analog-cim`` / ``hf-cim`` and, when there
+    are metrics, a ``model-index`` (``eval_results``): the digital metrics and one ``EvalResult`` per chip cell
+    (mean over chips, the cell in ``metric_config``), so the Hub shows them.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -306,19 +364,24 @@ def write_model_card(
         path = getattr(hf_config, "_name_or_path", "") or ""
         base_model = path if path and not os.path.isdir(path) else None
 
-    table, metric, clean = (None, metric, {})
+    table, metric, clean, rows = (None, metric, {}, [])
     if robustness is not None:
         table, metric, clean = _robustness_markdown(robustness, metric)
+        rows = _robustness_rows(robustness)
     if clean_metric is not None:
         clean = dict(clean_metric) if isinstance(clean_metric, Mapping) else {metric or "metric": float(clean_metric)}
     metric_names = list(metrics) if metrics is not None else ([metric] if metric else None)
+    datasets = list(datasets) if datasets is not None else None
+    eval_results = _eval_results(rows, metric, clean, task, datasets, dataset_split) or None
 
     data = ModelCardData(
+        model_name=model_name if eval_results else None,  # the model-index's name; no stray key otherwise
+        eval_results=eval_results,
         language=language,
         license=license,
         library_name="transformers",
         tags=list(CARD_TAGS),
-        datasets=list(datasets) if datasets is not None else None,
+        datasets=datasets,
         metrics=metric_names,
         base_model=base_model,
         pipeline_tag=task,

@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 _CONFIG_ATTR = "hf_cim_config"
+_TAGS_ATTR = "_hf_cim_model_tags"
+#: Hub tags of a patched model (`PreTrainedModel.add_model_tags`): Trainer's and `push_to_hub`'s cards carry them.
+MODEL_TAGS = ("hf-cim", "analog-cim")
 
 
 def _matches(name: str, pattern: str | list[str]) -> bool:
@@ -164,6 +167,10 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
     hf_config = _hf_config(model)
     if hf_config is not None:  # save_pretrained writes it into config.json (quant_method "hf_cim")
         hf_config.quantization_config = config
+    if callable(getattr(model, "add_model_tags", None)):  # every card Trainer / push_to_hub writes carries them
+        new_tags = [t for t in MODEL_TAGS if t not in (getattr(model, "model_tags", None) or [])]
+        model.add_model_tags(list(MODEL_TAGS))
+        model.__dict__[_TAGS_ATTR] = new_tags
     return model
 
 
@@ -194,6 +201,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         module._hf_cim_clear()
         module.__class__ = inverse[type(module)]
     model.__dict__.pop(_CONFIG_ATTR, None)
+    added = model.__dict__.pop(_TAGS_ATTR, [])
+    if added and getattr(model, "model_tags", None):  # the tags patch_model added: a digital model again
+        model.model_tags = [t for t in model.model_tags if t not in added]
     quantizer = getattr(model, "hf_quantizer", None)
     if isinstance(getattr(quantizer, "quantization_config", None), AnalogNoiseConfig):
         quantizer.remove_quantization_config(model)  # loaded through from_pretrained: a plain model again

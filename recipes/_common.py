@@ -294,6 +294,16 @@ def run_mode(training_args: TrainingArguments, args: AnalogArguments) -> None:
     evaluate (the recipes' behaviour before these flags counted)."""
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = training_args.do_eval = True
+    # --push_to_hub: one commit at the end, after the chip sweep (card_and_push). Left on, Trainer would commit at
+    # every save and at save_model, with its generic card, before the chips are measured.
+    args.push_to_hub = bool(training_args.push_to_hub)
+    if args.push_to_hub:
+        strategy = str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy))
+        if strategy not in ("every_save", "end"):
+            logger.warning(
+                "--hub_strategy %s: the recipes push once, after the chip sweep; no checkpoint is pushed", strategy
+            )
+        training_args.push_to_hub = False
     if args.digital_baseline and not (training_args.do_train and training_args.do_eval):
         raise ValueError(
             "`--digital_baseline` trains a digital twin next to the noise-aware run and compares them on chips: "
@@ -669,8 +679,9 @@ def write_comparison(trainer: transformers.Trainer, comparison: dict[str, Any]) 
 
 
 def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_model: str | None) -> dict[str, Any]:
-    """What the model card shows: base model, task, data, the command, the clean metric and the chip table."""
-    first = next(iter(results.get("eval", {}).values()), {"clean": {}})
+    """What the model card shows: base model, task, data, the command, the clean metric and the chip table (also as
+    the card's ``model-index``, measured on the first evaluation set)."""
+    split, first = next(iter(results.get("eval", {}).items()), (None, {"clean": {}}))
     rows = first.get("robustness")
     metric = f"eval_{results['metric']}"
     return {
@@ -681,18 +692,22 @@ def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_mo
         "clean_metric": {f"eval_{k}": v for k, v in first["clean"].items() if isinstance(v, float)},
         "robustness": rows,
         "metric": metric if rows else None,
+        "dataset_split": split,
     }
 
 
-def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, Any]) -> None:
+def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, Any], push: bool = False) -> None:
     """For an analog model, a model card (``README.md``) with the chip table next to the saved model (whose
-    ``config.json`` carries the noise config as ``quantization_config``); then ``--push_to_hub`` if asked."""
+    ``config.json`` carries the noise config as ``quantization_config``); then, with ``push`` (``--push_to_hub``,
+    which :func:`run_mode` took away from the Trainer), one upload of the model: :func:`hf_cim.push_to_hub` for an
+    analog model (the files it writes, the card with the chips in its ``model-index``), ``Trainer.push_to_hub`` for
+    a digital one."""
     from hf_cim import hub
 
     model, args = trainer.model, trainer.args
     if analog and trainer.is_world_process_zero():
         hub.write_model_card(args.output_dir, model, training_args=args, **card)
-    if args.push_to_hub and trainer.is_world_process_zero():
+    if push and trainer.is_world_process_zero():
         repo_id = args.hub_model_id or os.path.basename(os.path.normpath(args.output_dir))
         token = hub_token()  # never args.hub_token: it would be pickled into training_args.bin
         if analog:

@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
         card = card_kwargs(
             results, "text-generation", [data_args.dataset_name or "tiny_shakespeare"], model_args.model_name_or_path
         )
-        card_and_push(trainer, hf_cim.get_config(model) is not None, card)
+        card_and_push(trainer, hf_cim.get_config(model) is not None, card, push=analog_args.push_to_hub)
     return results
 
 

@@ -272,3 +272,42 @@ def test_push_to_hub_refuses_to_upload_a_file_holding_the_token(tmp_path, fake_h
         hf_cim.push_to_hub(model, "me/x", save_directory=tmp_path, card_kwargs={"datasets": ["plain-secret-value"]})
     hf_cim.push_to_hub(model, "me/x", save_directory=tmp_path, token="plain-secret-value")  # a clean folder uploads
     assert "README.md" in fake_hub["upload_folder"]["files"]
+
+
+def test_patched_model_carries_the_hub_tags_into_trainers_card(tmp_path, fake_hub):
+    """patch_model tags the model (add_model_tags): the card of Trainer.push_to_hub carries them; unpatching
+    removes them."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_bert()
+    model.add_model_tags(["mine"])
+    hf_cim.patch_model(model, _config())
+    assert model.model_tags == ["mine", "hf-cim", "analog-cim"]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    Trainer(model=model, args=args).push_to_hub(tags=["extra"])
+    tags = ModelCard(fake_hub["upload_folder"]["files"]["README.md"].decode()).data.tags
+    assert {"hf-cim", "analog-cim", "extra", "mine"} <= set(tags)
+    hf_cim.unpatch_model(model)
+    assert model.model_tags == ["mine"]
+
+
+def test_model_card_puts_the_chips_in_the_model_index(tmp_path):
+    hf_cim.write_model_card(
+        tmp_path,
+        config=_config(),
+        model_name="me/bert-analog",
+        task="text-classification",
+        datasets=["nyu-mll/glue"],
+        clean_metric={"eval_accuracy": 0.84, "eval_runtime": 1.2},
+        robustness=ROWS,
+        metric="eval_accuracy",
+        dataset_split="validation",
+    )
+    data = ModelCard.load(tmp_path / "README.md").data
+    got = [(r.metric_type, r.metric_value, r.metric_config, r.dataset_split) for r in data.eval_results]
+    assert got == [
+        ("accuracy", 0.84, None, "validation"),
+        ("accuracy", 0.8125, "level=1,t_inference=0s,chips=2", "validation"),
+        ("accuracy", 0.71, "level=2,t_inference=3600s,chips=2", "validation"),
+    ]
+    assert data.to_dict()["model-index"][0]["name"] == "me/bert-analog"

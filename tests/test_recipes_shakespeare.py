@@ -142,8 +142,14 @@ def fake_hub(monkeypatch):
             return done
         return SimpleNamespace(commit_url="https://hub/commit")
 
+    def other_commit(self, *args, **kwargs):  # any other way to commit counts too (and fails the count)
+        uploads.append({"repo_id": kwargs.get("repo_id"), "files": {}, "token": kwargs.get("token") or self.token})
+        return SimpleNamespace(commit_url="https://hub/commit")
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", other_commit)
+    monkeypatch.setattr(HfApi, "create_commit", other_commit)
     monkeypatch.delenv("HF_TOKEN", raising=False)  # restored after the test: the recipe moves the token there
     return uploads
 
@@ -174,10 +180,52 @@ def test_hub_token_reaches_no_file_written_or_uploaded(tmp_path, fake_hub, gradi
 
     # the pushes happened with the token (handed over through HF_TOKEN or token=), and sent no file holding it
     assert fake_hub and all(up["token"] == FAKE_TOKEN for up in fake_hub)
-    assert any("training_args.bin" in up["files"] for up in fake_hub)  # Trainer's push sends it: it must be clean
+    assert len(fake_hub) == 1  # one commit, after the chip sweep
+    if gradient == "none":  # a digital model: Trainer's push, which sends training_args.bin: it must be clean
+        assert "training_args.bin" in fake_hub[0]["files"]
     assert not [
         (up["repo_id"], f) for up in fake_hub for f, data in up["files"].items() if FAKE_TOKEN.encode() in data
     ]
+
+
+@pytest.mark.parametrize("save_strategy", ["no", "steps"])
+def test_push_to_hub_is_one_commit_after_the_sweep(tmp_path, fake_hub, save_strategy):
+    """--push_to_hub: one commit, after the chip sweep, with our card (tags, chip cells in the model-index); no push
+    from Trainer at save_model or at checkpoints."""
+    from huggingface_hub import ModelCard
+
+    path, _ = write_text(tmp_path / "input.txt", n_chars=4000)
+    out = tmp_path / "out"
+    run_shakespeare.main(
+        clm_args(path, out, "--max_steps", "2", "--gradient", "ste", "--eval_t_inference", "0,1d")
+        + ["--save_strategy", save_strategy, "--save_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/shk"]
+    )
+    assert len(fake_hub) == 1, [sorted(up["files"]) for up in fake_hub]
+    up = fake_hub[0]
+    assert up["repo_id"] == "me/shk"
+    # the model, its tokenizer and card; no checkpoint, training_args.bin, logs or results
+    assert sorted(up["files"]) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    card = ModelCard(up["files"]["README.md"].decode())
+    assert {"hf-cim", "analog-cim"} <= set(card.data.tags)
+    res = json.loads((out / "results.json").read_text())
+    rows = res["eval"]["validation"]["robustness"]
+    assert len(rows) == 2  # level 1 at t = 0 and 1 day
+    results = card.data.eval_results
+    chips = [r for r in results if r.metric_config]
+    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in chips] == [
+        ("loss", row["mean"], "validation") for row in rows
+    ]
+    assert [r.metric_config for r in chips] == ["level=1,t_inference=0s,chips=2", "level=1,t_inference=86400s,chips=2"]
+    digital = {r.metric_type: r.metric_value for r in results if not r.metric_config}
+    assert digital["loss"] == res["eval"]["validation"]["clean"]["loss"] and "runtime" not in digital
+    assert all(r.task_type == "text-generation" and r.dataset_name == "tiny_shakespeare" for r in results)
 
 
 @pytest.fixture
