@@ -4,7 +4,7 @@ Extended straight-through estimation (arXiv 2508.11940): the forward pass runs a
 non-differentiable simulation of the analog chip; the backward pass uses the clean gradient.
 """
 
-from .callbacks import GradientAlignmentCallback, NoiseLevelCallback, PeakMemoryCallback
+from .callbacks import GradientAlignmentCallback, NoiseLevelCallback, PeakMemoryCallback, add_callbacks
 from .chip import clear_chip, program_chip
 from .config import AnalogNoiseConfig
 from .evaluation import RobustnessResult, evaluate_robustness
@@ -27,6 +27,7 @@ __all__ = [
     "PeakMemoryCallback",
     "RobustnessResult",
     "__version__",
+    "add_callbacks",
     "analog_layers",
     "clear_chip",
     "evaluate_robustness",

@@ -4,11 +4,11 @@ Each callback is a thin adapter over plain logic that also works outside ``Train
 :func:`gradient_alignment`, :meth:`NoiseLevelCallback.level_at`).
 
 How the values reach the logs: ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before it calls
-``on_log``, and user callbacks come after the reporting integrations (TensorBoard, W&B...) in the callback list, so a
-callback that only adds keys in ``on_log`` reaches neither. The callbacks here therefore (1) move themselves to the
-front of the ``Trainer``'s callback list when the ``Trainer`` announces them (``on_init_end``, ``on_train_begin``),
-so their ``on_log`` runs before every integration and the keys they add to ``logs`` reach all of them, and (2) also
-write the same keys into the record just appended to ``state.log_history``.
+``on_log``, and ``Trainer(callbacks=...)`` puts user callbacks after the reporting integrations (TensorBoard, W&B...),
+so a callback that only adds keys in ``on_log`` reaches neither. The callbacks here therefore (1) write their keys
+into the record just appended to ``state.log_history``, wherever they are, and (2) are meant to be added with
+:func:`add_callbacks`, which puts them ahead of the integrations, so the keys they add to ``logs`` reach all of
+them; each one warns at ``on_train_begin`` when it finds itself behind an integration.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.trainer_callback import CallbackHandler, TrainerCallback
+from transformers.trainer_callback import TrainerCallback
 
 from .layers import derive_seed, process_rank
 from .noise.base import check_range
@@ -37,6 +37,7 @@ __all__ = [
     "MemoryTracker",
     "NoiseLevelCallback",
     "PeakMemoryCallback",
+    "add_callbacks",
     "gradient_alignment",
 ]
 
@@ -46,63 +47,92 @@ _MB = 1024.0 * 1024.0
 
 
 # -- logging plumbing -------------------------------------------------------------------------------------------------
-def _calling_handler(callback: TrainerCallback) -> CallbackHandler | None:
-    """The ``CallbackHandler`` whose ``call_event`` is calling ``callback`` right now (found on the call stack)."""
-    frame = sys._getframe(2)
-    for _ in range(6):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, CallbackHandler) and any(cb is callback for cb in owner.callbacks):
-            return owner
-        frame = frame.f_back
-    return None
+def _integration_types() -> tuple[type, ...]:
+    """transformers' reporting integrations (TensorBoard, W&B, MLflow...: ``report_to``'s callbacks)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return tuple(INTEGRATION_TO_CALLBACK.values())
+
+
+def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
+    """Add hf_cim callbacks to ``trainer`` so that what they log reaches every reporting integration; returns it.
+
+    ``Trainer`` calls its callbacks in list order, and ``Trainer(callbacks=...)`` / ``trainer.add_callback`` put them
+    *after* the integrations of ``report_to``, whose ``on_log`` has then already sent the record. This inserts the
+    hf_cim logging callbacks (:class:`PeakMemoryCallback`, :class:`GradientAlignmentCallback`,
+    :class:`NoiseLevelCallback`) at the front of ``trainer.callback_handler.callbacks``, ordered among themselves
+    (memory first, so their work at step end is not timed as training; then the noise level, then gradient
+    alignment), ahead of every integration; any other callback (e.g. :class:`hf_cim.NoiseStateCallback`) is added
+    with ``trainer.add_callback``. Each hf_cim logging callback checks its place at ``on_train_begin`` and warns if
+    a reporting integration runs before it (added to the front later) or, when it was not added through this
+    function, if ``report_to`` names an integration.
+
+    Example::
+
+        trainer = Trainer(model=model, args=args, train_dataset=train)
+        add_callbacks(trainer, PeakMemoryCallback(), NoiseLevelCallback(1.0, sample_range=(0.5, 2.0)))
+    """
+    handler = trainer.callback_handler
+    for cb in callbacks:
+        if isinstance(cb, type) or not isinstance(cb, TrainerCallback):
+            raise TypeError(f"add_callbacks: pass TrainerCallback instances, got {cb!r}")
+        if any(c is cb for c in handler.callbacks):
+            raise ValueError(f"add_callbacks: {type(cb).__name__} is already among the trainer's callbacks")
+        if not isinstance(cb, _LoggingCallback):
+            trainer.add_callback(cb)
+            continue
+        at = 0
+        while (
+            at < len(handler.callbacks)
+            and isinstance(handler.callbacks[at], _LoggingCallback)
+            and handler.callbacks[at]._front_rank <= cb._front_rank
+        ):
+            at += 1
+        handler.callbacks.insert(at, cb)
+        cb._handler = handler
+    return trainer
 
 
 class _LoggingCallback(TrainerCallback):
     """Base: values gathered during the steps are merged into the next ``Trainer.log`` record.
 
     Subclasses implement :meth:`_collect_logs`, called at every ``on_log`` on every process (it may run collectives,
-    since ``Trainer.log`` is called on all ranks at the same points).
+    since ``Trainer.log`` is called on all ranks at the same points). The values go into ``logs`` (what the
+    callbacks after this one, integrations included, see: :func:`add_callbacks` puts it ahead of them) and into the
+    record ``Trainer.log`` has just appended to ``state.log_history`` (whatever the place).
     """
 
     #: Position among hf_cim callbacks at the front of the list: lower runs first.
     _front_rank = 1
 
     def __init__(self) -> None:
-        self._moved = False
-
-    def _move_to_front(self) -> None:
-        if self._moved:
-            return
-        handler = _calling_handler(self)
-        if handler is None:
-            logger.warning(
-                "%s could not find the Trainer's callback list; its values reach state.log_history and the callbacks "
-                "after it, but not reporting integrations listed before it",
-                type(self).__name__,
-            )
-            self._moved = True
-            return
-        callbacks = handler.callbacks
-        old = next(i for i, cb in enumerate(callbacks) if cb is self)
-        callbacks.pop(old)
-        new = 0
-        while (
-            new < old
-            and isinstance(callbacks[new], _LoggingCallback)
-            and callbacks[new]._front_rank <= self._front_rank
-        ):
-            new += 1
-        # Inserting at or before the old index keeps the handler's ongoing iteration over the list correct.
-        callbacks.insert(new, self)
-        self._moved = True
-
-    def on_init_end(self, args, state, control, **kwargs):
-        self._move_to_front()
+        self._handler: Any = None  # set by add_callbacks
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._move_to_front()
+        self._check_place(args)
+
+    def _check_place(self, args) -> None:
+        name = type(self).__name__
+        if self._handler is None:
+            reports = [r for r in (args.report_to or []) if r != "none"]
+            if reports:
+                logger.warning(
+                    "%s was not added with hf_cim.callbacks.add_callbacks(trainer, ...): its values reach "
+                    "state.log_history, but not the reporting integrations %s, which run before it",
+                    name,
+                    reports,
+                )
+            return
+        callbacks = self._handler.callbacks
+        mine = next((i for i, cb in enumerate(callbacks) if cb is self), None)
+        before = [type(cb).__name__ for cb in callbacks[: mine or 0] if isinstance(cb, _integration_types())]
+        if before:
+            logger.warning(
+                "%s runs after the reporting integration(s) %s: they do not see its values (only "
+                "state.log_history does); add integrations before calling hf_cim.callbacks.add_callbacks",
+                name,
+                before,
+            )
 
     def _collect_logs(self, args, state) -> dict[str, float]:
         """The values to add to this log entry; the subclasses say what they measure (none here)."""

@@ -377,17 +377,21 @@ def resume_arg(training_args: TrainingArguments) -> str | bool | None:
     return value
 
 
-def callbacks(training_args: TrainingArguments, tokens_per_sample: int | None = None) -> list:
-    """Peak memory / step time (``hf_cim_memory.json``) and the noise streams saved in checkpoints for resuming."""
-    from hf_cim.callbacks import PeakMemoryCallback
+def add_recipe_callbacks(trainer: transformers.Trainer, tokens_per_sample: int | None = None) -> transformers.Trainer:
+    """Peak memory / step time (``hf_cim_memory.json``) and the noise streams saved in checkpoints for resuming, added
+    with :func:`hf_cim.callbacks.add_callbacks` (the memory figures ahead of the reporting integrations, so
+    TensorBoard / W&B get them too). Returns ``trainer``."""
+    from hf_cim.callbacks import PeakMemoryCallback, add_callbacks
     from hf_cim.hub import NoiseStateCallback
 
-    resume = training_args.resume_from_checkpoint
+    args = trainer.args
+    resume = args.resume_from_checkpoint
     folder = resume if resume is not None and os.path.isdir(str(resume)) else None
-    return [
-        PeakMemoryCallback(output_dir=training_args.output_dir, tokens_per_sample=tokens_per_sample),
+    return add_callbacks(
+        trainer,
+        PeakMemoryCallback(output_dir=args.output_dir, tokens_per_sample=tokens_per_sample),
         NoiseStateCallback(resume_from_checkpoint=folder),
-    ]
+    )
 
 
 def measure_chips(
@@ -563,8 +567,8 @@ def train_digital_baseline(
         processing_class=trainer.processing_class,
         data_collator=trainer.data_collator,
         compute_metrics=trainer.compute_metrics,
-        callbacks=callbacks(twin_args, tokens_per_sample=tokens_per_sample),
     )
+    add_recipe_callbacks(twin, tokens_per_sample=tokens_per_sample)
     train_result = twin.train()
     twin.save_model()
     evals = measure_chips(twin, noise_config, args, eval_sets, metric)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 from _common import (
     AnalogArguments,
+    add_recipe_callbacks,
     build_noise_config,
-    callbacks,
     card_and_push,
     card_kwargs,
     command_line,
@@ -460,8 +460,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_sets.get(primary),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=callbacks(training_args),
     )
+    add_recipe_callbacks(trainer)
     results: dict = {
         "recipe": "run_glue",
         "command": command_line(argv, __file__),

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 from _common import (
     AnalogArguments,
+    add_recipe_callbacks,
     build_noise_config,
-    callbacks,
     card_and_push,
     card_kwargs,
     command_line,
@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=valid,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        callbacks=callbacks(training_args, tokens_per_sample=data_args.block_size),
     )
+    add_recipe_callbacks(trainer, tokens_per_sample=data_args.block_size)
     results: dict = {
         "recipe": "run_shakespeare",
         "command": command_line(argv, __file__),

@@ -12,6 +12,7 @@ from hf_cim.callbacks import (
     MemoryTracker,
     NoiseLevelCallback,
     PeakMemoryCallback,
+    add_callbacks,
     gradient_alignment,
 )
 from hf_cim.noise import GaussianWeightNoise, OutputNoise
@@ -38,7 +39,8 @@ def _patched(**cfg):
     return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(**cfg))
 
 
-def _trainer(model, tmp_path, callbacks, max_steps=6, logging_steps=2, **kw):
+def _trainer(model, tmp_path, callbacks, max_steps=6, logging_steps=2, hf=(), **kw):
+    """A Trainer with ``callbacks`` given as usual and the hf_cim callbacks ``hf`` added with add_callbacks."""
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -51,7 +53,7 @@ def _trainer(model, tmp_path, callbacks, max_steps=6, logging_steps=2, **kw):
         seed=7,
         **kw,
     )
-    return Trainer(model=model, args=args, train_dataset=_data(), callbacks=callbacks)
+    return add_callbacks(Trainer(model=model, args=args, train_dataset=_data(), callbacks=callbacks), *hf)
 
 
 class Spy(TrainerCallback):
@@ -99,7 +101,7 @@ def test_cpu_peak_is_at_least_start_and_grows_with_a_held_tensor():
 def test_peak_memory_reaches_log_history_integrations_and_json(tmp_path):
     spy = Spy()
     cb = PeakMemoryCallback(tokens_per_sample=SEQ)
-    trainer = _trainer(_patched(), tmp_path, [spy, cb, Ballast(at=3, mib=200)])
+    trainer = _trainer(_patched(), tmp_path, [spy, Ballast(at=3, mib=200)], hf=[cb])
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert names.index("PeakMemoryCallback") < names.index("Spy")
     trainer.train()
@@ -134,7 +136,7 @@ def test_peak_memory_reaches_log_history_integrations_and_json(tmp_path):
 def test_peak_memory_output_dir_and_callback_added_after_init(tmp_path):
     spy = Spy()
     trainer = _trainer(_patched(), tmp_path, [spy], max_steps=2, logging_steps=1)
-    trainer.add_callback(PeakMemoryCallback(output_dir=str(tmp_path / "elsewhere")))
+    add_callbacks(trainer, PeakMemoryCallback(output_dir=str(tmp_path / "elsewhere")))
     trainer.train()
     assert "peak_memory_mb" in spy.logs[0] and "tokens_per_second" not in spy.logs[0]
     assert (tmp_path / "elsewhere" / "hf_cim_memory.json").exists()
@@ -197,8 +199,8 @@ def test_gradient_alignment_callback_does_not_change_training(tmp_path):
     runs = []
     for with_probe in (False, True):
         spy = Spy()
-        callbacks = [spy] + ([GradientAlignmentCallback(_probe(data), every_n_steps=2)] if with_probe else [])
-        trainer = _trainer(_patched(), tmp_path / str(with_probe), callbacks, max_steps=4)
+        hf = [GradientAlignmentCallback(_probe(data), every_n_steps=2)] if with_probe else []
+        trainer = _trainer(_patched(), tmp_path / str(with_probe), [spy], max_steps=4, hf=hf)
         trainer.train()
         runs.append((trainer, spy))
     (plain, _), (probed, spy) = runs
@@ -261,7 +263,7 @@ def test_noise_level_callback_sets_the_level_of_each_training_step(tmp_path):
     seen = []
     layer.register_forward_pre_hook(lambda m, _: seen.append(m.hf_cim_level) if m.training else None)
     cb = NoiseLevelCallback(target_level=1.5, warmup_ratio=0.5, sample_range=(0.5, 1.0), seed=1)
-    trainer = _trainer(model, tmp_path, [cb], max_steps=6, logging_steps=3)
+    trainer = _trainer(model, tmp_path, [], max_steps=6, logging_steps=3, hf=[cb])
     trainer.train()
     expected = [cb.level_at(s, 6) for s in range(6)]
     assert seen == pytest.approx(expected) and expected[0] == 0.0 and expected[-1] > 0.0
@@ -273,13 +275,12 @@ def test_noise_level_callback_sets_the_level_of_each_training_step(tmp_path):
 def test_all_callbacks_end_to_end(tmp_path):
     data = _data()
     spy = Spy()
-    callbacks = [
-        spy,
+    hf = [
         GradientAlignmentCallback(_probe(data), every_n_steps=2),
         NoiseLevelCallback(1.0, warmup_ratio=0.3),
         PeakMemoryCallback(tokens_per_sample=SEQ),
     ]
-    trainer = _trainer(_patched(), tmp_path, callbacks, max_steps=4)
+    trainer = _trainer(_patched(), tmp_path, [spy], max_steps=4, hf=hf)
     names = [type(c).__name__ for c in trainer.callback_handler.callbacks]
     assert names[:3] == ["PeakMemoryCallback", "NoiseLevelCallback", "GradientAlignmentCallback"]
     trainer.train()
@@ -299,3 +300,70 @@ def test_alignment_measures_the_configs_own_ste_levers():
     levers = dict(mask_saturated=True, backward_weights="programmed")
     hw = gradient_alignment(_patched(noise=[], out_bound=1.0, **levers), probe)["grad_cosine"]
     assert plain < 0.9 and hw > 0.9999  # no noise: the levers give full's gradient up to the DAC rounding of x
+
+
+# -- order in the Trainer's callback list, without reading the call stack ------------------------------------------
+def _fake_integration():
+    """A real transformers reporting integration class (TensorBoard's), with its writer replaced by a spy."""
+    from transformers.integrations import TensorBoardCallback
+
+    class FakeTensorBoard(TensorBoardCallback):
+        def __init__(self):  # no tensorboard package needed
+            self.logs = []
+
+        def on_train_begin(self, *args, **kwargs):
+            pass
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+        def on_train_end(self, *args, **kwargs):
+            pass
+
+    return FakeTensorBoard()
+
+
+def test_add_callbacks_puts_hf_cim_ahead_of_a_real_integration(tmp_path, caplog):
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+
+    tb = _fake_integration()
+    trainer = _trainer(_patched(), tmp_path, [tb], max_steps=2, logging_steps=1)
+    assert isinstance(trainer.callback_handler, CallbackHandler)
+    state_cb = hf_cim.NoiseStateCallback()
+    out = add_callbacks(trainer, NoiseLevelCallback(1.0), state_cb, PeakMemoryCallback())
+    assert out is trainer
+    cbs = trainer.callback_handler.callbacks
+    names = [type(c).__name__ for c in cbs]
+    assert names[:3] == ["PeakMemoryCallback", "NoiseLevelCallback", "DefaultFlowCallback"]
+    assert isinstance(cbs[2], DefaultFlowCallback) and cbs[-1] is state_cb  # the others: appended as usual
+    with caplog.at_level("WARNING", logger="hf_cim.callbacks"):
+        trainer.train()
+    assert not [r for r in caplog.records if "integration" in r.getMessage()]
+    seen = [r for r in tb.logs if "loss" in r]
+    assert seen and all({"noise_level", "peak_memory_mb"} <= set(r) for r in seen)
+    with pytest.raises(ValueError, match="already"):
+        add_callbacks(trainer, state_cb)
+    with pytest.raises(TypeError, match="instances"):
+        add_callbacks(trainer, PeakMemoryCallback)
+
+
+def test_warns_when_a_callback_ends_up_behind_an_integration(tmp_path, caplog):
+    # added with add_callbacks, then an integration is put in front of it: the place is checked at train begin
+    cb = PeakMemoryCallback()
+    trainer = _trainer(_patched(), tmp_path / "a", [], max_steps=1, logging_steps=1, hf=[cb])
+    tb = _fake_integration()
+    trainer.callback_handler.callbacks.insert(0, tb)
+    with caplog.at_level("WARNING", logger="hf_cim.callbacks"):
+        trainer.train()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("PeakMemoryCallback runs after the reporting integration(s) ['FakeTensorBoard']" in m for m in msgs)
+    assert "peak_memory_mb" not in tb.logs[0] and "peak_memory_mb" in trainer.state.log_history[0]
+
+    # given to Trainer(callbacks=...) while report_to names an integration: a warning pointing to add_callbacks
+    caplog.clear()
+    trainer = _trainer(_patched(), tmp_path / "b", [NoiseLevelCallback(1.0)], max_steps=1, logging_steps=1)
+    trainer.args.report_to = ["tensorboard"]
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("NoiseLevelCallback was not added with hf_cim.callbacks.add_callbacks" in m for m in msgs)
+    assert any("['tensorboard']" in m for m in msgs)
