@@ -14,7 +14,8 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from .chip import program_chip
 from .layers import process_rank
 from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
 
-__all__ = ["RobustnessResult", "evaluate_robustness"]
+__all__ = ["RobustnessResult", "evaluate_robustness", "format_time"]
 
 logger = logging.getLogger(__name__)
 
@@ -160,19 +161,69 @@ class RobustnessResult:
         return fig
 
 
-def _as_evaluate_fn(evaluate_fn: Any, model: nn.Module) -> Callable[[nn.Module], dict[str, float]]:
-    evaluate = getattr(evaluate_fn, "evaluate", None)
-    if evaluate is not None and hasattr(evaluate_fn, "callback_handler"):  # a transformers.Trainer
+#: Units of drift times in tracker keys and tables, largest first; a year is the Julian year (365.25 d).
+TIME_UNITS = {"y": 365.25 * 86400, "w": 7 * 86400, "d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
+
+
+def format_time(seconds: float) -> str:
+    """The largest unit of :data:`TIME_UNITS` that divides ``seconds`` exactly: 86400 → ``"1d"``, 90 → ``"90s"``,
+    5400 → ``"90min"``, 0 → ``"0"``; other values as seconds (``"0.5s"``)."""
+    if seconds == 0:
+        return "0"
+    for unit, size in TIME_UNITS.items():
+        n = seconds / size
+        if n >= 1 and abs(n - round(n)) < 1e-9 * n:
+            return f"{round(n)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _is_trainer(obj: Any) -> bool:
+    return callable(getattr(obj, "evaluate", None)) and hasattr(obj, "callback_handler")
+
+
+def _as_evaluate_fn(
+    evaluate_fn: Any, model: nn.Module, evaluate_kwargs: dict[str, Any] | None = None
+) -> Callable[[nn.Module], dict[str, float]]:
+    if _is_trainer(evaluate_fn):  # a transformers.Trainer
         trainer_model = getattr(evaluate_fn, "model", None)
         if trainer_model is not model:
             raise ValueError("evaluate_robustness: the Trainer's `model` is not the model being swept")
-        return lambda _: evaluate()
+        return lambda _: evaluate_fn.evaluate(**(evaluate_kwargs or {}))
+    if evaluate_kwargs:
+        raise ValueError("evaluate_robustness: `evaluate_kwargs` is for a Trainer as `evaluate_fn`")
     if callable(evaluate_fn):
         return evaluate_fn
     raise TypeError(
         f"evaluate_robustness: `evaluate_fn` must be a callable model -> dict or a transformers.Trainer, "
         f"got {type(evaluate_fn).__name__}"
     )
+
+
+@contextmanager
+def _logs_muted(trainer: Any) -> Iterator[None]:
+    """Within the block, ``trainer.log`` records nothing (no ``log_history`` entry, no ``on_log``)."""
+    if trainer is None:
+        yield
+        return
+    had_own = "log" in vars(trainer)
+    own = vars(trainer).get("log")
+    trainer.log = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if had_own:
+            trainer.log = own
+        else:
+            del trainer.log
+
+
+def _summary_logs(rows: list[dict[str, Any]], metric: str, prefix: str) -> dict[str, float]:
+    name = metric.removeprefix("eval_")
+    out: dict[str, float] = {}
+    for r in rows:
+        key = f"{prefix}/level_{r['level']:g}/t_{format_time(r['t_inference'])}/{name}"
+        out[key], out[f"{key}_std"] = r["mean"], r["std"]
+    return out
 
 
 def _check_number_list(name: str, values: Sequence[float], low: float, high: float | None) -> list[float]:
@@ -207,13 +258,15 @@ def evaluate_robustness(
     output_dir: str | None = None,
     progress: bool = True,
     plot: bool = True,
+    evaluate_kwargs: dict[str, Any] | None = None,
+    log_prefix: str | None = "chip",
 ) -> RobustnessResult:
     """Evaluate ``model`` on simulated chips (seeds) × noise levels × drift times; mean ± std over chips per cell.
 
     Args:
         model: a patched model (:func:`hf_cim.patch_model`).
         evaluate_fn: ``evaluate_fn(model) -> dict[str, float]``, or a ``transformers.Trainer`` built on ``model``
-            (its ``evaluate()`` is called; each call also logs its metrics as usual).
+            (its ``evaluate(**evaluate_kwargs)`` is called; see ``log_prefix`` for what reaches its logs).
         metric: the key of the metric in the returned dict (e.g. ``"eval_loss"``, ``"eval_accuracy"``).
         seeds: the chip seeds, or a count ``n`` for seeds ``0 … n-1``.
         levels: noise levels (each in [0, 100]; 1 is the configured noise).
@@ -222,6 +275,13 @@ def evaluate_robustness(
             there (rank 0 only in a distributed run).
         progress: show a ``tqdm`` progress bar over the evaluations (rank 0 only).
         plot: draw the plot into ``output_dir`` (needs matplotlib; skipped with a warning if missing).
+        evaluate_kwargs: keyword arguments of ``Trainer.evaluate`` (e.g. ``eval_dataset``), with a Trainer only.
+        log_prefix: with a Trainer: the digital evaluation logs its metrics as usual (``eval_loss`` once), the
+            chip evaluations log nothing (they would put the same ``eval_*`` keys at one step: a cloud of points in
+            TensorBoard / W&B), and one record follows the sweep (``Trainer.log``, so ``state.log_history`` and
+            every integration get it) with per cell ``<log_prefix>/level_<l>/t_<time>/<metric>`` (mean over chips)
+            and ``..._std`` (``chip/level_1/t_1d/loss``; ``eval_`` dropped from the metric, times as
+            :func:`format_time`). None: every evaluation logs as usual and no summary is logged.
 
     The model runs in eval mode with noise on (whatever ``noise_in_eval`` says) during the sweep, and the digital
     baseline under :func:`hf_cim.noise_disabled`. Afterwards the model's training flags, noise level, programmed
@@ -245,7 +305,8 @@ def evaluate_robustness(
         raise ValueError(f"evaluate_robustness: `seeds` must be a non-empty list of ints >= 0, got {seeds!r}")
     levels = _check_number_list("levels", levels, 0.0, 100.0)
     times = _check_number_list("t_inference", t_inference, 0.0, None)
-    run = _as_evaluate_fn(evaluate_fn, model)
+    run = _as_evaluate_fn(evaluate_fn, model, evaluate_kwargs)
+    trainer = evaluate_fn if _is_trainer(evaluate_fn) and log_prefix is not None else None
 
     modes = [(m, m.training) for m in model.modules()]
     saved = [
@@ -285,7 +346,8 @@ def evaluate_robustness(
                     set_noise_level(model, level)
                     program_chip(model, seed, t)
                     reseed(model, seed)
-                    values.append(_metric_of(run(model), metric))
+                    with _logs_muted(trainer):
+                        values.append(_metric_of(run(model), metric))
                     bar.update(1)
                 rows.append(
                     {"level": level, "t_inference": t, **_stats(values), "n_chips": len(values), "values": values}
@@ -303,6 +365,8 @@ def evaluate_robustness(
         for m, flag in modes:
             m.training = flag
 
+    if trainer is not None:
+        trainer.log(_summary_logs(rows, metric, log_prefix))
     cfg = get_config(model)
     result = RobustnessResult(
         metric=metric, rows=rows, clean=clean, seeds=seeds, config=cfg.to_dict() if cfg is not None else None

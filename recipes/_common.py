@@ -21,6 +21,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_cim
+from hf_cim.evaluation import TIME_UNITS, format_time
 from hf_cim.hub import redact_argv, redact_secrets
 
 logger = logging.getLogger("recipes")
@@ -144,11 +145,6 @@ class AnalogArguments:
         self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
 
 
-# Units of --eval_t_inference, largest first (format_time picks the largest that divides a time exactly). A year is
-# the Julian year, 365.25 days, as in astronomy and most drift papers quoting "1 year" in seconds (3.156e7 s).
-TIME_UNITS = {"y": 365.25 * 86400, "w": 7 * 86400, "d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
-
-
 def parse_time(text: str, name: str = "eval_t_inference") -> float:
     """A time since programming in seconds: ``"3600"``, ``"90s"``, ``"30min"``, ``"1h"``, ``"1d"``, ``"2w"``, ``"1y"``,
     ``"1.5h"``.
@@ -177,18 +173,6 @@ def parse_times(name: str, text: str) -> tuple[float, ...]:
     if not words:
         raise ValueError(f"`--{name}` must hold at least one time, got {text!r}")
     return tuple(sorted({parse_time(w, name) for w in words}))
-
-
-def format_time(seconds: float) -> str:
-    """The largest unit of :data:`TIME_UNITS` that divides ``seconds`` exactly: 86400 → ``"1d"``, 90 → ``"90s"``,
-    5400 → ``"90min"``, 0 → ``"0"``; other values as seconds (``"0.5s"``)."""
-    if seconds == 0:
-        return "0"
-    for unit, size in TIME_UNITS.items():
-        n = seconds / size
-        if n >= 1 and abs(n - round(n)) < 1e-9 * n:
-            return f"{round(n)}{unit}"
-    return f"{seconds:g}s"
 
 
 def _floats(name: str, text: str, extra: float | None = None) -> tuple[float, ...]:
@@ -422,13 +406,16 @@ def measure_chips(
                 continue
             result = evaluate_robustness(
                 model,
-                lambda _model, dataset=dataset: trainer.evaluate(eval_dataset=dataset),
+                trainer,
                 f"eval_{metric}",
                 seeds=args.eval_chips,
                 levels=args.levels,
                 t_inference=args.t_inference,
                 output_dir=os.path.join(trainer.args.output_dir, f"robustness_{name}"),
-                progress=False,
+                progress=not trainer.args.disable_tqdm,
+                evaluate_kwargs={"eval_dataset": dataset},
+                # trackers get the digital eval_* once and one record of chip/level_<l>/t_<time>/<metric>[_std]
+                log_prefix="chip" if len(eval_sets) == 1 else f"chip/{name}",
             )
             out[name] = {
                 "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},

@@ -193,3 +193,52 @@ def test_with_a_trainer(tmp_path):
     other = Trainer(model=tiny_gpt2(), args=args, eval_dataset=data)
     with pytest.raises(ValueError, match="Trainer's `model`"):
         evaluate_robustness(model, other, "eval_loss", seeds=1, progress=False)
+
+
+def test_trackers_get_one_clean_record_and_one_per_cell_summary(tmp_path):
+    """With a Trainer, the chip evaluations log nothing; one record after the sweep holds every cell under its own
+    key: no cloud of repeated eval_loss points at one step for TensorBoard / W&B."""
+    from transformers import TrainerCallback
+
+    class Tracker(TrainerCallback):  # what a reporting integration's on_log receives
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    model = tiny_gpt2(n_positions=16)
+    hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(exclude_modules=["lm_head"]))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(0, 97, (16,), generator=g)), "labels": ids} for _ in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to="none", use_cpu=True, disable_tqdm=True
+    )
+    tracker = Tracker()
+    trainer = Trainer(model=model, args=args, callbacks=[tracker])
+    res = evaluate_robustness(
+        model, trainer, "eval_loss", seeds=2, levels=(1.0, 2.0), t_inference=(0.0, 86400.0), progress=False,
+        evaluate_kwargs={"eval_dataset": data},
+    )  # fmt: skip
+    assert trainer.state.log_history == [{**r, "step": 0} for r in tracker.logs]
+    assert len(tracker.logs) == 2
+    clean, summary = tracker.logs
+    assert clean["eval_loss"] == res.clean["eval_loss"]
+    assert not any(k.startswith("eval_") for k in summary)
+    summary.pop("epoch", None)  # Trainer.log adds it
+    expected = {}
+    for r in res.rows:
+        key = f"chip/level_{r['level']:g}/t_{'0' if r['t_inference'] == 0 else '1d'}/loss"
+        expected[key], expected[f"{key}_std"] = r["mean"], r["std"]
+    assert summary == expected and "chip/level_2/t_1d/loss" in summary
+    assert "log" not in vars(trainer)  # trainer.log is the class's again
+
+    # log_prefix=None: every evaluation logs as Trainer does (1 + 2 x 2 x 2), no summary
+    tracker.logs.clear()
+    evaluate_robustness(
+        model, trainer, "eval_loss", seeds=2, levels=(1.0, 2.0), t_inference=(0.0, 86400.0), progress=False,
+        evaluate_kwargs={"eval_dataset": data}, log_prefix=None,
+    )  # fmt: skip
+    assert len(tracker.logs) == 9 and all("eval_loss" in r for r in tracker.logs)
+    with pytest.raises(ValueError, match="`evaluate_kwargs`"):
+        evaluate_robustness(model, lambda m: {"x": 1.0}, "x", evaluate_kwargs={"eval_dataset": data})
