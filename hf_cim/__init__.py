@@ -11,6 +11,7 @@ from .evaluation import RobustnessResult, evaluate_robustness
 from .hub import NoiseStateCallback, load_noise_config, push_to_hub, save_noise_config, write_model_card
 from .noise import NoiseContext, NoiseModel, list_noise_models, register_noise_model
 from .patch import analog_layers, get_config, noise_disabled, patch_model, reseed, set_noise_level, unpatch_model
+from .peft_utils import load_peft
 from .presets import get_preset, list_presets
 from .quantizer import AnalogHfQuantizer  # registers quant_method "hf_cim" with transformers
 
@@ -36,6 +37,7 @@ __all__ = [
     "list_noise_models",
     "list_presets",
     "load_noise_config",
+    "load_peft",
     "noise_disabled",
     "patch_model",
     "program_chip",

@@ -443,6 +443,15 @@ def _load_snippet(model: nn.Module | None, repo: str, base_model: str | None) ->
         return [
             "```python",
             first,
+            "",
+            f'model = hf_cim.load_peft("{repo}")  # analog base (hf_cim_config.json), digital adapters',
+            "```",
+            "",
+            "`AutoPeftModel*.from_pretrained` alone loads a **digital** base (peft reads only `adapter_config.json`); "
+            "by hand:",
+            "",
+            "```python",
+            first,
             "from peft import PeftModel",
             f"from transformers import {arch}",
             "",

@@ -147,3 +147,36 @@ def test_bert_adapter_push_folder_holds_noise_config(tmp_path, monkeypatch):
     again = PeftModel.from_pretrained(base, tmp_path)
     x = _inputs()
     assert torch.equal(_logits(again.eval(), x), _logits(model.eval(), x))
+
+
+def test_adapter_folder_reloads_analog_with_load_peft(tmp_path):
+    """AutoPeftModelFor*.from_pretrained(adapter_dir) over a plain base gives a digital base (peft reads only
+    adapter_config.json); hf_cim.load_peft(adapter_dir) gives the analog one, equal to the saved model."""
+    from peft import AutoPeftModelForCausalLM
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")  # a plain (digital) base checkpoint
+    cfg = _config(["lm_head"])
+    base = hf_cim.patch_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), cfg)
+    model = get_peft_model(base, _lora(["c_attn"], True))
+    model.save_pretrained(tmp_path / "adapter")
+    hf_cim.save_noise_config(model, tmp_path / "adapter")
+    x = _inputs()
+
+    plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert not list(hf_cim.analog_layers(plain))  # peft's own loader: the digital base, silently
+
+    again = hf_cim.load_peft(tmp_path / "adapter")
+    assert isinstance(again, PeftModel)  # no task_type in the LoraConfig: AutoPeftModel
+    assert hf_cim.get_config(again.get_base_model()) == cfg
+    assert [n for n, _ in hf_cim.analog_layers(again)] == [n for n, _ in hf_cim.analog_layers(model)]
+    for m in (model, again):
+        m.eval()
+        hf_cim.program_chip(m, seed=3)
+    assert torch.equal(_logits(again, x), _logits(model, x))  # the same chip, the same adapters
+    with hf_cim.noise_disabled(again), hf_cim.noise_disabled(plain):
+        assert torch.equal(_logits(again, x), _logits(plain.eval(), x))  # same weights, digital
+
+    # no noise config anywhere: an error, not a digital model
+    (tmp_path / "adapter" / "hf_cim_config.json").unlink()
+    with pytest.raises(ValueError, match="no noise config"):
+        hf_cim.load_peft(tmp_path / "adapter")
