@@ -34,7 +34,12 @@ import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
 
 import hf_cim  # noqa: E402
-from hf_cim.callbacks import GradientAlignmentCallback, NoiseLevelCallback, PeakMemoryCallback  # noqa: E402
+from hf_cim.callbacks import (  # noqa: E402
+    GradientAlignmentCallback,
+    NoiseLevelCallback,
+    PeakMemoryCallback,
+    add_callbacks,
+)
 from hf_cim.evaluation import evaluate_robustness  # noqa: E402
 from hf_cim.noise import GaussianWeightNoise  # noqa: E402
 
@@ -105,7 +110,8 @@ def train(name, model, train_set, probe, args, out_dir, level_cb=None):
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(model=model, args=targs, train_dataset=train_set, callbacks=callbacks)
+    trainer = Trainer(model=model, args=targs, train_dataset=train_set)
+    add_callbacks(trainer, *callbacks)  # ahead of the reporting integrations (--report_to tensorboard)
     t0 = time.perf_counter()
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
