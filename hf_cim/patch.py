@@ -2,13 +2,16 @@
 
 Target selection follows peft's ``target_modules`` semantics: a string is a regex that must match a module's full
 name; a list holds exact names or ``.suffix`` matches; ``"all-linear"`` means every linear-like layer but the
-output embedding. ``exclude_modules`` uses the same syntax and leaves the whole subtree of an excluded module digital.
+output embedding. The experts of transformers 5's MoE layers (3-D expert weights, ``@use_experts_implementation``)
+are linear-like too (:mod:`hf_cim.moe`); an experts module hf_cim cannot simulate is named in a warning, never left
+digital silently. ``exclude_modules`` uses the same syntax and leaves the whole subtree of an excluded module digital.
 Every target is checked before anything changes, so a failure never leaves a half-patched model. A model holds one
 config (the one ``save_pretrained`` writes): patching a model that already has patched layers is an error.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +20,7 @@ from torch import nn
 
 from .config import AnalogNoiseConfig
 from .layers import LAYER_MAP, AnalogLayerMixin
+from .moe import AnalogExpertsMixin, experts_support, is_experts_like, noisy_experts_class
 from .peft_utils import named_base_modules
 
 __all__ = [
@@ -28,6 +32,8 @@ __all__ = [
     "set_noise_level",
     "unpatch_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 _CONFIG_ATTR = "hf_cim_config"
 _TAGS_ATTR = "_hf_cim_model_tags"
@@ -70,9 +76,22 @@ def _check_unsupported(name: str, module: nn.Module) -> None:
         )
 
 
+def _patchable(module: nn.Module) -> bool:
+    if type(module) in LAYER_MAP or isinstance(module, AnalogLayerMixin):
+        return True
+    return is_experts_like(module) and experts_support(module) is None
+
+
+def _noisy_class(module: nn.Module) -> type[nn.Module]:
+    noisy = LAYER_MAP.get(type(module))
+    return noisy if noisy is not None else noisy_experts_class(type(module))
+
+
 def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.Module]]:
     named = [("", model), *named_base_modules(model)]  # peft adapters left out, names as in the bare model
-    candidates = [(name, m) for name, m in named if type(m) in LAYER_MAP or isinstance(m, AnalogLayerMixin)]
+    candidates = [(name, m) for name, m in named if _patchable(m)]
+    # MoE experts hf_cim cannot simulate: named in a warning when the selection would cover them (never silent).
+    digital_experts = [(n, m) for n, m in named if is_experts_like(m) and not _patchable(m)]
     if not candidates:
         raise ValueError(
             "patch_model: the model has no linear-like layer (nn.Linear, transformers Conv1D, nn.Conv2d) to patch"
@@ -117,7 +136,7 @@ def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.M
             shown = entry if isinstance(entry, str) else entry[0]
             if not any(_matches(n, entry) for n, _ in named):
                 raise ValueError(f"patch_model: `exclude_modules` {what} {shown!r} matches no module")
-            if not any(_excluded(n, entry) for n, _ in candidates):
+            if not any(_excluded(n, entry) for n, _ in candidates + digital_experts):
                 hits = [(n, type(m).__name__) for n, m in named if _matches(n, entry)]
                 raise ValueError(
                     f"patch_model: `exclude_modules` {what} {shown!r} excludes no linear-like layer: it matches only "
@@ -125,6 +144,17 @@ def _select(model: nn.Module, config: AnalogNoiseConfig) -> list[tuple[str, nn.M
                     f"{[n for n, _ in candidates[:8]]}"
                 )
         selected = [(n, m) for n, m in selected if not any(_excluded(n, entry) for entry in entries)]
+        digital_experts = [(n, m) for n, m in digital_experts if not any(_excluded(n, e) for e in entries)]
+    if isinstance(target, (str, list)) and target != "all-linear":
+        digital_experts = [(n, m) for n, m in digital_experts if _matches(n, target)]
+    if digital_experts:
+        logger.warning(
+            "patch_model: %d MoE experts module(s) stay digital, hf_cim cannot simulate them: %s. Leave them "
+            "digital explicitly with `exclude_modules` to silence this warning.",
+            len(digital_experts),
+            "; ".join(f"{n} ({type(m).__name__}: {experts_support(m)})" for n, m in digital_experts[:8])
+            + (" ..." if len(digital_experts) > 8 else ""),
+        )
 
     if not selected:
         raise ValueError("patch_model: `target_modules` minus `exclude_modules` leaves no layer to patch")
@@ -161,7 +191,7 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
     config.validate()  # fields are checked on assignment; this also sees noise models changed in place
     selected = _select(model, config)
     for name, module in selected:
-        module.__class__ = LAYER_MAP[type(module)]
+        module.__class__ = _noisy_class(module)
         module._hf_cim_init(name, config)
     setattr(model, _CONFIG_ATTR, config)
     hf_config = _hf_config(model)
@@ -199,7 +229,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     inverse = {v: k for k, v in LAYER_MAP.items()}
     for _, module in list(analog_layers(model)):
         module._hf_cim_clear()
-        module.__class__ = inverse[type(module)]
+        module.__class__ = (
+            module._hf_cim_plain_class if isinstance(module, AnalogExpertsMixin) else inverse[type(module)]
+        )
     model.__dict__.pop(_CONFIG_ATTR, None)
     added = model.__dict__.pop(_TAGS_ATTR, [])
     if added and getattr(model, "model_tags", None):  # the tags patch_model added: a digital model again

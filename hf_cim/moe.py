@@ -1,0 +1,443 @@
+"""Analog mixture-of-experts: transformers 5's fused experts modules on simulated crossbars.
+
+transformers 5 stores the experts of an MoE layer (Mixtral, Qwen-MoE, gpt-oss, DeepSeek...) as 3-D Parameters of
+one module decorated with ``@use_experts_implementation``: ``gate_up_proj`` (or ``up_proj`` without a gate) and
+``down_proj``, ``(experts, out, in)`` or, with ``is_transposed``, ``(experts, in, out)``, optional ``*_bias``
+``(experts, out)``, and ``forward(hidden_states, top_k_index, top_k_weights)``. The decorator records the layout
+(``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``) and the gate (``_apply_gate``) that its
+``batched_mm`` / ``grouped_mm`` implementations use for every such model; :class:`AnalogExpertsMixin` follows the same
+data flow with each expert's product computed as a crossbar computes it:
+
+1. the ``(token, expert)`` pairs are sorted by expert (one sort, one ``bincount``: no Python loop over tokens);
+2. each projection programs the weights of the experts that were hit at once (:func:`hf_cim.tile.program_weights` on
+   the ``(experts·out, in)`` stack: per-output-channel quantization of the stack is exactly per expert and channel;
+   noise models whose ``program`` hook reads statistics of the whole matrix are run per expert instead, see
+   :func:`rowwise_program`), then runs :func:`hf_cim.tile.analog_matmul` per expert hit (read noise, DAC, tiles,
+   output hooks, ADC, bias on the ADC grid), as upstream's eager forward loops over the experts hit;
+3. gate, optional post-expert norm, routing weights and the per-token sum as upstream (deterministic, no atomics).
+
+Gradient modes, per projection (each expert's matrix is one analog layer):
+
+* ``ste``: one ``autograd.Function`` per projection; backward = each expert's clean VJP (``g·W_e``, ``gᵀ·x``, ``Σg``)
+  with the config's ``mask_saturated`` / ``backward_weights`` levers exactly as the dense layers apply them.
+* ``ste_detach``: ``y_clean + (y_noisy − y_clean).detach()`` per expert, ``y_clean`` the clean product under autograd
+  (the levers' surrogate when a lever is on): the same gradients as ``ste``.
+* ``full``: autograd through the simulation.
+
+The routing weights, the gate activation and everything downstream see the noisy expert outputs (as every layer
+after a dense analog layer sees its noisy output). A patched experts module *is* the original one (class swapped
+for a generated subclass ``Noisy<Class>``), with the same Parameters and ``state_dict`` keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import AnalogLayerMixin, derive_seed
+from .noise.base import NoiseContext, NoiseModel
+from .noise.faults import StuckAtFaults
+from .noise.gaussian import GaussianWeightNoise, LogNormalNoise
+from .noise.pcm import PCMNoise
+from .noise.reram import ReRAMNoise
+from .tile import analog_matmul, program_weights
+
+__all__ = [
+    "AnalogExpertsMixin",
+    "experts_support",
+    "is_experts_like",
+    "noisy_experts_class",
+    "rowwise_program",
+]
+
+
+#: Attributes ``@use_experts_implementation`` sets on every experts module it decorates (transformers >= 5).
+_LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")
+
+
+def is_experts_like(module: nn.Module) -> bool:
+    """Whether ``module`` looks like the experts of an MoE layer: decorated by transformers'
+    ``@use_experts_implementation``, or a class named ``*Expert*`` owning a Parameter of 3 or more dimensions
+    (e.g. DBRX's ``DbrxExpertGLU``)."""
+    if all(flag in vars(module) for flag in _LAYOUT_FLAGS):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd) or "Expert" not in type(module).__name__:
+        return False
+    return any(p.dim() >= 3 for p in module.parameters(recurse=False))
+
+
+def experts_support(module: nn.Module) -> str | None:
+    """``None`` when :func:`hf_cim.patch_model` can make ``module`` analog, else why not (for the warning)."""
+    if isinstance(module, AnalogExpertsMixin):
+        return None
+    state = vars(module)
+    if not all(flag in state for flag in _LAYOUT_FLAGS):
+        return "not a transformers @use_experts_implementation experts module"
+    if state.get("_is_expert_parallel", False):
+        return "expert parallel (a shard of the experts)"
+    n = getattr(module, "num_experts", None)
+    if not isinstance(n, int):
+        return "no `num_experts`"
+    names = ["gate_up_proj" if state["has_gate"] else "up_proj", "down_proj"]
+    for name in names:
+        p = module._parameters.get(name)
+        if p is None or p.dim() != 3 or p.shape[0] != n:
+            return f"`{name}` is not a ({n}, ·, ·) Parameter"
+        if state["has_bias"]:
+            b = module._parameters.get(f"{name}_bias")
+            if b is None or b.dim() != 2 or b.shape[0] != n:
+                return f"`{name}_bias` is not a ({n}, ·) Parameter"
+    if not state["has_gate"] and not hasattr(module, "act_fn"):
+        return "no `act_fn`"
+    if state["has_post_expert_norm"] and not hasattr(module, "post_expert_norm"):
+        return "no `post_expert_norm`"
+    return None
+
+
+def rowwise_program(noise: list[NoiseModel], ctx: NoiseContext) -> bool:
+    """Whether every ``program`` hook of ``noise`` treats each output channel on its own, so that programming the
+    ``(experts·out, in)`` stack of several experts in one call is programming each expert: the catalogue's
+    element-wise and per-channel models. Others (``gaussian_weight`` with ``per_channel=False``, ``pcm`` with global
+    drift compensation at ``t_inference > 0``, any custom model) are run per expert."""
+    for model in noise:
+        if not model.has_hook("program"):
+            continue
+        kind = type(model)
+        if kind is GaussianWeightNoise:
+            ok = model.per_channel
+        elif kind is PCMNoise:
+            ok = not (model.drift and model.drift_compensation and ctx.t_inference > 0.0)
+        else:
+            ok = kind in (LogNormalNoise, StuckAtFaults, ReRAMNoise)
+        if not ok:
+            return False
+    return True
+
+
+@dataclass
+class _Plan:
+    """The routing of one forward: rows of expert ``e`` in the sorted pairs are ``start[e]:start[e] + count[e]``."""
+
+    counts: list[int]
+    starts: list[int]
+    hit: list[int]
+
+    @classmethod
+    def from_counts(cls, counts: list[int]) -> _Plan:
+        starts, total = [], 0
+        for c in counts:
+            starts.append(total)
+            total += c
+        return cls(counts, starts, [e for e, c in enumerate(counts) if c])
+
+    def rows(self, e: int) -> slice:
+        return slice(self.starts[e], self.starts[e] + self.counts[e])
+
+
+def _vjp(x, w, g, mask, w_b, tile_rows, need_x, need_w, dtype):
+    """One expert's STE backward: ``∂x = (g⊙m)·W_b``, ``∂W = (g⊙m)ᵀ·x`` per crossbar tile (``m`` the ADC's pass mask
+    of the tile, ``W_b`` the programmed or clean weights), as :meth:`AnalogLayerMixin._ste_backward`."""
+    g, x = g.to(dtype), x.to(dtype)
+    w_x = (w if w_b is None else w_b).to(dtype)
+    if mask is None or mask.shape[0] == 1:
+        if mask is not None:
+            g = g * mask[0].to(dtype)
+        return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
+    n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
+    pad = n_tiles * tile_rows - k
+    g_t = g.unsqueeze(0) * mask.to(dtype)  # (tiles, n, out)
+    gx = gw = None
+    if need_x:
+        w_t = F.pad(w_x, (0, pad)).view(out, n_tiles, tile_rows).transpose(0, 1)
+        gx = torch.bmm(g_t, w_t).transpose(0, 1).reshape(n, n_tiles * tile_rows)[:, :k]
+    if need_w:
+        x_t = F.pad(x, (0, pad)).view(n, n_tiles, tile_rows).transpose(0, 1)
+        gw = torch.bmm(g_t.transpose(1, 2), x_t).transpose(0, 1).reshape(out, n_tiles * tile_rows)[:, :k]
+    return gx, gw
+
+
+def _surrogate(x, w, bias, mask, w_b, tile_rows):
+    """A function of ``x``, ``W``, ``b`` whose VJP is :func:`_vjp`'s: the clean product without levers (``ste_detach``)."""
+    if mask is None and w_b is None:
+        return F.linear(x, w, bias)
+    n_tiles = 1 if mask is None else mask.shape[0]
+    rows = tile_rows if n_tiles > 1 else x.shape[1]
+    pad = n_tiles * rows - x.shape[1]
+
+    def tiles(t):
+        return F.pad(t, (0, pad)).view(t.shape[0], n_tiles, rows).transpose(0, 1)
+
+    if w_b is None:
+        y_t = torch.bmm(tiles(x), tiles(w).transpose(1, 2))
+    else:  # W's gradient from the clean weights, x's through the programmed ones
+        y_t = torch.bmm(tiles(x.detach()), tiles(w).transpose(1, 2))
+        y_t = y_t + torch.bmm(tiles(x), tiles(w_b.to(x.dtype).detach()).transpose(1, 2))
+    if mask is not None:
+        y_t = y_t * mask.to(x.dtype)
+    y = y_t.sum(0)
+    return y if bias is None else y + bias
+
+
+class _ExpertsSTEFunction(torch.autograd.Function):
+    """One projection of all experts hit: noisy forward, each expert's clean (or levered) VJP backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, name, plan):
+        ctx.layer, ctx.plan = layer, plan
+        ctx.compute_dtype = layer._compute_dtype(x)
+        ctx.tile_rows = layer.hf_cim_config.tile_size
+        aux = {} if layer._ste_levers else None
+        with torch.no_grad():
+            y = layer._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
+        masks = [m for m in (aux or {}).get("mask", []) if m is not None]
+        w_bs = [w for w in (aux or {}).get("weight", []) if w is not None]
+        ctx.n_masks = len(masks)
+        ctx.save_for_backward(x, weight, *masks, *w_bs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors  # once: checkpointing's unpack hooks allow a single read
+        x, weight = saved[:2]
+        masks, w_bs = saved[2 : 2 + ctx.n_masks], saved[2 + ctx.n_masks :]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        layer, plan, dtype = ctx.layer, ctx.plan, ctx.compute_dtype
+        w_oi = layer._w_oi(weight)
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros(w_oi.shape, dtype=weight.dtype, device=weight.device) if need_w else None
+        grad_b = None
+        if need_b:
+            grad_b = torch.zeros(w_oi.shape[:2], dtype=grad.dtype, device=grad.device)
+        for j, e in enumerate(plan.hit):
+            rows = plan.rows(e)
+            g = grad[rows]
+            gx, gw = _vjp(
+                x[rows],
+                w_oi[e],
+                g,
+                masks[j] if masks else None,
+                w_bs[j] if w_bs else None,
+                ctx.tile_rows,
+                need_x,
+                need_w,
+                dtype,
+            )
+            if need_x:
+                grad_x[rows] = gx.to(x.dtype)
+            if need_w:
+                grad_w[e] = gw.to(weight.dtype)
+            if need_b:
+                grad_b[e] = g.sum(0)
+        if need_w:
+            grad_w = layer._w_oi(grad_w).contiguous()
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class AnalogExpertsMixin(AnalogLayerMixin):
+    """Analog behaviour of a fused experts module; mixed into a generated subclass of the module's own class."""
+
+    #: The plain experts class this noisy class was generated from (``unpatch_model`` swaps it back).
+    _hf_cim_plain_class: type[nn.Module]
+
+    # -- layout ---------------------------------------------------------------------------------------------------
+    @property
+    def _projections(self) -> tuple[str, str]:
+        return ("gate_up_proj" if self.has_gate else "up_proj"), "down_proj"
+
+    def _w_oi(self, w3: torch.Tensor) -> torch.Tensor:
+        """``(experts, out, in)`` view of a stored expert weight (its own inverse on a gradient of that shape)."""
+        return w3.transpose(-2, -1) if self.is_transposed else w3
+
+    def _proj_bias(self, name: str) -> torch.Tensor | None:
+        return getattr(self, f"{name}_bias") if self.has_bias else None
+
+    def _proj_context(
+        self, name: str, device: torch.device, in_dim: int, generator: torch.Generator | None = None
+    ) -> NoiseContext:
+        return NoiseContext(
+            generator=generator if generator is not None else self.noise_generator(device),
+            level=self.hf_cim_level,
+            training=self.training,
+            t_inference=self.hf_cim_t_inference,
+            tile_rows=self.hf_cim_config.tile_size or in_dim,
+            layer_name=f"{self.hf_cim_name}.{name}",
+        )
+
+    # -- programming ----------------------------------------------------------------------------------------------
+    def _program_experts(
+        self, w_oi: torch.Tensor, hit: list[int] | None, ctx: NoiseContext, differentiable: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``program_weights`` of the experts ``hit`` (all for None): ``(n, out, in)`` programmed weights and
+        ``(n, out, 1)`` scales, in the order of ``hit``."""
+        cfg = self.hf_cim_config
+        if hit is not None and len(hit) < w_oi.shape[0]:
+            w_oi = w_oi[torch.tensor(hit, device=w_oi.device)]
+        w = w_oi.float()
+        n, out, k = w.shape
+        if rowwise_program(cfg.noise, ctx):
+            w_prog, scale = program_weights(w.reshape(n * out, k), cfg, ctx, cfg.noise, differentiable=differentiable)
+            return w_prog.reshape(n, out, k), scale.reshape(n, out, 1)
+        pairs = [program_weights(w[i], cfg, ctx, cfg.noise, differentiable=differentiable) for i in range(n)]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+    def program(self, seed: int, t_inference: float = 0.0) -> None:
+        """Program every expert of both projections as one simulated chip (see :meth:`AnalogLayerMixin.program`)."""
+        gen = None
+        self.hf_cim_t_inference = float(t_inference)
+        chip = {}
+        with torch.no_grad():
+            for name in self._projections:
+                weight = getattr(self, name).detach()
+                if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters outside forward
+                    weight = weight.full_tensor()
+                w_oi = self._w_oi(weight)
+                if gen is None:
+                    gen = torch.Generator(device=weight.device)
+                    gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
+                ctx = self._proj_context(name, weight.device, w_oi.shape[-1], generator=gen)
+                ctx.training = False
+                chip[name] = self._program_experts(w_oi, None, ctx, differentiable=False)
+        self._hf_cim_chip = chip
+
+    # -- one projection -------------------------------------------------------------------------------------------
+    def _noisy_project(self, name, x, weight, bias, plan, differentiable, aux=None):
+        """The analog product of every expert hit with its rows of ``x`` (``(pairs, in)``, sorted by expert).
+        ``aux`` (STE modes) receives per expert hit the ADC pass mask (``"mask"``) and the programmed weights in
+        the layer's units (``"weight"``), or Nones, as the config's levers ask."""
+        cfg = self.hf_cim_config
+        out_dtype = self._compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w_oi = self._w_oi(weight)
+            ctx = self._proj_context(name, x.device, w_oi.shape[-1])
+            if self._hf_cim_chip is not None and not self.training:
+                w_prog, w_scale = self._hf_cim_chip[name]
+                picks = plan.hit
+            else:
+                w_prog, w_scale = self._program_experts(w_oi, plan.hit, ctx, differentiable)
+                picks = list(range(len(plan.hit)))
+            xf = x.float()
+            if aux is not None:
+                aux["mask"], aux["weight"] = [], []
+            ys = []
+            for j, e in zip(picks, plan.hit):
+                ctx.weight_scale = w_scale[j]
+                saturation = [] if aux is not None and cfg.mask_saturated else None
+                b = None if bias is None else bias[e]
+                y = analog_matmul(
+                    xf[plan.rows(e)], w_prog[j], w_scale[j], b, cfg, ctx, cfg.noise, differentiable, saturation
+                )
+                if aux is not None:
+                    aux["mask"].append(saturation[0] if saturation else None)
+                    aux["weight"].append(w_prog[j] * w_scale[j] if cfg.backward_weights == "programmed" else None)
+                ys.append(y)
+            y = torch.cat(ys) if ys else xf.new_zeros(0, w_oi.shape[1])
+            return y.to(out_dtype)
+
+    def _ste_detach_project(self, name, x, weight, bias, plan):
+        aux = {} if self._ste_levers else None
+        with torch.no_grad():
+            y_noisy = self._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
+        dtype = self._compute_dtype(x)
+        w_oi = self._w_oi(weight)
+        ys = []
+        with torch.autocast(x.device.type, enabled=False):
+            for j, e in enumerate(plan.hit):
+                ys.append(
+                    _surrogate(
+                        x[plan.rows(e)].to(dtype),
+                        w_oi[e].to(dtype),
+                        None if bias is None else bias[e].to(dtype),
+                        aux["mask"][j] if aux else None,
+                        aux["weight"][j] if aux else None,
+                        self.hf_cim_config.tile_size,
+                    )
+                )
+            y_clean = torch.cat(ys) if ys else x.new_zeros(0, w_oi.shape[1], dtype=dtype)
+        return y_clean + (y_noisy - y_clean).detach()
+
+    def _project(self, name: str, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        weight, bias = getattr(self, name), self._proj_bias(name)
+        cfg = self.hf_cim_config
+        if not torch.is_grad_enabled():
+            return self._noisy_project(name, x, weight, bias, plan, differentiable=False)
+        if cfg.gradient == "ste":
+            return _ExpertsSTEFunction.apply(x, weight, bias, self, name, plan)
+        if cfg.gradient == "ste_detach":
+            return self._ste_detach_project(name, x, weight, bias, plan)
+        return self._noisy_project(name, x, weight, bias, plan, differentiable=True)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def _clean_forward(self, hidden_states, top_k_index, top_k_weights):
+        return self._hf_cim_plain_class.forward(self, hidden_states, top_k_index, top_k_weights)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        args = (hidden_states, top_k_index, top_k_weights)
+        cfg = self.hf_cim_config
+        if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
+            return self._clean_forward(*args)
+        if hidden_states.is_meta or self.down_proj.is_meta:
+            return self._clean_forward(*args)
+        if self.training and self.hf_cim_level > 0.0:
+            # Activation checkpointing: a recompute replays the noise of the original forward (as
+            # AnalogLayerMixin.forward does for the dense layers).
+            gen = self.noise_generator(hidden_states.device)
+            if torch._C._current_graph_task_id() == -1:
+                self._hf_cim_replay.append(gen.get_state())
+            elif self._hf_cim_replay:
+                replay = torch.Generator(device=gen.device)
+                replay.set_state(self._hf_cim_replay.pop())
+                self._hf_cim_replay_generator = replay
+                try:
+                    return self._analog_forward(*args)
+                finally:
+                    self._hf_cim_replay_generator = None
+        return self._analog_forward(*args)
+
+    def _analog_forward(self, hidden_states, top_k_index, top_k_weights):
+        n_tokens, top_k = top_k_index.shape
+        n_experts = self.num_experts
+        with torch.no_grad():
+            flat = top_k_index.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            ids = flat[order]
+            keep = (ids >= 0) & (ids < n_experts)  # sentinels (e.g. index num_experts) select no expert
+            order, ids = order[keep], ids[keep]
+            plan = _Plan.from_counts(torch.bincount(ids, minlength=n_experts).tolist())  # the one host sync
+        x = hidden_states[order // top_k]  # (pairs, hidden), grouped by expert
+        first, down = self._projections
+        y = self._project(first, x, plan)
+        y = self._apply_gate(y) if self.has_gate else self.act_fn(y)
+        y = self._project(down, y, plan)
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        y = y * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        # Back to (token, k) slots, then the per-token sum: deterministic (no atomics), as upstream's grouped_mm.
+        slots = y.new_zeros(n_tokens * top_k, y.shape[-1]).index_put((order,), y)
+        return slots.view(n_tokens, top_k, -1).sum(1).to(hidden_states.dtype)
+
+
+_NOISY_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def noisy_experts_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The noisy subclass of the experts class ``cls`` (generated once, named ``Noisy<Class>`` and reachable as
+    ``hf_cim.moe.Noisy<Class>`` so that a patched model pickles)."""
+    noisy = _NOISY_CLASSES.get(cls)
+    if noisy is None:
+        name = f"Noisy{cls.__name__}"
+        noisy = type(
+            name,
+            (AnalogExpertsMixin, cls),
+            {
+                "__module__": __name__,
+                "__qualname__": name,
+                "__doc__": f"``{cls.__name__}`` with every expert computed on a simulated analog crossbar.",
+                "_hf_cim_plain_class": cls,
+            },
+        )
+        _NOISY_CLASSES[cls] = noisy
+        globals().setdefault(name, noisy)
+    return noisy
