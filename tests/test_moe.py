@@ -1,0 +1,359 @@
+"""MoE experts (transformers 5's fused 3-D expert weights) on the simulated crossbar: hf_cim/moe.py."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import hf_cim
+from hf_cim import AnalogNoiseConfig
+from hf_cim.moe import AnalogExpertsMixin, _Plan
+
+NOISE = [{"name": "gaussian_weight", "std": 0.05}, {"name": "output_noise", "std": 0.05}]
+STATIC = [{"name": "gaussian_weight", "std": 0.05}]  # program hook only: a programmed chip is then deterministic
+VOCAB = 97
+
+
+def tiny_mixtral(**overrides):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(**cfg))
+
+
+def tiny_gpt_oss():
+    """gpt-oss: transposed expert weights ``(E, in, out)``, biases, an interleaved clamped gate of its own."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    return GptOssForCausalLM(
+        GptOssConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            layer_types=["full_attention", "full_attention"],
+        )
+    )
+
+
+def _ids(seed=1, shape=(2, 12)):
+    return torch.randint(0, VOCAB, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _experts(model):
+    return [(n, m) for n, m in model.named_modules() if n.endswith("mlp.experts")]
+
+
+def _config(**kw):
+    kw.setdefault("noise", NOISE)
+    kw.setdefault("tile_size", 16)  # hidden 32 and intermediate 64: several tiles per expert product
+    kw.setdefault("seed", 0)
+    return AnalogNoiseConfig(**kw)
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_experts_are_patched_listed_and_keep_their_parameters():
+    model = tiny_mixtral()
+    keys = list(model.state_dict())
+    params = {n: p for n, p in model.named_parameters()}
+    hf_cim.patch_model(model, _config())
+    names = [n for n, _ in hf_cim.analog_layers(model)]
+    assert [n for n, _ in _experts(model)] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    for name, module in _experts(model):
+        assert name in names
+        assert isinstance(module, AnalogExpertsMixin) and type(module).__name__ == "NoisyMixtralExperts"
+    assert list(model.state_dict()) == keys
+    assert all(p is params[n] for n, p in model.named_parameters())
+
+
+def test_noise_disabled_is_the_plain_model_and_noise_is_seeded():
+    plain = tiny_mixtral().eval()
+    a, b = copy.deepcopy(plain), copy.deepcopy(plain)
+    hf_cim.patch_model(a, _config())
+    hf_cim.patch_model(b, _config())
+    ids = _ids()
+    with torch.no_grad():
+        ref = plain(ids).logits
+        with hf_cim.noise_disabled(a):
+            assert torch.equal(a(ids).logits, ref)
+        y_a, y_b = a(ids).logits, b(ids).logits
+        assert not torch.allclose(y_a, ref, atol=1e-3)  # really noisy
+        assert torch.equal(y_a, y_b)  # same seed, same noise
+        assert not torch.equal(a(ids).logits, y_a)  # the stream moves on
+        hf_cim.reseed(a, 0)
+        assert torch.equal(a(ids).logits, y_a)
+
+
+def test_only_the_experts_are_noisy():
+    plain = tiny_mixtral().eval()
+    model = copy.deepcopy(plain)
+    hf_cim.patch_model(model, _config(target_modules=r".*\.experts"))
+    assert [n for n, _ in hf_cim.analog_layers(model)] == [n for n, _ in _experts(model)]
+    ids = _ids()
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["ste", "ste_detach"])
+@pytest.mark.parametrize("levers", [False, True], ids=["clean_backward", "levers"])
+def test_ste_projection_gradient_is_each_experts_clean_vjp(mode, levers):
+    """The STE contract per projection: noisy forward, each expert's clean VJP (``F.linear``'s) backward."""
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config(gradient=mode, target_modules=r".*\.experts"))
+    experts = model.model.layers[0].mlp.experts
+    if levers:  # on, but unable to bite: no ADC clip (huge out_bound), programmed = clean weights (float, no
+        # static noise); the tiled lever backward must then give the clean VJP too
+        experts.hf_cim_config = experts.hf_cim_config.replace(
+            mask_saturated=True, backward_weights="programmed", out_bound=1e6, weight_bits=None, noise=[NOISE[1]]
+        )
+    plan = _Plan.from_counts([3, 0, 5, 2])  # expert 1 not hit
+    torch.manual_seed(1)
+    x = torch.randn(10, 32, requires_grad=True)
+    g = torch.randn(10, 128)
+    y = experts._project("gate_up_proj", x, plan)
+    y.backward(g)
+    w = experts.gate_up_proj
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    y_ref = torch.cat([F.linear(x_ref[plan.rows(e)], w_ref[e]) for e in plan.hit])
+    y_ref.backward(g)
+    assert not torch.allclose(y, y_ref, atol=1e-3)  # the forward really is noisy
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    assert torch.all(w.grad[1] == 0)
+
+
+@pytest.mark.parametrize("levers", [False, True], ids=["clean_backward", "levers"])
+def test_ste_and_ste_detach_agree_for_the_same_seed(levers):
+    extra = {"mask_saturated": True, "backward_weights": "programmed", "out_bound": 0.3} if levers else {}
+    base = tiny_mixtral()
+    runs = {}
+    for mode in ("ste", "ste_detach"):
+        model = copy.deepcopy(base)
+        hf_cim.patch_model(model, _config(gradient=mode, **extra))
+        runs[mode] = _grads(model, _ids())
+    (loss_s, g_s), (loss_d, g_d) = runs["ste"], runs["ste_detach"]
+    torch.testing.assert_close(loss_s, loss_d)
+    assert g_s.keys() == g_d.keys() and "model.layers.0.mlp.experts.gate_up_proj" in g_s
+    for name in g_s:
+        torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_without_converters_and_noise_the_analog_model_is_the_plain_one(arch):
+    """Routing, gate, biases and layouts: with every converter off and level 0 the analog data flow computes the
+    plain model (up to float rounding), forward and ``ste`` backward (routing weights and router included)."""
+    plain = tiny_mixtral() if arch == "mixtral" else tiny_gpt_oss()
+    model = copy.deepcopy(plain)
+    cfg = _config(input_bits=None, weight_bits=None, output_bits=None, level=0.0, target_modules=r".*\.experts")
+    hf_cim.patch_model(model, cfg)
+    assert len(list(hf_cim.analog_layers(model))) == 2
+    ids = _ids()
+    loss_p, g_p = _grads(plain, ids)
+    loss_a, g_a = _grads(model, ids)
+    torch.testing.assert_close(loss_a, loss_p, rtol=1e-5, atol=1e-6)
+    assert g_a.keys() == g_p.keys()
+    for name in g_p:
+        torch.testing.assert_close(g_a[name], g_p[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_gpt_oss_experts_are_analog_and_digital_when_disabled():
+    plain = tiny_gpt_oss().eval()
+    model = copy.deepcopy(plain)
+    hf_cim.patch_model(model, _config())
+    assert {type(m).__name__ for _, m in _experts(model)} == {"NoisyGptOssExperts"}
+    ids = _ids()
+    with torch.no_grad():
+        ref = plain(ids).logits
+        with hf_cim.noise_disabled(model):
+            assert torch.equal(model(ids).logits, ref)
+        assert not torch.allclose(model(ids).logits, ref, atol=1e-3)
+
+
+def test_full_mode_trains():
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config(gradient="full"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = _ids(shape=(4, 16))
+    losses = []
+    for _ in range(6):
+        loss, grads = _grads(model, ids)
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert grads["model.layers.1.mlp.experts.down_proj"].abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_programmed_chip_is_deterministic_across_forwards():
+    model = tiny_mixtral().eval()
+    hf_cim.patch_model(model, _config(noise=STATIC))
+    ids = _ids()
+    with torch.no_grad():
+        unprogrammed = [model(ids).logits for _ in range(2)]
+        assert not torch.equal(*unprogrammed)  # static noise drawn anew at every forward
+        hf_cim.program_chip(model, seed=3)
+        assert all(m.is_programmed for _, m in _experts(model))
+        chip3 = model(ids).logits
+        assert torch.equal(model(ids[:, :7]).logits, chip3[:, :7])  # same devices for another batch (causal)
+        assert torch.equal(model(ids).logits, chip3)
+        hf_cim.program_chip(model, seed=4)
+        assert not torch.equal(model(ids).logits, chip3)
+        hf_cim.program_chip(model, seed=3)
+        assert torch.equal(model(ids).logits, chip3)  # the same seed programs the same chip
+        hf_cim.clear_chip(model)
+        assert not any(m.is_programmed for _, m in _experts(model))
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_batched_programming_is_per_expert_programming():
+    """Quantizing the (experts·out, in) stack at once equals quantizing every expert on its own (converters only),
+    and a noise model with whole-matrix statistics is programmed per expert."""
+    from hf_cim.moe import rowwise_program
+    from hf_cim.noise import NoiseContext
+    from hf_cim.noise.gaussian import GaussianWeightNoise
+    from hf_cim.tile import program_weights
+
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config(level=0.0))
+    experts = model.model.layers[0].mlp.experts
+    cfg = experts.hf_cim_config
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(0), level=0.0)
+    w = experts.gate_up_proj.detach()
+    w_prog, scale = experts._program_experts(w, [0, 2, 3], ctx, differentiable=False)
+    for j, e in enumerate([0, 2, 3]):
+        ref_prog, ref_scale = program_weights(w[e].float(), cfg, ctx, cfg.noise)
+        assert torch.equal(w_prog[j], ref_prog) and torch.equal(scale[j], ref_scale)
+    assert rowwise_program([GaussianWeightNoise(std=0.1)], ctx)
+    assert not rowwise_program([GaussianWeightNoise(std=0.1, per_channel=False)], ctx)
+    ctx.level = 1.0
+    w_prog, _ = experts._program_experts(w, None, ctx, differentiable=False)  # per expert, no error
+    assert w_prog.shape == w.shape
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_mixtral()
+    config = _config()
+    hf_cim.patch_model(model, config)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert hf_cim.get_config(again) == config
+    assert [n for n, _ in hf_cim.analog_layers(again)] == [n for n, _ in hf_cim.analog_layers(model)]
+    assert {type(m).__name__ for _, m in _experts(again)} == {"NoisyMixtralExperts"}
+    model.eval()
+    ids = _ids()
+    with torch.no_grad():
+        with hf_cim.noise_disabled(model), hf_cim.noise_disabled(again):
+            assert torch.equal(again(ids).logits, model(ids).logits)
+        hf_cim.reseed(model, 0)
+        hf_cim.reseed(again, 0)
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_unpatch_restores_the_plain_experts():
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    plain = tiny_mixtral().eval()
+    model = copy.deepcopy(plain)
+    hf_cim.patch_model(model, _config())
+    hf_cim.program_chip(model, seed=0)
+    hf_cim.unpatch_model(model)
+    for _, module in _experts(model):
+        assert type(module) is MixtralExperts
+        assert not any(k.startswith(("hf_cim", "_hf_cim")) for k in vars(module))
+    assert hf_cim.get_config(model) is None and not list(hf_cim.analog_layers(model))
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)
+    hf_cim.patch_model(model, _config())  # patchable again
+
+
+def test_gradient_checkpointing_replays_the_experts_noise():
+    base = tiny_mixtral()
+    ids = _ids()
+    runs = []
+    for checkpointing in (False, True):
+        model = copy.deepcopy(base)
+        model.config.use_cache = False
+        hf_cim.patch_model(model, _config())
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        runs.append(_grads(model, ids))
+    (loss_a, g_a), (loss_b, g_b) = runs
+    assert torch.equal(loss_a, loss_b)
+    for name in g_a:
+        torch.testing.assert_close(g_b[name], g_a[name], rtol=0, atol=0, msg=name)
+
+
+class FakeExperts(nn.Module):
+    """An experts module hf_cim does not know: 3-D weights, no @use_experts_implementation."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, x):
+        return x @ self.w.sum(0)
+
+
+class FakeMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.experts = FakeExperts()
+
+    def forward(self, x):
+        return self.experts(self.proj(x))
+
+
+def test_unsupported_experts_are_named_in_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
+        model = hf_cim.patch_model(FakeMoE(), _config())
+    assert "stay digital" in caplog.text and "experts (FakeExperts" in caplog.text
+    assert [n for n, _ in hf_cim.analog_layers(model)] == ["proj"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
+        hf_cim.patch_model(FakeMoE(), _config(exclude_modules=["experts"]))  # explicitly digital: no warning
+        hf_cim.patch_model(FakeMoE(), _config(target_modules=["proj"]))  # not targeted: no warning
+    assert "stay digital" not in caplog.text
+
+
+def test_expert_parallel_shards_are_named_in_a_warning(caplog):
+    model = tiny_mixtral()
+    model.model.layers[1].mlp.experts._is_expert_parallel = True
+    with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
+        hf_cim.patch_model(model, _config())
+    assert "model.layers.1.mlp.experts (MixtralExperts: expert parallel" in caplog.text
+    assert "model.layers.0.mlp.experts" in [n for n, _ in hf_cim.analog_layers(model)]
