@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .layers import AnalogLayerMixin, derive_seed
 from .noise.base import NoiseContext, NoiseModel
@@ -60,13 +61,14 @@ _LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm"
 
 def is_experts_like(module: nn.Module) -> bool:
     """Whether ``module`` looks like the experts of an MoE layer: decorated by transformers'
-    ``@use_experts_implementation``, or a class named ``*Expert*`` owning a Parameter of 3 or more dimensions
-    (e.g. DBRX's ``DbrxExpertGLU``)."""
+    ``@use_experts_implementation``, or a class named ``*Expert*`` that holds weight matrices itself (a Parameter of
+    2 or more dimensions outside an ``nn.Linear``: e.g. DBRX's ``DbrxExpertGLU``, experts stacked as
+    ``(experts·ffn, d_model)``)."""
     if all(flag in vars(module) for flag in _LAYOUT_FLAGS):
         return True
     if isinstance(module, nn.modules.conv._ConvNd) or "Expert" not in type(module).__name__:
         return False
-    return any(p.dim() >= 3 for p in module.parameters(recurse=False))
+    return any(p.dim() >= 2 for p in module.parameters(recurse=False))
 
 
 def experts_support(module: nn.Module) -> str | None:
@@ -189,6 +191,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         ctx.layer, ctx.plan = layer, plan
         ctx.compute_dtype = layer._compute_dtype(x)
         ctx.tile_rows = layer.hf_cim_config.tile_size
+        ctx.bias_dtype = None if bias is None else bias.dtype
         aux = {} if layer._ste_levers else None
         with torch.no_grad():
             y = layer._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
@@ -199,6 +202,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         saved = ctx.saved_tensors  # once: checkpointing's unpack hooks allow a single read
         x, weight = saved[:2]
@@ -210,7 +214,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         grad_w = torch.zeros(w_oi.shape, dtype=weight.dtype, device=weight.device) if need_w else None
         grad_b = None
         if need_b:
-            grad_b = torch.zeros(w_oi.shape[:2], dtype=grad.dtype, device=grad.device)
+            grad_b = torch.zeros(w_oi.shape[:2], dtype=ctx.bias_dtype, device=grad.device)
         for j, e in enumerate(plan.hit):
             rows = plan.rows(e)
             g = grad[rows]
@@ -230,7 +234,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
             if need_w:
                 grad_w[e] = gw.to(weight.dtype)
             if need_b:
-                grad_b[e] = g.sum(0)
+                grad_b[e] = g.sum(0).to(ctx.bias_dtype)
         if need_w:
             grad_w = layer._w_oi(grad_w).contiguous()
         return grad_x, grad_w, grad_b, None, None, None

@@ -357,3 +357,21 @@ def test_expert_parallel_shards_are_named_in_a_warning(caplog):
         hf_cim.patch_model(model, _config())
     assert "model.layers.1.mlp.experts (MixtralExperts: expert parallel" in caplog.text
     assert "model.layers.0.mlp.experts" in [n for n, _ in hf_cim.analog_layers(model)]
+
+
+def test_dbrx_experts_are_named_in_a_warning(caplog):
+    """DBRX keeps its experts as 2-D (experts·ffn, d_model) Parameters of ``DbrxExpertGLU``: not simulated, named."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    cfg = DbrxConfig(
+        d_model=32,
+        n_heads=4,
+        n_layers=1,
+        vocab_size=VOCAB,
+        max_seq_len=64,
+        ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 32},
+        attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
+        hf_cim.patch_model(DbrxForCausalLM(cfg), _config())
+    assert "transformer.blocks.0.ffn.experts.mlp (DbrxExpertGLU" in caplog.text
