@@ -27,6 +27,14 @@ Gradient modes, per projection (each expert's matrix is one analog layer):
 The routing weights, the gate activation and everything downstream see the noisy expert outputs (as every layer
 after a dense analog layer sees its noisy output). A patched experts module *is* the original one (class swapped
 for a generated subclass ``Noisy<Class>``), with the same Parameters and ``state_dict`` keys.
+
+Noise: one generator per experts module (seeded from the config seed, the module name and the rank, as every analog
+layer); hooks see ``ctx.layer_name = "<module>.<projection>"`` and each expert's own ``(out, in)`` matrix and
+``weight_scale``. :func:`hf_cim.program_chip` programs every expert of both projections once (``program``).
+
+Not simulated (named in :func:`hf_cim.patch_model`'s warning, left digital): experts modules without the decorator's
+layout (e.g. DBRX's ``DbrxExpertGLU``) and expert-parallel shards. The router stays digital (it is not an
+``nn.Linear`` in transformers 5).
 """
 
 from __future__ import annotations
