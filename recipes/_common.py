@@ -6,6 +6,7 @@ No library logic lives here: the noise config comes from :func:`hf_cim.presets.g
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -143,6 +144,232 @@ class AnalogArguments:
             )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
         self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
+
+
+# -- data files through datasets.load_dataset, checked row by row ----------------------------------------------------
+#: local data file extension -> datasets.load_dataset builder
+DATA_BUILDERS = {"csv": "csv", "tsv": "csv", "json": "json", "jsonl": "json", "txt": "text"}
+
+
+class RowLocator:
+    """Where row ``i`` of a loaded dataset came from, for error messages: ``file:line`` for a local file (found by
+    scanning the file only when an error is reported), ``dataset 'name' split 'train' row i`` for a Hub dataset.
+
+    For csv / tsv it also knows each row's field count (:meth:`malformed`) and can find the first malformed row or
+    invalid JSON line when ``datasets.load_dataset`` itself failed (:meth:`structural_error`)."""
+
+    def __init__(
+        self,
+        path: str | None = None,
+        ext: str | None = None,
+        header: bool = True,
+        name: str | None = None,
+        split: str | None = None,
+    ) -> None:
+        self.path, self.ext, self.header, self.name, self.split = path, ext, header, name, split
+        self.delimiter = "\t" if ext == "tsv" else ","
+        self.quoting = csv.QUOTE_NONE if ext == "tsv" else csv.QUOTE_MINIMAL  # GLUE tsv: no quoting at all
+        self._rows: list[tuple[int, int | None]] | None = None  # per data row: (first line, number of fields)
+        self.width: int | None = None  # csv / tsv: fields per row (the header's, else the first row's)
+
+    def _scan(self) -> list[tuple[int, int | None]]:
+        if self._rows is not None:
+            return self._rows
+        rows: list[tuple[int, int | None]] = []
+        if self.ext in ("csv", "tsv"):
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f, delimiter=self.delimiter, quoting=self.quoting)
+                previous = 0
+                for row in reader:
+                    first, previous = previous + 1, reader.line_num
+                    if row:  # blank lines are skipped, as pandas does
+                        rows.append((first, len(row)))
+            if rows:
+                self.width = rows[0][1]
+            if self.header:
+                rows = rows[1:]
+        elif self.ext == "jsonl":
+            with open(self.path, encoding="utf-8-sig") as f:
+                rows = [(i, None) for i, line in enumerate(f, 1) if line.strip()]
+        elif self.ext == "json":
+            with open(self.path, encoding="utf-8-sig") as f:
+                text = f.read()
+            rows = _json_record_lines(text)
+        self._rows = rows
+        return rows
+
+    def where(self, i: int) -> str:
+        """``file:line`` of data row ``i`` (0-based, as the dataset's index)."""
+        if self.path is None:
+            return f"dataset {self.name!r} split {self.split!r} row {i}"
+        rows = self._scan()
+        return f"{self.path}:{rows[i][0]}" if i < len(rows) else f"{self.path} row {i + 1}"
+
+    def malformed(self, i: int) -> str | None:
+        """csv / tsv: the message for row ``i`` when its number of fields is not the header's, else None."""
+        if self.ext not in ("csv", "tsv"):
+            return None
+        rows = self._scan()
+        if i < len(rows) and self.width is not None and rows[i][1] != self.width:
+            return self.malformed_message(rows[i][0], rows[i][1])
+        return None
+
+    def malformed_message(self, line: int, fields: int | None) -> str:
+        return (
+            f"{self.path}:{line}: malformed row: expected {self.width} fields, got {fields} "
+            f"(a stray {'tab' if self.ext == 'tsv' else 'comma, quote'} or newline inside a field?)"
+        )
+
+    def error(self, i: int, column: str, problem: str) -> str:
+        """``file:line column 'x': problem``, or the malformed-row message when row ``i`` has the wrong width."""
+        return self.malformed(i) or f"{self.where(i)} column {column!r}: {problem}"
+
+    def structural_error(self) -> str | None:
+        """Why ``datasets.load_dataset`` could not read the file, with its line: the first csv / tsv row with
+        another number of fields than the header, the first jsonl line that is not a JSON object; None if none."""
+        if self.path is None:
+            return None
+        if self.ext in ("csv", "tsv"):
+            self._rows = None
+            rows = self._scan()
+            for line, fields in rows:
+                if fields != self.width:
+                    return self.malformed_message(line, fields)
+        elif self.ext == "jsonl":
+            with open(self.path, encoding="utf-8-sig") as f:
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        return f"{self.path}:{i}: not a JSON object ({err.msg})"
+                    if not isinstance(record, dict):
+                        return f"{self.path}:{i}: expected a JSON object, got {type(record).__name__}"
+        elif self.ext == "json":
+            with open(self.path, encoding="utf-8-sig") as f:
+                text = f.read()
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"{self.path}:{err.lineno}: not valid JSON ({err.msg})"
+            if isinstance(records, list):
+                for (line, _), record in zip(_json_record_lines(text), records):
+                    if not isinstance(record, dict):
+                        return f"{self.path}:{line}: expected a JSON object, got {type(record).__name__}"
+        return None
+
+
+def _json_record_lines(text: str) -> list[tuple[int, None]]:
+    """The line on which each record of a JSON array starts (one record: line 1)."""
+    start = len(text) - len(text.lstrip())
+    if not text.startswith("[", start):
+        return [(text.count("\n", 0, start) + 1, None)]
+    decoder, rows, idx, line, last = json.JSONDecoder(), [], start + 1, 1, 0
+    while True:
+        while idx < len(text) and text[idx] in " \t\r\n,":
+            idx += 1
+        if idx >= len(text) or text[idx] == "]":
+            return rows
+        line += text.count("\n", last, idx)
+        last = idx
+        rows.append((line, None))
+        try:
+            _, idx = decoder.raw_decode(text, idx)
+        except json.JSONDecodeError:
+            return rows
+
+
+def _first_csv_row(path: str, locator: RowLocator) -> tuple[int, list[str]] | None:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=locator.delimiter, quoting=locator.quoting)
+        for row in reader:
+            if row:
+                return reader.line_num, row
+    return None
+
+
+def load_data_file(
+    path: str,
+    flag: str | None = None,
+    extensions: tuple[str, ...] = ("csv", "tsv", "json", "jsonl"),
+    header: bool = True,
+    cache_dir: str | None = None,
+):
+    """A local data file through ``datasets.load_dataset``: csv, tsv (the GLUE layout: tab-separated, no quoting at
+    all), json / jsonl (one object per line, or an array of objects), txt (the whole file, one row ``text``).
+
+    csv / tsv columns are read as strings, exactly as written (no ``NA`` -> missing, no ``007`` -> 7): the recipes
+    check and convert them. ``header=False``: no header row, columns named ``"0"``, ``"1"``...
+
+    Returns:
+        ``(datasets.Dataset, RowLocator)``: the rows in file order and where each came from.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unknown extension, no rows, a header naming a column twice, or a file ``load_dataset`` cannot
+            read (the message names the file and the line: a malformed row, a line that is not JSON).
+    """
+    import datasets
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist{f' ({flag})' if flag else ''}")
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if ext not in extensions:
+        raise ValueError(
+            f"data file {path!r}{f' ({flag})' if flag else ''}: extension must be {', '.join('.' + e for e in extensions)}, got {ext!r}"
+        )
+    locator = RowLocator(path, ext, header=header)
+    kwargs: dict[str, Any] = {}
+    if ext in ("csv", "tsv"):
+        first = _first_csv_row(path, locator)
+        if first is None:
+            raise ValueError(f"{path}: no examples found")
+        line, row = first
+        if header:
+            names = [name or f"Unnamed: {k}" for k, name in enumerate(row)]  # pandas' name for an empty header field
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"{path}:{line}: the header names column(s) {twice} more than once")
+        else:
+            names = [str(k) for k in range(len(row))]
+            kwargs.update(header=None, column_names=names)
+        kwargs.update(
+            delimiter=locator.delimiter,
+            quoting=locator.quoting,
+            keep_default_na=False,  # keep "NA", "null", "" as written
+            features=datasets.Features({n: datasets.Value("string") for n in names}),
+        )
+    elif ext == "txt":
+        kwargs["sample_by"] = "document"
+    try:
+        ds = datasets.load_dataset(
+            DATA_BUILDERS[ext], data_files={"train": path}, split="train", cache_dir=cache_dir, **kwargs
+        )
+    except Exception as err:  # pandas / pyarrow parse errors, wrapped by datasets
+        cause = err.__cause__ or err
+        raise ValueError(
+            locator.structural_error()
+            or f"{path}: datasets.load_dataset({DATA_BUILDERS[ext]!r}) could not read it "
+            f"({type(cause).__name__}: {str(cause).strip()})"
+        ) from err
+    if len(ds) == 0:
+        raise ValueError(f"{path}: no examples found")
+    return ds, locator
+
+
+def resolve_column(columns: list[str], candidates: list, where: str, owner: str = "the file's") -> str:
+    """The first of ``candidates`` (names, or indices into ``columns``) present in ``columns``."""
+    for name in candidates:
+        if isinstance(name, int):
+            if name < len(columns):
+                return columns[name]
+            continue
+        if name in columns:
+            return name
+    first = candidates[0]
+    shown = f"number {first}" if isinstance(first, int) else repr(first)
+    raise ValueError(f"{where}: column {shown} not found; {owner} columns are {columns}")
 
 
 def parse_time(text: str, name: str = "eval_t_inference") -> float:
