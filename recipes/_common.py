@@ -358,6 +358,18 @@ def load_data_file(
     return ds, locator
 
 
+def load_named_dataset(name: str, config_name: str | None = None, cache_dir: str | None = None):
+    """``--dataset_name``: ``datasets.load_dataset(name, config_name)`` (a Hub id, or a local folder of data files);
+    a folder written by ``save_to_disk`` is read with ``datasets.load_from_disk`` (a single ``Dataset`` becomes
+    the ``train`` split). Returns a ``datasets.DatasetDict``."""
+    import datasets
+
+    if os.path.isdir(name) and any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")):
+        loaded = datasets.load_from_disk(name)
+        return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+    return datasets.load_dataset(name, config_name, cache_dir=cache_dir)
+
+
 def resolve_column(columns: list[str], candidates: list, where: str, owner: str = "the file's") -> str:
     """The first of ``candidates`` (names, or indices into ``columns``) present in ``columns``."""
     for name in candidates:

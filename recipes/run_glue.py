@@ -43,6 +43,7 @@ from _common import (
     find_checkpoint,
     format_time,
     load_data_file,
+    load_named_dataset,
     measure_chips,
     parse_args,
     predict_digital_and_chip,
@@ -504,7 +505,7 @@ def load_raw_datasets(
         name = data_args.dataset_name or "nyu-mll/glue"
         config_name = data_args.dataset_config_name if data_args.dataset_name else data_args.task_name
         try:
-            raw = datasets.load_dataset(name, config_name, cache_dir=model_args.cache_dir)
+            raw = load_named_dataset(name, config_name, cache_dir=model_args.cache_dir)
         except Exception as err:  # offline, no cache, unknown name
             shown = f"{name}/{config_name}" if config_name else name
             raise RuntimeError(
