@@ -636,7 +636,7 @@ def load_noise_state(
         layer.hf_cim_t_inference = float(info["t_inference"])
         layer.reseed(info["seed"])
         if name in states:
-            layer.noise_generator(layer.weight.device).set_state(states[name])
+            layer.noise_generator(next(layer.parameters()).device).set_state(states[name])
     missing = sorted({n for _, lay in analog_layers(model) for n in [lay.hf_cim_name]} - seen)
     if missing:
         logger.warning("hf_cim: no saved noise state for layer(s) %s; they restart from the seed", missing[:8])
@@ -670,7 +670,7 @@ def _read_noise_state(
             f"{path}: the `layers` metadata must map layer names to {{level, t_inference, seed}}, got {layers!r:.200}"
         )
 
-    devices = {lay.hf_cim_name: lay.weight.device for _, lay in analog_layers(model)}
+    devices = {lay.hf_cim_name: next(lay.parameters()).device for _, lay in analog_layers(model)}
     unknown = sorted((set(layers) | set(states)) - set(devices))
     if unknown:
         raise ValueError(

@@ -375,3 +375,21 @@ def test_dbrx_experts_are_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
         hf_cim.patch_model(DbrxForCausalLM(cfg), _config())
     assert "transformer.blocks.0.ffn.experts.mlp (DbrxExpertGLU" in caplog.text
+
+
+def test_noise_state_round_trip_with_experts(tmp_path):
+    """Resume (NoiseStateCallback's files) works for a model whose experts are analog."""
+    from hf_cim.hub import load_noise_state, save_noise_state
+
+    def build():
+        model = tiny_mixtral()
+        hf_cim.patch_model(model, AnalogNoiseConfig(seed=3))
+        return model
+
+    model, ids = build(), _ids()
+    model(input_ids=ids)  # advance the streams
+    save_noise_state(model, tmp_path)
+    expected = model(input_ids=ids).logits
+    again = build()
+    assert load_noise_state(again, tmp_path)
+    torch.testing.assert_close(again(input_ids=ids).logits, expected)
