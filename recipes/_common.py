@@ -292,12 +292,13 @@ def _first_csv_row(path: str, locator: RowLocator) -> tuple[int, list[str]] | No
 def load_data_file(
     path: str,
     flag: str | None = None,
-    extensions: tuple[str, ...] = ("csv", "tsv", "json", "jsonl"),
+    extensions: tuple[str, ...] | None = ("csv", "tsv", "json", "jsonl"),
     header: bool = True,
     cache_dir: str | None = None,
 ):
     """A local data file through ``datasets.load_dataset``: csv, tsv (the GLUE layout: tab-separated, no quoting at
     all), json / jsonl (one object per line, or an array of objects), txt (the whole file, one row ``text``).
+    ``extensions=None``: any extension, other than csv / tsv / json / jsonl read as text.
 
     csv / tsv columns are read as strings, exactly as written (no ``NA`` -> missing, no ``007`` -> 7): the recipes
     check and convert them. ``header=False``: no header row, columns named ``"0"``, ``"1"``...
@@ -313,9 +314,9 @@ def load_data_file(
     import datasets
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file {path!r} does not exist{f' ({flag})' if flag else ''}")
+        raise FileNotFoundError(f"{f'`{flag}`' if flag else 'data file'} {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower().lstrip(".")
-    if ext not in extensions:
+    if extensions is not None and ext not in extensions:
         raise ValueError(
             f"data file {path!r}{f' ({flag})' if flag else ''}: extension must be {', '.join('.' + e for e in extensions)}, got {ext!r}"
         )
@@ -340,17 +341,16 @@ def load_data_file(
             keep_default_na=False,  # keep "NA", "null", "" as written
             features=datasets.Features({n: datasets.Value("string") for n in names}),
         )
-    elif ext == "txt":
-        kwargs["sample_by"] = "document"
+    builder = DATA_BUILDERS.get(ext, "text")
+    if builder == "text":
+        kwargs["sample_by"] = "document"  # the file as written, one row
     try:
-        ds = datasets.load_dataset(
-            DATA_BUILDERS[ext], data_files={"train": path}, split="train", cache_dir=cache_dir, **kwargs
-        )
+        ds = datasets.load_dataset(builder, data_files={"train": path}, split="train", cache_dir=cache_dir, **kwargs)
     except Exception as err:  # pandas / pyarrow parse errors, wrapped by datasets
         cause = err.__cause__ or err
         raise ValueError(
             locator.structural_error()
-            or f"{path}: datasets.load_dataset({DATA_BUILDERS[ext]!r}) could not read it "
+            or f"{path}: datasets.load_dataset({builder!r}) could not read it "
             f"({type(cause).__name__}: {str(cause).strip()})"
         ) from err
     if len(ds) == 0:

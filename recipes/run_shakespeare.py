@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from _common import (
     AnalogArguments,
+    RowLocator,
     add_recipe_callbacks,
     build_noise_config,
     card_and_push,
@@ -40,6 +41,8 @@ from _common import (
     eval_metrics,
     find_checkpoint,
     format_time,
+    load_data_file,
+    load_named_dataset,
     measure_chips,
     parse_args,
     prepare_model,
@@ -96,17 +99,32 @@ class ModelArguments:
 class DataArguments:
     train_file: str | None = field(
         default=None,
-        metadata={"help": "A local text file (default: the Tiny Shakespeare copy in recipes/data, no network)."},
+        metadata={
+            "help": "A local text corpus (default: the Tiny Shakespeare copy in recipes/data, no network): a text "
+            "file as written (.txt or any other extension), or the --text_column of a .csv / .tsv / .json / .jsonl "
+            "file, rows joined by newlines; read with datasets.load_dataset."
+        },
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local validation corpus (as --train_file); then all of the training text trains and "
+            "--validation_split_percentage is not used."
+        },
     )
     dataset_name: str | None = field(
         default=None,
         metadata={
-            "help": "A dataset for datasets.load_dataset (Hub id or local folder) instead: the rows of its train "
-            "split's --text_column, joined by newlines, are the text (then split as any text)."
+            "help": "A dataset for datasets.load_dataset (Hub id or local folder, or a save_to_disk folder) instead: "
+            "the rows of its train split's --text_column, joined by newlines, are the text; its validation split, "
+            "if it has one, validates (else the text is split as any text)."
         },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    text_column: str = field(default="text", metadata={"help": "--dataset_name: the column holding the text."})
+    text_column: str = field(
+        default="text",
+        metadata={"help": "--dataset_name, or a csv / tsv / json(l) file: the column holding the text."},
+    )
     data_url: str | None = field(
         default=None,
         metadata={
@@ -147,40 +165,78 @@ def read_shipped_text(path: str = SHIPPED_TEXT) -> str:
     return data.decode("utf-8")
 
 
-def read_dataset_text(data_args: DataArguments, cache_dir: str | None) -> str:
-    """``--dataset_name``: the train split's ``--text_column``, rows joined by newlines."""
-    import datasets
+def join_text_column(ds, column: str, locator: RowLocator, what: str) -> str:
+    """The rows of ``column`` joined by newlines; a missing column, or a row without text (null, a number...),
+    stops with the file and line (or the dataset, split and row) and the column."""
+    if column not in ds.column_names:
+        raise ValueError(f"`--text_column` {column!r} is not a column of {what}: {ds.column_names}")
+    rows = list(ds[column])
+    for i, row in enumerate(rows):
+        if not isinstance(row, str):
+            problem = "no text (missing or null)" if row is None else f"not text: {row!r}"
+            raise ValueError(locator.malformed(i) or f"{locator.where(i)} column {column!r}: {problem}")
+    text = "\n".join(rows)
+    if not text:
+        raise ValueError(f"{what} holds no text")
+    return text
 
+
+def read_file_text(path: str, flag: str, text_column: str, cache_dir: str | None) -> str:
+    """A local corpus through ``datasets.load_dataset``: a text file as written, or the ``text_column`` of a csv /
+    tsv / json / jsonl file (rows joined by newlines, each checked)."""
+    ds, locator = load_data_file(path, flag, extensions=None, cache_dir=cache_dir)
+    if locator.ext not in ("csv", "tsv", "json", "jsonl"):
+        text = "".join(ds["text"])
+        if not text:
+            raise ValueError(f"`{flag}` {path!r} is empty")
+        return text
+    return join_text_column(ds, text_column, locator, f"`{flag}` {path!r}")
+
+
+def read_dataset_texts(data_args: DataArguments, cache_dir: str | None) -> tuple[str, str | None]:
+    """``--dataset_name``: the train split's ``--text_column``, rows joined by newlines; and its validation split's
+    when it has one (else None)."""
     try:
-        ds = datasets.load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, split="train", cache_dir=cache_dir
-        )
+        raw = load_named_dataset(data_args.dataset_name, data_args.dataset_config_name, cache_dir=cache_dir)
     except Exception as err:  # offline without a cache, unknown name
         raise RuntimeError(
             f"could not load `--dataset_name` {data_args.dataset_name!r} ({type(err).__name__}: {err}); "
             "leave it out for the shipped Tiny Shakespeare or pass --train_file"
         ) from err
-    if data_args.text_column not in ds.column_names:
-        raise ValueError(
-            f"`--text_column` {data_args.text_column!r} is not a column of {data_args.dataset_name!r}: "
-            f"{ds.column_names}"
-        )
-    text = "\n".join(ds[data_args.text_column])
-    if not text:
-        raise ValueError(f"`--dataset_name` {data_args.dataset_name!r} holds no text")
-    return text
+    if "train" not in raw:
+        raise ValueError(f"`--dataset_name` {data_args.dataset_name!r} has no train split: {list(raw)}")
+    texts = []
+    for split in ("train", "validation"):
+        if split in raw:
+            locator = RowLocator(name=data_args.dataset_name, split=split)
+            what = f"`--dataset_name` {data_args.dataset_name!r} ({split})"
+            texts.append(join_text_column(raw[split], data_args.text_column, locator, what))
+        else:
+            texts.append(None)
+    return texts[0], texts[1]
+
+
+def read_dataset_text(data_args: DataArguments, cache_dir: str | None) -> str:
+    """``--dataset_name``: the train split's ``--text_column``, rows joined by newlines."""
+    return read_dataset_texts(data_args, cache_dir)[0]
+
+
+def read_texts(data_args: DataArguments, cache_dir: str | None) -> tuple[str, str | None]:
+    """The training text and the validation text (None: the last ``--validation_split_percentage`` of the training
+    text validates): ``--validation_file``, else a ``--dataset_name``'s validation split."""
+    valid = None
+    if data_args.validation_file is not None:
+        valid = read_file_text(data_args.validation_file, "--validation_file", data_args.text_column, cache_dir)
+    if data_args.dataset_name is not None:
+        text, split_valid = read_dataset_texts(data_args, cache_dir)
+        return text, valid if valid is not None else split_valid
+    return read_text(data_args, cache_dir), valid
 
 
 def read_text(data_args: DataArguments, cache_dir: str | None) -> str:
     """The text: ``--train_file``, ``--dataset_name``, ``--data_url`` (downloaded once, cached), else the shipped copy."""
     if data_args.train_file is not None:
-        if not os.path.isfile(data_args.train_file):
-            raise FileNotFoundError(f"`--train_file` {data_args.train_file!r} does not exist")
-        with open(data_args.train_file, encoding="utf-8") as f:
-            text = f.read()
-        if not text:
-            raise ValueError(f"`--train_file` {data_args.train_file!r} is empty")
-        return text
+        return read_file_text(data_args.train_file, "--train_file", data_args.text_column, cache_dir)
     if data_args.dataset_name is not None:
         return read_dataset_text(data_args, cache_dir)
     if data_args.data_url is None:
@@ -215,6 +271,15 @@ def data_source(data_args: DataArguments) -> str:
             f"{data_args.dataset_name} ({data_args.dataset_config_name or 'default'}, train, {data_args.text_column})"
         )
     return data_args.data_url or "recipes/data/tinyshakespeare.txt.xz (shipped, SHA-256 checked)"
+
+
+def validation_source(data_args: DataArguments, given: bool) -> str:
+    """Where the validation text came from, for results.json (``given``: not cut from the training text)."""
+    if data_args.validation_file is not None:
+        return data_args.validation_file
+    if given:
+        return f"{data_args.dataset_name} (validation split)"
+    return f"the last {data_args.validation_split_percentage:g} % of the training text"
 
 
 def char_tokenizer(text: str) -> PreTrainedTokenizerFast:
@@ -295,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     noise_config = build_noise_config(analog_args)
     checkpoint = find_checkpoint(training_args, analog_args)
-    text = read_text(data_args, model_args.cache_dir)
+    text, valid_text = read_texts(data_args, model_args.cache_dir)
     set_seed(training_args.seed)
 
     # tokenizer
@@ -305,19 +370,25 @@ def main(argv: list[str] | None = None) -> dict:
         )
         char_level = False
     else:
-        tokenizer = char_tokenizer(text)
+        tokenizer = char_tokenizer(text + (valid_text or ""))  # every character of the corpus in the vocabulary
         char_level = True
 
-    # fixed split on characters: first (100 - p) % train, last p % validation; only what the run needs is tokenized
+    # fixed split on characters: first (100 - p) % train, last p % validation (unless a validation text is given);
+    # only what the run needs is tokenized
     import datasets
 
-    cut = int(len(text) * (1 - data_args.validation_split_percentage / 100))
+    validation_given = valid_text is not None
+    if valid_text is None:
+        cut = int(len(text) * (1 - data_args.validation_split_percentage / 100))
+        train_text, valid_text = text[:cut], text[cut:]
+    else:
+        train_text = text
     train = valid = None
     with training_args.main_process_first(desc="tokenize"):
         if training_args.do_train:
-            train = datasets.Dataset.from_dict(blocks(tokenizer(text[:cut])["input_ids"], data_args.block_size))
+            train = datasets.Dataset.from_dict(blocks(tokenizer(train_text)["input_ids"], data_args.block_size))
         if training_args.do_eval:
-            valid = datasets.Dataset.from_dict(blocks(tokenizer(text[cut:])["input_ids"], data_args.block_size))
+            valid = datasets.Dataset.from_dict(blocks(tokenizer(valid_text)["input_ids"], data_args.block_size))
     if (train is not None and len(train) == 0) or (valid is not None and len(valid) == 0):
         raise ValueError(
             f"the text gives {len(train or [])} training and {len(valid or [])} validation blocks of --block_size "
@@ -329,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         valid = valid.select(range(min(data_args.max_eval_samples, len(valid))))
     logger.info(
         "%d characters (%s tokenizer, vocab %d): %s train / %s validation blocks of %d tokens",
-        len(text),
+        len(train_text) + len(valid_text),
         "character" if char_level else "pretrained",
         len(tokenizer),
         len(train) if train is not None else "no",
@@ -386,8 +457,9 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_size": len(tokenizer),
         "num_parameters": model.num_parameters(),
         "data": data_source(data_args),
-        "text_characters": len(text),
-        "split": {"train_characters": cut, "validation_characters": len(text) - cut},
+        "validation_data": validation_source(data_args, validation_given),
+        "text_characters": len(train_text) + len(valid_text),
+        "split": {"train_characters": len(train_text), "validation_characters": len(valid_text)},
         "num_train_blocks": len(train) if train is not None else None,
         "num_eval_blocks": len(valid) if valid is not None else None,
         "block_size": data_args.block_size,
