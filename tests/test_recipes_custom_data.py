@@ -82,6 +82,14 @@ def test_custom_single_sentence_classification_with_string_labels_csv(bert_dir, 
     assert lines[0] == "index\tprediction\tprediction_chip_0" and len(lines) == 6
     assert all(line.split("\t")[1] in {"negative", "neutral", "positive"} for line in lines[1:])
 
+    # evaluation only, on the saved model: the classes are the model's (config.id2label), not re-inferred
+    ev = run_glue.main(
+        ["--model_name_or_path", str(out), "--output_dir", str(tmp_path / "ev"), "--do_eval", "--validation_file", dev]
+        + [*cols, "--report_to", "none", "--eval_chips", "0"]
+    )
+    assert ev["data"]["labels"] == ["negative", "neutral", "positive"] and ev["data"]["labels_from"] == "model's"
+    assert ev["eval"]["validation"]["clean"]["accuracy"] == pytest.approx(clean["accuracy"])
+
     # the texts arrive as written: "NA" is not a missing value, "007" not the number 7, csv quoting undone
     data = run_glue.load_raw_datasets(
         run_glue.DataArguments(train_file=train, text_columns="review", label_column="sentiment"),
