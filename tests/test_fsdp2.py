@@ -39,6 +39,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as each rank has (OMP_NUM_THREADS=1): the same summation order in the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
@@ -59,7 +68,6 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference():
     """The same steps in one process, each on the full batch as two accumulated halves (the two ranks' arithmetic)."""
-    torch.set_num_threads(1)
     model = script.build_model(level=0.0)
     losses = script.train(model, script.batches(), micro=2)
     ev = script.chip_eval(model)
@@ -85,7 +93,6 @@ def test_sharded_training_matches_full_batch_steps(run):
     """One process on the full batch in one piece: the same steps up to float summation order, which AdamW's first
     steps (``lr·sign(g)`` for tiny gradients) amplify to ~1e-4 by step 3 (the two-halves reference above is exact)."""
     _, ranks = run
-    torch.set_num_threads(1)
     losses = script.train(script.build_model(level=0.0), script.batches())
     assert ranks[0]["losses"][0] == pytest.approx(losses[0], rel=1e-6)
     assert ranks[0]["losses"] == pytest.approx(losses, rel=5e-4)
@@ -109,7 +116,6 @@ def test_same_chip_on_every_rank_and_in_one_process(run, reference):
 def test_gathered_checkpoint_reloads_analog(run, reference):
     out, _ = run
     model, _, _ = reference
-    torch.set_num_threads(1)
     from transformers import GPT2LMHeadModel
 
     loaded = GPT2LMHeadModel.from_pretrained(out / "ckpt")
