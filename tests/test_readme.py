@@ -46,3 +46,14 @@ def test_readme_example_runs(marker, tmp_path, monkeypatch):
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         assert torch.isfinite(loss)
+
+
+def test_setup_commands_need_nothing_beside_the_repository():
+    """A fresh clone with no ../shared and no network: the main job reads the shipped text."""
+    bash = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    main_job, tests = bash[0], bash[1]
+    assert "recipes/run_shakespeare.py" in main_job and "--digital_baseline true" in main_job
+    assert "../" not in main_job and "--train_file" not in main_job and "http" not in main_job
+    assert tests.strip() == "HF_HUB_OFFLINE=1 python -m pytest tests"
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert 'pip install torch==2.13.0 && pip install -e ".[dev]"' in main_job and tests.strip() in ci
