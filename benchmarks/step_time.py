@@ -140,17 +140,31 @@ def build_model(spec: ModelSpec, device: str) -> tuple[torch.nn.Module, dict[str
     return model, {k: v.to(device) for k, v in batch.items()}
 
 
+#: ``--preset``: the chip every hf_cim variant simulates (None: ``AnalogNoiseConfig()``'s default noise).
+PRESET: str | None = None
+
+
+def _config(**fields):
+    import hf_cim
+
+    if PRESET is None:
+        return hf_cim.AnalogNoiseConfig(**fields)
+    if fields.get("gradient") != "full":  # the plain clean backward unless the variant asks for the levers
+        fields = {"mask_saturated": False, "backward_weights": "clean", **fields}
+    return hf_cim.get_preset(PRESET, **fields)
+
+
 def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
     if variant == "plain":
         return model
     if variant in HF_CIM_VARIANTS:
         import hf_cim
 
-        return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(gradient=variant))
+        return hf_cim.patch_model(model, _config(gradient=variant))
     if variant == "ste_hw":
         import hf_cim
 
-        return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(**STE_HW))
+        return hf_cim.patch_model(model, _config(**STE_HW))
     if variant == PEER:
         from peer_aihwkit_lightning import make_peer_model
 
@@ -217,6 +231,8 @@ def memory_child(args: argparse.Namespace) -> None:
 def memory_cpu(args: argparse.Namespace, name: str, variant: str) -> dict[str, float]:
     argv = [os.path.abspath(__file__), "--_child-model", name, "--_child-variant", variant]
     argv += ["--threads", str(args.threads), "--gpt2-vocab", str(args.gpt2_vocab)]
+    if args.preset:
+        argv += ["--preset", args.preset]
     if args.quick:
         argv.append("--quick")
     if args.amp:
@@ -413,6 +429,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small models and few rounds: checks that it runs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast around forward + loss")
+    p.add_argument("--preset", default=None, help="simulate this preset's chip (default: AnalogNoiseConfig())")
     p.add_argument("--models", default="gpt2,bert", help="comma-separated subset of gpt2,bert ('' for none)")
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")
     p.add_argument("--widths", default=None, help="widths of the ste/plain sweep ('' to skip; default 128..1024)")
@@ -448,6 +465,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    global PRESET
+    PRESET = args.preset
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     set_threads(args.threads)
     if args.child_variant is not None:
