@@ -643,6 +643,8 @@ def measure_chips(
                     clean = trainer.evaluate(eval_dataset=dataset)
                 out[name] = {"clean": {k.removeprefix("eval_"): v for k, v in clean.items()}}
                 continue
+            robustness_dir = os.path.join(trainer.args.output_dir, f"robustness_{name}")
+            since = time.time()
             result = evaluate_robustness(
                 model,
                 trainer,
@@ -650,12 +652,13 @@ def measure_chips(
                 seeds=args.eval_chips,
                 levels=args.levels,
                 t_inference=args.t_inference,
-                output_dir=os.path.join(trainer.args.output_dir, f"robustness_{name}"),
+                output_dir=robustness_dir,
                 progress=not trainer.args.disable_tqdm,
                 evaluate_kwargs={"eval_dataset": dataset},
                 # trackers get the digital eval_* once and one record of chip/level_<l>/t_<time>/<metric>[_std]
                 log_prefix="chip" if len(eval_sets) == 1 else f"chip/{name}",
             )
+            log_plot_to_trackers(trainer, os.path.join(robustness_dir, "robustness.png"), f"chip/{name}/plot", since)
             out[name] = {
                 "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},
                 "chip_seeds": list(result.seeds),
@@ -669,6 +672,58 @@ def measure_chips(
         if patched_here:
             hf_cim.unpatch_model(model)
     return out
+
+
+def log_plot_to_trackers(trainer: transformers.Trainer, path: str, tag: str, since: float | None = None) -> bool:
+    """Hands the PNG at ``path`` as an image ``tag`` to the reporting integrations among the trainer's callbacks:
+    TensorBoard (``tb_writer.add_image``, HWC uint8, at the global step) and W&B (``wandb.Image``). Main process only;
+    skipped silently without such an integration or without the file (or one older than ``since``: a plot left by
+    an earlier run); a tracker that refuses the image costs a warning, never the run. True if any tracker took it."""
+    if not trainer.is_world_process_zero() or not os.path.isfile(path):
+        return False
+    if since is not None and os.path.getmtime(path) < since - 1:
+        return False
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+
+    step = trainer.state.global_step
+    image = None
+    logged = False
+    for cb in trainer.callback_handler.callbacks:
+        try:
+            if isinstance(cb, TensorBoardCallback):
+                if getattr(cb, "tb_writer", None) is None and hasattr(cb, "_init_summary_writer"):
+                    cb._init_summary_writer(trainer.args)  # closed at on_train_end; on_log reopens it the same way
+                writer = getattr(cb, "tb_writer", None)
+                if writer is None:
+                    continue
+                if image is None:
+                    image = _png_uint8_hwc(path)
+                writer.add_image(tag, image, step, dataformats="HWC")
+                if hasattr(writer, "flush"):
+                    writer.flush()
+                logged = True
+            elif isinstance(cb, WandbCallback):
+                wandb = getattr(cb, "_wandb", None)
+                if wandb is None or getattr(wandb, "run", None) is None:
+                    continue
+                wandb.log({tag: wandb.Image(path)})
+                logged = True
+        except Exception as err:  # noqa: BLE001 - a tracker's refusal must not end the run
+            logger.warning("could not log %s to %s: %s", tag, type(cb).__name__, err)
+    return logged
+
+
+def _png_uint8_hwc(path: str) -> Any:
+    """The PNG as an ``(H, W, C)`` uint8 array (matplotlib reads PNGs as floats in [0, 1])."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    array = imread(path)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return array
 
 
 def chip_table(clean: float | None, rows: list[dict[str, Any]], metric: str, digits: int = 4) -> str:
