@@ -9,8 +9,10 @@ lowered to a matrix product over its unfolded patches (im2col), as a crossbar co
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,7 @@ __all__ = [
     "NoisyConv1D",
     "NoisyConv2d",
     "NoisyLinear",
+    "checkpoint_replay",
     "derive_seed",
     "process_rank",
 ]
@@ -44,6 +47,32 @@ def derive_seed(seed: int, *parts: object) -> int:
     """A 63-bit seed from ``seed`` and any labels (layer name, rank, chip...), stable across runs and platforms."""
     text = "\x1f".join([str(seed), *map(str, parts)])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def checkpoint_replay(layer: AnalogLayerMixin, device: torch.device) -> Iterator[None]:
+    """Around one training forward of ``layer``: make an activation-checkpointing recompute draw the same noise.
+
+    Activation checkpointing re-runs the forward inside the backward pass: it must see the noise the original forward
+    drew, or the gradient belongs to activations that never ran. Each training forward records the generator's
+    state; a forward inside a backward (a recompute: reentrant or not) replays the latest record on a copy, so the
+    layer's own stream advances once per step. Records are popped last-in first-out, the order in which the backward
+    recomputes segments.
+    """
+    gen = layer.noise_generator(device)
+    if torch._C._current_graph_task_id() == -1:
+        layer._hf_cim_replay.append(gen.get_state())
+        yield
+    elif layer._hf_cim_replay:
+        replay = torch.Generator(device=gen.device)
+        replay.set_state(layer._hf_cim_replay.pop())
+        layer._hf_cim_replay_generator = replay
+        try:
+            yield
+        finally:
+            layer._hf_cim_replay_generator = None
+    else:
+        yield
 
 
 #: Generator states a layer keeps for checkpoint recomputes: one per forward not yet recomputed (a layer called
@@ -283,22 +312,8 @@ class AnalogLayerMixin:
             # dtype (and the plain layer's error for mixed devices); generators and autocast have no meta device.
             return self._clean_forward(x)
         if self.training and self.hf_cim_level > 0.0:
-            # Activation checkpointing re-runs this forward inside the backward pass: it must see the noise the
-            # original forward drew, or the gradient belongs to activations that never ran. Each training forward
-            # records the generator's state; a forward inside a backward (a recompute: reentrant or not) replays
-            # the latest record on a copy. Records are popped last-in first-out, the order in which the backward
-            # recomputes segments.
-            gen = self.noise_generator(x.device)
-            if torch._C._current_graph_task_id() == -1:
-                self._hf_cim_replay.append(gen.get_state())
-            elif self._hf_cim_replay:
-                replay = torch.Generator(device=gen.device)
-                replay.set_state(self._hf_cim_replay.pop())
-                self._hf_cim_replay_generator = replay
-                try:
-                    return self._analog_forward(x)
-                finally:
-                    self._hf_cim_replay_generator = None
+            with checkpoint_replay(self, x.device):
+                return self._analog_forward(x)
         return self._analog_forward(x)
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:

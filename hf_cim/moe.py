@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import AnalogLayerMixin, derive_seed
+from .layers import AnalogLayerMixin, checkpoint_replay, derive_seed
 from .noise.base import NoiseContext, NoiseModel
 from .noise.faults import StuckAtFaults
 from .noise.gaussian import GaussianWeightNoise, LogNormalNoise
@@ -393,19 +393,8 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         if hidden_states.is_meta or self.down_proj.is_meta:
             return self._clean_forward(*args)
         if self.training and self.hf_cim_level > 0.0:
-            # Activation checkpointing: a recompute replays the noise of the original forward (as
-            # AnalogLayerMixin.forward does for the dense layers).
-            gen = self.noise_generator(hidden_states.device)
-            if torch._C._current_graph_task_id() == -1:
-                self._hf_cim_replay.append(gen.get_state())
-            elif self._hf_cim_replay:
-                replay = torch.Generator(device=gen.device)
-                replay.set_state(self._hf_cim_replay.pop())
-                self._hf_cim_replay_generator = replay
-                try:
-                    return self._analog_forward(*args)
-                finally:
-                    self._hf_cim_replay_generator = None
+            with checkpoint_replay(self, hidden_states.device):  # as the dense layers
+                return self._analog_forward(*args)
         return self._analog_forward(*args)
 
     def _analog_forward(self, hidden_states, top_k_index, top_k_weights):
