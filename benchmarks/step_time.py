@@ -71,7 +71,7 @@ PEER = "aihwkit_lightning"
 class ModelSpec:
     """One benchmark model: an architecture and its batch."""
 
-    arch: str  # "gpt2" or "bert"
+    arch: str  # "gpt2", "bert" or "llama"
     layers: int
     width: int
     heads: int
@@ -80,7 +80,11 @@ class ModelSpec:
     vocab: int
 
     def describe(self) -> str:
-        head = "causal-LM loss, tied LM head" if self.arch == "gpt2" else "sequence classification, 2 labels"
+        head = {
+            "gpt2": "causal-LM loss, tied LM head",
+            "bert": "sequence classification, 2 labels",
+            "llama": "causal-LM loss, untied LM head, SwiGLU MLP",
+        }[self.arch]
         return (
             f"{self.arch}: {self.layers} layers, width {self.width}, {self.heads} heads, seq {self.seq}, "
             f"batch {self.batch}, vocab {self.vocab}, {head}"
@@ -96,6 +100,10 @@ def model_specs(args: argparse.Namespace) -> dict[str, ModelSpec]:
     return {
         "gpt2": ModelSpec("gpt2", 6, 384, 6, 256, 8, args.gpt2_vocab),
         "bert": ModelSpec("bert", 4, 256, 4, 128, 16, 30522),
+        # Realistic sizes, random init from configs, short sequences (a CPU step must stay in seconds):
+        "gpt2_small": ModelSpec("gpt2", 12, 768, 12, 128, 4, 50257),  # GPT-2 small, 124 M
+        "bert_base": ModelSpec("bert", 12, 768, 12, 128, 8, 30522),  # BERT-base, 110 M
+        "llama_350m": ModelSpec("llama", 24, 1024, 16, 128, 2, 32000),  # Llama-style, 373 M (intermediate 2816)
     }
 
 
@@ -127,12 +135,24 @@ def build_model(spec: ModelSpec, device: str) -> tuple[torch.nn.Module, dict[str
             num_labels=2,
         )
         model = transformers.BertForSequenceClassification(cfg)
+    elif spec.arch == "llama":
+        cfg = transformers.LlamaConfig(
+            num_hidden_layers=spec.layers,
+            hidden_size=spec.width,
+            num_attention_heads=spec.heads,
+            num_key_value_heads=spec.heads,
+            intermediate_size=2816 if spec.width == 1024 else 4 * spec.width,
+            max_position_embeddings=max(512, spec.seq),
+            vocab_size=spec.vocab,
+            tie_word_embeddings=False,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
     else:
         raise ValueError(f"build_model: unknown `arch` {spec.arch!r}")
     model.to(device).train()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, spec.vocab, (spec.batch, spec.seq), generator=gen)
-    if spec.arch == "gpt2":
+    if spec.arch in ("gpt2", "llama"):
         batch = {"input_ids": ids, "labels": ids.clone()}
     else:
         labels = torch.randint(0, 2, (spec.batch,), generator=gen)
@@ -430,7 +450,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bf16 autocast around forward + loss")
     p.add_argument("--preset", default=None, help="simulate this preset's chip (default: AnalogNoiseConfig())")
-    p.add_argument("--models", default="gpt2,bert", help="comma-separated subset of gpt2,bert ('' for none)")
+    p.add_argument(
+        "--models",
+        default="gpt2,bert",
+        help="comma-separated subset of gpt2,bert,gpt2_small,bert_base,llama_350m ('' for none)",
+    )
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")
     p.add_argument("--widths", default=None, help="widths of the ste/plain sweep ('' to skip; default 128..1024)")
     p.add_argument("--sweep-layers", type=int, default=2, help="GPT-2 layers in the width sweep (default 2)")
