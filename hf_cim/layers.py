@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import AnalogNoiseConfig
 from .noise.base import NoiseContext
-from .ste import AnalogSTEFunction, ste_detach_forward
+from .ste import AnalogSTEFunction, lever_surrogate, lever_vjp, ste_detach_forward
 from .tile import analog_matmul, program_weights
 
 __all__ = [
@@ -250,49 +250,35 @@ class AnalogLayerMixin:
         return grad_x, grad_w
 
     def _tiled_ste_backward(self, x, weight, grad, mask, w_prog, need_x, need_w, dtype):
-        n_tiles, rows = mask.shape[0], self.hf_cim_config.tile_size
-        k = self.in_dim
-        pad = n_tiles * rows - k
-        g_t = self._grad_rows(grad).to(dtype).unsqueeze(0) * mask.to(dtype)  # (tiles, T, out)
-        grad_x = grad_w = None
-        if need_x:
-            w_b = (w_prog if w_prog is not None else self._weight_oi(weight)).to(dtype)
-            w_t = F.pad(w_b, (0, pad)).view(w_b.shape[0], n_tiles, rows).transpose(0, 1)
-            gx = torch.bmm(g_t, w_t).transpose(0, 1).reshape(g_t.shape[1], n_tiles * rows)[:, :k]
-            grad_x = self._input_grad_from_rows(gx, x).to(x.dtype)
-        if need_w:
-            x_rows = F.pad(self._to_rows(x.detach()).to(dtype), (0, pad))
-            x_t = x_rows.view(x_rows.shape[0], n_tiles, rows).transpose(0, 1)
-            gw = torch.bmm(g_t.transpose(1, 2), x_t).transpose(0, 1).reshape(g_t.shape[2], n_tiles * rows)[:, :k]
-            grad_w = self._weight_from_oi(gw, weight).to(weight.dtype)
+        grad_x, grad_w = lever_vjp(
+            self._to_rows(x.detach()),
+            self._weight_oi(weight),
+            self._grad_rows(grad),
+            mask,
+            w_prog,
+            self.hf_cim_config.tile_size,
+            need_x,
+            need_w,
+            dtype,
+        )
+        if grad_x is not None:
+            grad_x = self._input_grad_from_rows(grad_x, x).to(x.dtype)
+        if grad_w is not None:
+            grad_w = self._weight_from_oi(grad_w, weight).to(weight.dtype)
         return grad_x, grad_w
 
     def _ste_surrogate(self, x, weight, bias, mask, w_prog):
-        """``ste_detach``'s differentiable stand-in when a lever is on: a function of ``x``, ``W`` and ``b`` whose
-        vector-Jacobian product is :meth:`_ste_backward`'s (its value cancels in ``y_s + (y_noisy − y_s).detach()``).
-        """
+        """``ste_detach``'s stand-in when a lever is on (:func:`hf_cim.ste.lever_surrogate`, in the layer's layout)."""
         dtype = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            x_rows = self._to_rows(x).to(dtype)
-            w_oi = self._weight_oi(weight).to(dtype)
-            n_tiles = 1 if mask is None else mask.shape[0]
-            rows = self.hf_cim_config.tile_size if n_tiles > 1 else x_rows.shape[1]
-            pad = n_tiles * rows - x_rows.shape[1]
-
-            def tiles(t: torch.Tensor) -> torch.Tensor:
-                return F.pad(t, (0, pad)).view(t.shape[0], n_tiles, rows).transpose(0, 1)
-
-            if w_prog is None:
-                y_t = torch.bmm(tiles(x_rows), tiles(w_oi).transpose(1, 2))
-            else:  # W's gradient from the clean weights, x's through the programmed ones
-                w_b = w_prog.to(dtype).detach()
-                y_t = torch.bmm(tiles(x_rows.detach()), tiles(w_oi).transpose(1, 2))
-                y_t = y_t + torch.bmm(tiles(x_rows), tiles(w_b).transpose(1, 2))
-            if mask is not None:
-                y_t = y_t * mask.to(dtype)
-            y_rows = y_t.sum(0)
-            if bias is not None:
-                y_rows = y_rows + bias.to(dtype)
+            y_rows = lever_surrogate(
+                self._to_rows(x).to(dtype),
+                self._weight_oi(weight).to(dtype),
+                None if bias is None else bias.to(dtype),
+                mask,
+                w_prog,
+                self.hf_cim_config.tile_size,
+            )
             return self._from_rows(y_rows, x)
 
     def _grad_rows(self, grad: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -52,6 +51,7 @@ from .noise.faults import StuckAtFaults
 from .noise.gaussian import GaussianWeightNoise, LogNormalNoise
 from .noise.pcm import PCMNoise
 from .noise.reram import ReRAMNoise
+from .ste import lever_surrogate, lever_vjp
 from .tile import analog_matmul, program_weights
 
 __all__ = [
@@ -147,50 +147,6 @@ class _Plan:
         return slice(self.starts[e], self.starts[e] + self.counts[e])
 
 
-def _vjp(x, w, g, mask, w_b, tile_rows, need_x, need_w, dtype):
-    """One expert's STE backward: ``∂x = (g⊙m)·W_b``, ``∂W = (g⊙m)ᵀ·x`` per crossbar tile (``m`` the ADC's pass mask
-    of the tile, ``W_b`` the programmed or clean weights), as :meth:`AnalogLayerMixin._ste_backward`."""
-    g, x = g.to(dtype), x.to(dtype)
-    w_x = (w if w_b is None else w_b).to(dtype)
-    if mask is None or mask.shape[0] == 1:
-        if mask is not None:
-            g = g * mask[0].to(dtype)
-        return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
-    n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
-    pad = n_tiles * tile_rows - k
-    g_t = g.unsqueeze(0) * mask.to(dtype)  # (tiles, n, out)
-    gx = gw = None
-    if need_x:
-        w_t = F.pad(w_x, (0, pad)).view(out, n_tiles, tile_rows).transpose(0, 1)
-        gx = torch.bmm(g_t, w_t).transpose(0, 1).reshape(n, n_tiles * tile_rows)[:, :k]
-    if need_w:
-        x_t = F.pad(x, (0, pad)).view(n, n_tiles, tile_rows).transpose(0, 1)
-        gw = torch.bmm(g_t.transpose(1, 2), x_t).transpose(0, 1).reshape(out, n_tiles * tile_rows)[:, :k]
-    return gx, gw
-
-
-def _surrogate(x, w, bias, mask, w_b, tile_rows):
-    """A function of ``x``, ``W``, ``b`` whose VJP is :func:`_vjp`'s: the clean product without levers (``ste_detach``)."""
-    if mask is None and w_b is None:
-        return F.linear(x, w, bias)
-    n_tiles = 1 if mask is None else mask.shape[0]
-    rows = tile_rows if n_tiles > 1 else x.shape[1]
-    pad = n_tiles * rows - x.shape[1]
-
-    def tiles(t):
-        return F.pad(t, (0, pad)).view(t.shape[0], n_tiles, rows).transpose(0, 1)
-
-    if w_b is None:
-        y_t = torch.bmm(tiles(x), tiles(w).transpose(1, 2))
-    else:  # W's gradient from the clean weights, x's through the programmed ones
-        y_t = torch.bmm(tiles(x.detach()), tiles(w).transpose(1, 2))
-        y_t = y_t + torch.bmm(tiles(x), tiles(w_b.to(x.dtype).detach()).transpose(1, 2))
-    if mask is not None:
-        y_t = y_t * mask.to(x.dtype)
-    y = y_t.sum(0)
-    return y if bias is None else y + bias
-
-
 class _ExpertsSTEFunction(torch.autograd.Function):
     """One projection of all experts hit: noisy forward, each expert's clean (or levered) VJP backward."""
 
@@ -226,7 +182,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         for j, e in enumerate(plan.hit):
             rows = plan.rows(e)
             g = grad[rows]
-            gx, gw = _vjp(
+            gx, gw = lever_vjp(
                 x[rows],
                 w_oi[e],
                 g,
@@ -358,7 +314,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         with torch.autocast(x.device.type, enabled=False):
             for j, e in enumerate(plan.hit):
                 ys.append(
-                    _surrogate(
+                    lever_surrogate(
                         x[plan.rows(e)].to(dtype),
                         w_oi[e].to(dtype),
                         None if bias is None else bias[e].to(dtype),

@@ -18,9 +18,78 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AnalogSTEFunction", "ste_detach_forward"]
+__all__ = ["AnalogSTEFunction", "lever_surrogate", "lever_vjp", "ste_detach_forward"]
+
+
+def _tiles(t: torch.Tensor, n_tiles: int, rows: int) -> torch.Tensor:
+    """``(vectors, K)`` → ``(tiles, vectors, rows)`` crossbar tiles along K (zero rows pad the last one)."""
+    return F.pad(t, (0, n_tiles * rows - t.shape[1])).view(t.shape[0], n_tiles, rows).transpose(0, 1)
+
+
+def lever_vjp(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    g: torch.Tensor,
+    mask: torch.Tensor | None,
+    w_b: torch.Tensor | None,
+    tile_rows: int | None,
+    need_x: bool,
+    need_w: bool,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The STE backward with its levers, in the crossbar's layout: ``∂x = (g⊙m)·W_b``, ``∂W = (g⊙m)ᵀ·x`` per tile.
+
+    Args:
+        x, w, g: rows ``(vectors, K)``, weights ``(out, K)`` and upstream gradient ``(vectors, out)``.
+        mask: the ADC's pass mask ``(tiles, vectors, out)`` (see :func:`hf_cim.tile.analog_matmul`) or None.
+        w_b: the weights of the input gradient (the programmed ones) or None for ``w``.
+        tile_rows: crossbar rows per tile (used with several tiles).
+    """
+    g, x = g.to(dtype), x.to(dtype)
+    w_x = (w if w_b is None else w_b).to(dtype)
+    if mask is None or mask.shape[0] == 1:
+        if mask is not None:
+            g = g * mask[0].to(dtype)
+        return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
+    n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
+    g_t = g.unsqueeze(0) * mask.to(dtype)  # (tiles, n, out)
+    gx = gw = None
+    if need_x:
+        gx = torch.bmm(g_t, _tiles(w_x, n_tiles, tile_rows)).transpose(0, 1).reshape(n, -1)[:, :k]
+    if need_w:
+        gw = torch.bmm(g_t.transpose(1, 2), _tiles(x, n_tiles, tile_rows)).transpose(0, 1).reshape(out, -1)[:, :k]
+    return gx, gw
+
+
+def lever_surrogate(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    w_b: torch.Tensor | None,
+    tile_rows: int | None,
+) -> torch.Tensor:
+    """``ste_detach``'s differentiable stand-in, in the crossbar's layout: a function of ``x`` ``(vectors, K)``,
+    ``w`` ``(out, K)`` and ``bias`` whose vector-Jacobian product is :func:`lever_vjp`'s (its value cancels in
+    ``y_s + (y_noisy − y_s).detach()``)."""
+    if mask is None and w_b is None:
+        return F.linear(x, w, bias)
+    n_tiles = 1 if mask is None else mask.shape[0]
+    rows = tile_rows if n_tiles > 1 else x.shape[1]
+    if w_b is None:
+        y_t = torch.bmm(_tiles(x, n_tiles, rows), _tiles(w, n_tiles, rows).transpose(1, 2))
+    else:  # W's gradient from the clean weights, x's through the programmed ones
+        y_t = torch.bmm(_tiles(x.detach(), n_tiles, rows), _tiles(w, n_tiles, rows).transpose(1, 2))
+        y_t = y_t + torch.bmm(
+            _tiles(x, n_tiles, rows), _tiles(w_b.to(x.dtype).detach(), n_tiles, rows).transpose(1, 2)
+        )
+    if mask is not None:
+        y_t = y_t * mask.to(x.dtype)
+    y = y_t.sum(0)
+    return y if bias is None else y + bias
 
 
 class AnalogSTEFunction(torch.autograd.Function):
