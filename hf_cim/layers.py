@@ -242,7 +242,7 @@ class AnalogLayerMixin:
         if mask is not None and mask.shape[0] > 1:
             return self._tiled_ste_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
         if mask is not None:
-            grad = grad * self._from_rows(mask[0], x).to(grad.dtype)
+            grad = grad * self._from_rows(mask[0], x)  # bool promotes to grad's dtype
         if w_prog is None:
             return self._clean_backward(x, weight, grad, need_x, need_w, dtype)
         grad_x, _ = self._clean_backward(x, self._weight_from_oi(w_prog, weight), grad, need_x, False, dtype)

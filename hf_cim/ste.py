@@ -52,10 +52,10 @@ def lever_vjp(
     w_x = (w if w_b is None else w_b).to(dtype)
     if mask is None or mask.shape[0] == 1:
         if mask is not None:
-            g = g * mask[0].to(dtype)
+            g = g * mask[0]  # bool promotes to g's dtype: no float copy of the mask
         return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
     n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
-    g_t = g.unsqueeze(0) * mask.to(dtype)  # (tiles, n, out)
+    g_t = g.unsqueeze(0) * mask  # (tiles, n, out)
     gx = gw = None
     if need_x:
         gx = torch.bmm(g_t, _tiles(w_x, n_tiles, tile_rows)).transpose(0, 1).reshape(n, -1)[:, :k]
