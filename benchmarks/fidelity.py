@@ -235,6 +235,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     cfg = mode_config(mode, train_cond, seed, args.exclude)
     if cfg is not None:
         hf_cim.patch_model(model, cfg)
+        hf_cim.set_drift_time(model, train_cond.t)  # --train preset:level@time: drift in the training loop
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -421,7 +422,8 @@ def _commit() -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="shakespeare")
-    p.add_argument("--train", default="pcm:1", help="Chip the noise-aware modes train for: preset:level.")
+    p.add_argument("--train", default="pcm:1",
+                   help="Chip the noise-aware modes train for: preset:level[@drift time], e.g. pcm_drift:2@1y.")  # fmt: skip
     p.add_argument("--modes", default="digital,ste,ste_hw,full")
     p.add_argument("--seeds", default="0,1,2", help="Training seeds (init, data order and training noise).")
     p.add_argument("--chips", type=int, default=5, help="Chips per condition (seeds 0..N-1, same for every model).")

@@ -10,7 +10,16 @@ from .config import AnalogNoiseConfig
 from .evaluation import RobustnessResult, evaluate_robustness
 from .hub import NoiseStateCallback, load_noise_config, push_to_hub, save_noise_config, write_model_card
 from .noise import NoiseContext, NoiseModel, list_noise_models, register_noise_model
-from .patch import analog_layers, get_config, noise_disabled, patch_model, reseed, set_noise_level, unpatch_model
+from .patch import (
+    analog_layers,
+    get_config,
+    noise_disabled,
+    patch_model,
+    reseed,
+    set_drift_time,
+    set_noise_level,
+    unpatch_model,
+)
 from .peft_utils import load_peft
 from .presets import get_preset, list_presets
 from .quantizer import AnalogHfQuantizer  # registers quant_method "hf_cim" with transformers
@@ -45,6 +54,7 @@ __all__ = [
     "register_noise_model",
     "reseed",
     "save_noise_config",
+    "set_drift_time",
     "set_noise_level",
     "unpatch_model",
     "write_model_card",

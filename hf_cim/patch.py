@@ -1,4 +1,4 @@
-"""``patch_model`` / ``unpatch_model`` / ``noise_disabled`` / ``set_noise_level``: the in-place verbs.
+"""``patch_model`` / ``unpatch_model`` / ``noise_disabled`` / ``set_noise_level`` / ``set_drift_time``: the in-place verbs.
 
 Target selection follows peft's ``target_modules`` semantics: a string is a regex that must match a module's full
 name; a list holds exact names or ``.suffix`` matches; ``"all-linear"`` means every linear-like layer but the
@@ -12,6 +12,7 @@ config (the one ``save_pretrained`` writes): patching a model that already has p
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ __all__ = [
     "noise_disabled",
     "patch_model",
     "reseed",
+    "set_drift_time",
     "set_noise_level",
     "unpatch_model",
 ]
@@ -265,6 +267,19 @@ def set_noise_level(model: nn.Module, level: float) -> None:
         raise ValueError(f"set_noise_level: `level` must be a number in [0, 100], got {level!r}")
     for _, m in analog_layers(model):
         m.hf_cim_level = float(level)
+
+
+def set_drift_time(model: nn.Module, t_inference: float) -> None:
+    """Run every patched layer's device model at ``t_inference`` seconds after programming (>= 0).
+
+    In training this puts drift (and the drift compensation of the device model) into the loop: every forward draws
+    its devices as a chip of that age, so the network learns the drifted, compensated weights it will meet.
+    :func:`hf_cim.program_chip` sets the same time for a programmed chip; 0 (the default) means no drift.
+    """
+    if isinstance(t_inference, bool) or not isinstance(t_inference, (int, float)) or not 0.0 <= t_inference < math.inf:
+        raise ValueError(f"set_drift_time: `t_inference` must be a finite number of seconds >= 0, got {t_inference!r}")
+    for _, m in analog_layers(model):
+        m.hf_cim_t_inference = float(t_inference)
 
 
 def reseed(model: nn.Module, seed: int) -> None:

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import transformers as tf
@@ -302,3 +304,32 @@ def test_patch_model_checks_noise_models_mutated_in_place():
     with pytest.raises(ValueError, match=r"`noise\[0\]`.*no_such_noise"):
         hf_cim.patch_model(model, cfg)
     assert not list(hf_cim.analog_layers(model))
+
+
+def test_set_drift_time_puts_drift_into_the_training_forward():
+    """Training at a drift time draws each device as a chip of that age: ``w·((t + t0)/t0)^(-ν)`` with the device's
+    own exponent, the same ``ν`` at every time (same stream), checked column by column through the layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8, bias=False))
+    w = model[0].weight.detach().clone()
+    pcm = hf_cim.noise.PCMNoise(prog_noise_scale=0.0, read_noise_scale=0.0, drift_compensation=False)
+    cfg = AnalogNoiseConfig(noise=[pcm], input_bits=None, output_bits=None, weight_bits=None, tile_size=None, seed=0)
+    hf_cim.patch_model(model, cfg)
+    model.train()
+    eye = torch.eye(16)  # row j of the output is column j of the weights the forward used
+    day, year = 86400.0, 365.25 * 86400.0
+    used = {}
+    for t in (0.0, day, year):
+        hf_cim.set_drift_time(model, t)
+        assert model[0].hf_cim_t_inference == t
+        hf_cim.reseed(model, 0)
+        used[t] = model(eye).detach().T
+    torch.testing.assert_close(used[0.0], w)  # no drift at t = 0
+    log_day = torch.log(used[day] / w)
+    log_year = torch.log(used[year] / w)
+    assert (log_year < log_day).all() and (log_day < 0).all()  # every device drifts down, further after a year
+    expected = math.log((year + pcm.t0) / pcm.t0) / math.log((day + pcm.t0) / pcm.t0)
+    torch.testing.assert_close(log_year / log_day, torch.full_like(w, expected), rtol=1e-4, atol=0)
+    for bad in (-1.0, float("inf"), float("nan"), True, "1y"):
+        with pytest.raises(ValueError, match="t_inference"):
+            hf_cim.set_drift_time(model, bad)
