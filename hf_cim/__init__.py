@@ -6,7 +6,7 @@ non-differentiable simulation of the analog chip; the backward pass uses the cle
 
 from .callbacks import GradientAlignmentCallback, NoiseLevelCallback, PeakMemoryCallback, add_callbacks
 from .chip import clear_chip, program_chip
-from .config import AnalogNoiseConfig
+from .config import AnalogNoiseConfig, get_preset
 from .evaluation import RobustnessResult, evaluate_robustness
 from .hub import NoiseStateCallback, load_noise_config, push_to_hub, save_noise_config, write_model_card
 from .noise import NoiseContext, NoiseModel, list_noise_models, register_noise_model
@@ -21,7 +21,7 @@ from .patch import (
     unpatch_model,
 )
 from .peft_utils import load_peft
-from .presets import get_preset, list_presets
+from .presets import list_presets
 from .quantizer import AnalogHfQuantizer  # registers quant_method "hf_cim" with transformers
 
 __version__ = "0.1.0"

@@ -29,8 +29,8 @@ from torch import nn
 from transformers.trainer_callback import TrainerCallback
 
 from .layers import derive_seed, process_rank
-from .noise.base import check_range
 from .patch import analog_layers, set_noise_level
+from .validation import check_range
 
 __all__ = [
     "GradientAlignmentCallback",

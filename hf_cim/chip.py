@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .noise.base import check_range
 from .patch import analog_layers
+from .validation import check_range
 
 __all__ = ["clear_chip", "program_chip"]
 

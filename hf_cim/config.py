@@ -16,12 +16,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .noise.base import (
     NoiseModel,
-    check_range,
     get_noise_model_class,
     integral_floats_to_ints,
     noise_model_from_dict,
 )
 from .noise.gaussian import GaussianWeightNoise, OutputNoise
+from .presets import TRAINING_DEFAULTS, preset_fields, preset_noise
+from .validation import check_range
 
 __all__ = [
     "BACKWARD_WEIGHTS",
@@ -30,6 +31,7 @@ __all__ = [
     "INPUT_QUANT_MODES",
     "QUANT_METHOD",
     "AnalogNoiseConfig",
+    "get_preset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -356,8 +358,6 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         if noise is None:
             return []
         if isinstance(noise, str):
-            from .presets import preset_noise  # lazy: presets imports this module
-
             try:
                 return preset_noise(noise)
             except ValueError as err:
@@ -388,6 +388,28 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
                     f"AnalogNoiseConfig: `noise[{i}]` must be a NoiseModel or a dict, got {type(item).__name__}"
                 )
         return out
+
+    @classmethod
+    def from_preset(cls, name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:
+        """The config of preset ``name`` (:mod:`hf_cim.presets`) at noise ``level``, with any field overridden.
+
+        The STE modes train with :data:`hf_cim.presets.TRAINING_DEFAULTS` (override them like any field, e.g.
+        ``mask_saturated=False`` for the plain clean backward); ``gradient="full"`` takes neither.
+
+        Args:
+            name: one of :func:`hf_cim.list_presets` (``"paper"``, ``"pcm"``, ``"pcm_drift"``, ``"rram"``).
+            level: global noise scale (in [0, 100]); 0 = quantization only.
+            overrides: any other field (e.g. ``gradient="ste_detach"``, ``seed=3``, ``exclude_modules=["lm_head"]``).
+
+        Raises:
+            ValueError: for an unknown preset (listing the known ones) or an invalid field value.
+        """
+        fields = preset_fields(name)
+        if overrides.get("gradient", "ste") != "full":
+            fields.update(TRAINING_DEFAULTS)
+        fields.update(overrides)
+        fields["level"] = level
+        return cls(**fields)
 
     @property
     def uses_noise(self) -> bool:
@@ -494,3 +516,8 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         if self.output_bits is None:
             return math.inf
         return 2.0 * self.out_bound / (2**self.output_bits - 2)
+
+
+def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:
+    """:meth:`AnalogNoiseConfig.from_preset`: the config of preset ``name`` at noise ``level``, fields overridden."""
+    return AnalogNoiseConfig.from_preset(name, level, **overrides)

@@ -24,6 +24,7 @@ from torch import nn
 from .chip import program_chip
 from .layers import process_rank
 from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
+from .validation import check_number_list
 
 __all__ = ["RobustnessResult", "evaluate_robustness", "format_time"]
 
@@ -226,21 +227,6 @@ def _summary_logs(rows: list[dict[str, Any]], metric: str, prefix: str) -> dict[
     return out
 
 
-def _check_number_list(name: str, values: Sequence[float], low: float, high: float | None) -> list[float]:
-    if isinstance(values, (int, float)):
-        values = [values]
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ValueError(f"evaluate_robustness: `{name}` must hold finite numbers, got {v!r}")
-        if v < low or (high is not None and v > high):
-            raise ValueError(f"evaluate_robustness: `{name}` values must be in [{low}, {high or 'inf'}], got {v!r}")
-        out.append(float(v))
-    if not out:
-        raise ValueError(f"evaluate_robustness: `{name}` must not be empty")
-    return out
-
-
 def _metric_of(metrics: Any, metric: str) -> float:
     if not isinstance(metrics, dict) or metric not in metrics:
         keys = sorted(metrics) if isinstance(metrics, dict) else type(metrics).__name__
@@ -303,8 +289,8 @@ def evaluate_robustness(
     seeds = list(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ValueError(f"evaluate_robustness: `seeds` must be a non-empty list of ints >= 0, got {seeds!r}")
-    levels = _check_number_list("levels", levels, 0.0, 100.0)
-    times = _check_number_list("t_inference", t_inference, 0.0, None)
+    levels = check_number_list("evaluate_robustness", "levels", levels, 0.0, 100.0)
+    times = check_number_list("evaluate_robustness", "t_inference", t_inference, 0.0, None)
     run = _as_evaluate_fn(evaluate_fn, model, evaluate_kwargs)
     trainer = evaluate_fn if _is_trainer(evaluate_fn) and log_prefix is not None else None
 

@@ -2,7 +2,8 @@
 
 ``level`` is :attr:`AnalogNoiseConfig.level`: every noise model multiplies its magnitudes by it (standard
 deviations, drift exponents, fault probabilities); ``level = 0`` leaves only the converters (DAC, ADC, weight
-quantization). ``AnalogNoiseConfig(noise="pcm")`` takes a preset's noise models without its converter settings.
+quantization). ``AnalogNoiseConfig(noise="pcm")`` takes a preset's noise models without its converter settings;
+:meth:`AnalogNoiseConfig.from_preset` (alias :func:`hf_cim.get_preset`) builds the whole config.
 
 ==============  ==========================================================================================
 ``"paper"``     arXiv 2508.11940's setting: int8 inputs and weights (per-token DAC, per-channel weights), no
@@ -17,6 +18,8 @@ quantization). ``AnalogNoiseConfig(noise="pcm")`` takes a preset's noise models 
 ``"rram"``      8-bit DAC, weights and ADC, 256-row tiles, Wan 2022 ReRAM programming noise (40 µS),
                 stuck-at faults (0.5 % off, 0.1 % on; illustrative), IR-drop and output noise 0.04.
 ==============  ==========================================================================================
+
+This module is data below the config: it imports the noise models, never :mod:`hf_cim.config` (which reads it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .config import AnalogNoiseConfig
 from .noise.base import NoiseModel
 from .noise.faults import StuckAtFaults
 from .noise.gaussian import LogNormalNoise, OutputNoise, ReadNoise
@@ -32,7 +34,7 @@ from .noise.ir_drop import IRDrop
 from .noise.pcm import PCMNoise
 from .noise.reram import ReRAMNoise
 
-__all__ = ["TRAINING_DEFAULTS", "get_preset", "list_presets", "preset_noise"]
+__all__ = ["TRAINING_DEFAULTS", "list_presets", "preset_fields", "preset_noise"]
 
 
 def _paper() -> dict[str, Any]:
@@ -84,7 +86,12 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
-def _fields(name: str) -> dict[str, Any]:
+def preset_fields(name: str) -> dict[str, Any]:
+    """A fresh dict of the :class:`~hf_cim.AnalogNoiseConfig` fields of preset ``name`` (converters, tiles, noise).
+
+    Raises:
+        ValueError: for an unknown preset, listing the known ones.
+    """
     if not isinstance(name, str) or name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}")
     return _PRESETS[name]()
@@ -92,7 +99,7 @@ def _fields(name: str) -> dict[str, Any]:
 
 def preset_noise(name: str) -> list[NoiseModel]:
     """A fresh copy of the noise models of preset ``name`` (the converters and tiling are left out)."""
-    return _fields(name)["noise"]
+    return preset_fields(name)["noise"]
 
 
 #: How a preset's chip is trained: the hardware-aware STE backward. No gradient through partial sums the ADC
@@ -100,26 +107,3 @@ def preset_noise(name: str) -> list[NoiseModel]:
 #: noise-aware training beat digital training on the presets' chips (docs/fidelity.md); the plain clean backward
 #: (``AnalogNoiseConfig``'s default) lost there. ``gradient="full"`` differentiates both itself and takes neither.
 TRAINING_DEFAULTS: dict[str, Any] = {"mask_saturated": True, "backward_weights": "programmed"}
-
-
-def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:
-    """The :class:`AnalogNoiseConfig` of preset ``name`` at noise ``level``, with any field overridden.
-
-    The STE modes train with :data:`TRAINING_DEFAULTS` (override them like any field, e.g. ``mask_saturated=False``
-    for the plain clean backward).
-
-    Args:
-        name: one of :func:`list_presets`.
-        level: global noise scale (in [0, 100]); 0 = quantization only.
-        overrides: any other :class:`AnalogNoiseConfig` field (e.g. ``gradient="ste_detach"``, ``seed=3``,
-            ``exclude_modules=["lm_head"]``).
-
-    Raises:
-        ValueError: for an unknown preset (listing the known ones) or an invalid field value.
-    """
-    fields = _fields(name)
-    if overrides.get("gradient", "ste") != "full":
-        fields.update(TRAINING_DEFAULTS)
-    fields.update(overrides)
-    fields["level"] = level
-    return AnalogNoiseConfig(**fields)

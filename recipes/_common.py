@@ -1,6 +1,6 @@
 """CLI glue shared by the recipes: the analog arguments, the final chip evaluation, ``results.json`` and saving.
 
-No library logic lives here: the noise config comes from :func:`hf_cim.presets.get_preset`, the chip sweep from
+No library logic lives here: the noise config comes from :meth:`hf_cim.AnalogNoiseConfig.from_preset`, the chip sweep from
 :func:`hf_cim.evaluation.evaluate_robustness`, the memory figures from :class:`hf_cim.callbacks.PeakMemoryCallback`.
 """
 
@@ -507,9 +507,7 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
         "mask_saturated": args.mask_saturated,
         "backward_weights": args.backward_weights,
     }
-    from hf_cim.presets import get_preset
-
-    return get_preset(args.preset, level=args.level, **overrides)
+    return hf_cim.AnalogNoiseConfig.from_preset(args.preset, level=args.level, **overrides)
 
 
 def run_mode(training_args: TrainingArguments, args: AnalogArguments) -> None:

@@ -5,8 +5,9 @@ import torch
 from conftest import tiny_bert, tiny_gpt2
 
 import hf_cim
+from hf_cim import get_preset
 from hf_cim.noise import IRDrop, LogNormalNoise, OutputNoise, PCMNoise, ReadNoise, ReRAMNoise, StuckAtFaults
-from hf_cim.presets import get_preset, list_presets, preset_noise
+from hf_cim.presets import TRAINING_DEFAULTS, list_presets, preset_fields, preset_noise
 
 
 def test_list_and_contents():
@@ -75,3 +76,26 @@ def test_presets_train_with_the_hardware_aware_ste():
     assert (plain.mask_saturated, plain.backward_weights) == (False, "clean")
     # a bare config keeps the plain clean backward (the gradient contract of hf_cim.ste)
     assert (hf_cim.AnalogNoiseConfig().mask_saturated, hf_cim.AnalogNoiseConfig().backward_weights) == (False, "clean")
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_from_preset_is_get_preset(name):
+    for level in (0.0, 1.0, 3.0):
+        for overrides in ({}, {"gradient": "full"}, {"seed": 2, "mask_saturated": False}):
+            cfg = hf_cim.AnalogNoiseConfig.from_preset(name, level=level, **overrides)
+            assert cfg.to_dict() == get_preset(name, level, **overrides).to_dict()
+            assert cfg.level == level
+    fields = preset_fields(name)
+    assert fields["noise"] == preset_noise(name) and fields is not preset_fields(name)
+    assert TRAINING_DEFAULTS == {"mask_saturated": True, "backward_weights": "programmed"}
+
+
+def test_presets_are_data_below_the_config():
+    import ast
+    import inspect
+
+    import hf_cim.presets
+
+    tree = ast.parse(inspect.getsource(hf_cim.presets))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not any(m and m.endswith("config") for m in imported), imported
