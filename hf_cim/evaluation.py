@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,7 +26,7 @@ from .layers import process_rank
 from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
 from .validation import check_number_list
 
-__all__ = ["RobustnessResult", "evaluate_robustness", "format_time"]
+__all__ = ["RobustnessResult", "evaluate_robustness", "format_time", "robustness_markdown"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,47 @@ def _stats(values: list[float]) -> dict[str, float]:
     # Sample standard deviation (n - 1): the spread of the chip population, estimated from n chips.
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "std": std, "min": min(values), "max": max(values)}
+
+
+_ROW_KEYS = ("level", "t_inference", "mean", "std", "min", "max", "n_chips")
+
+
+def robustness_markdown(
+    rows: Sequence[Mapping[str, Any]],
+    metric: str | None = None,
+    clean_value: float | None = None,
+    digits: int = 4,
+    owner: str = "robustness_markdown",
+) -> str:
+    """The robustness table in Markdown: the digital baseline first (when ``clean_value`` is given), then one line
+    per ``(level, t_inference)`` cell. The one renderer of the table, for :meth:`RobustnessResult.to_markdown` and the
+    model card (:func:`hf_cim.model_card.write_model_card`).
+
+    Args:
+        rows: dicts with ``level``, ``t_inference`` (s), ``mean``, ``std``, ``min``, ``max`` and ``n_chips``.
+        metric: the metric's name in the header (``"metric"`` when None).
+        clean_value: the digital model's value of the metric, or None for no baseline line.
+        digits: decimals of the metric's values.
+        owner: the function named in the error.
+
+    Raises:
+        ValueError: a row lacks one of the keys above.
+    """
+    lines = [
+        f"| noise level | t_inference (s) | {metric or 'metric'} (mean ± std) | min | max | chips |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if clean_value is not None:
+        lines.append(f"| digital | – | {clean_value:.{digits}f} | – | – | – |")
+    for r in rows:
+        missing = set(_ROW_KEYS) - set(r)
+        if missing:
+            raise ValueError(f"{owner}: a `robustness` row lacks the key(s) {sorted(missing)}: {r!r}")
+        lines.append(
+            f"| {r['level']:g} | {r['t_inference']:g} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+            f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
+        )
+    return "\n".join(lines)
 
 
 @dataclass
@@ -90,19 +131,7 @@ class RobustnessResult:
 
     def to_markdown(self, digits: int = 4) -> str:
         """A Markdown table (for a model card): one line per cell, the digital baseline first."""
-        lines = [
-            f"| noise level | t_inference (s) | {self.metric} (mean ± std) | min | max | chips |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        clean = self.clean_value
-        if clean is not None:
-            lines.append(f"| digital | – | {clean:.{digits}f} | – | – | – |")
-        for r in self.rows:
-            lines.append(
-                f"| {r['level']:g} | {r['t_inference']:g} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
-                f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
-            )
-        return "\n".join(lines)
+        return robustness_markdown(self.rows, self.metric, self.clean_value, digits)
 
     def plot(self, path: str | None = None, title: str | None = None):
         """Metric vs level (one line per time) and metric vs time (one line per level), error bars = ±1 std.

@@ -22,7 +22,7 @@ from torch import nn
 from .config import AnalogNoiseConfig
 from .layers import LAYER_MAP, AnalogLayerMixin
 from .moe import AnalogExpertsMixin, experts_support, is_experts_like, noisy_experts_class
-from .peft_utils import named_base_modules
+from .peft_names import named_base_modules
 
 __all__ = [
     "analog_layers",

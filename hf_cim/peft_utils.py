@@ -24,10 +24,13 @@ reads only ``adapter_config.json`` and loads the base as it was saved, which for
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 from torch import nn
+
+from .hub import load_noise_config
+from .patch import get_config
+from .peft_names import named_base_modules
 
 __all__ = ["load_peft", "named_base_modules"]
 
@@ -66,9 +69,6 @@ def load_peft(
     import peft
     from peft import PeftConfig
 
-    from .hub import load_noise_config
-    from .patch import get_config
-
     if noise_config is None:
         noise_config = load_noise_config(adapter_dir)
     if auto_class is None:
@@ -83,55 +83,3 @@ def load_peft(
             "digital; pass `noise_config=` or save it with hf_cim.save_noise_config(model, adapter_dir)"
         )
     return model
-
-
-def _peft_types() -> tuple[type, type, type, type] | None:
-    if "peft" not in sys.modules:
-        return None
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    return PeftModel, BaseTuner, BaseTunerLayer, AuxiliaryTrainingWrapper
-
-
-def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every submodule of ``model`` that is not a peft adapter, named as in the bare model.
-
-    Without peft modules this is ``model.named_modules()`` without the root. With peft:
-
-    * the children of a tuner layer (e.g. ``lora.Linear``) other than ``base_layer`` are adapters and are left out,
-      with everything below them;
-    * the wrapper levels are dropped from names: ``base_model.model.`` (``PeftModel`` → tuner → model),
-      ``.base_layer``, and a ``ModulesToSaveWrapper``'s ``.original_module`` / ``.modules_to_save.<adapter>`` (both
-      copies keep the wrapped module's name).
-    """
-    types = _peft_types()
-    if types is None:
-        return [(name, m) for name, m in model.named_modules() if name]
-    peft_model, base_tuner, tuner_layer, aux_wrapper = types
-    out: list[tuple[str, nn.Module]] = []
-    seen: set[int] = set()
-
-    def walk(module: nn.Module, prefix: str, collapse_children: bool = False) -> None:
-        for child_name, child in module.named_children():
-            if id(child) in seen:  # a shared module appears once, as in named_modules()
-                continue
-            if isinstance(module, tuner_layer) and child_name != "base_layer":
-                continue  # an adapter (lora_A, lora_B, dropout...): stays digital, and so does everything below it
-            wrapper_level = (
-                collapse_children
-                or isinstance(module, tuner_layer)
-                or (isinstance(module, peft_model) and child_name == "base_model")
-                or (isinstance(module, base_tuner) and child_name == "model")
-                or (isinstance(module, aux_wrapper) and child_name in ("original_module", "modules_to_save"))
-            )
-            name = prefix if wrapper_level else (f"{prefix}.{child_name}" if prefix else child_name)
-            seen.add(id(child))
-            if name:
-                out.append((name, child))
-            # A ModulesToSaveWrapper's `modules_to_save` ModuleDict holds one copy per adapter name: collapse them too.
-            walk(child, name, collapse_children=isinstance(module, aux_wrapper) and child_name == "modules_to_save")
-
-    walk(model, "")
-    return out

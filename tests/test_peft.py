@@ -141,7 +141,7 @@ def test_bert_adapter_push_folder_holds_noise_config(tmp_path, monkeypatch):
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "hf_cim_config.json"]
     assert hf_cim.load_noise_config(tmp_path) == cfg
     card = (tmp_path / "README.md").read_text()
-    assert 'config = hf_cim.load_noise_config("me/bert-lora")' in card
+    assert 'config = hf_cim.hub.load_noise_config("me/bert-lora")' in card
     assert 'PeftModel.from_pretrained(base, "me/bert-lora")' in card and "BertForSequenceClassification" in card
     base = hf_cim.patch_model(tiny_bert(), hf_cim.load_noise_config(tmp_path))
     again = PeftModel.from_pretrained(base, tmp_path)

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 import hf_cim
 from hf_cim import AnalogNoiseConfig
-from hf_cim.hub import NOISE_STATE_NAME, load_noise_state, save_noise_state
 from hf_cim.noise import GaussianWeightNoise, OutputNoise
+from hf_cim.resume import NOISE_STATE_NAME, load_noise_state, save_noise_state
 
 
 def _config(**kw):
@@ -106,7 +106,7 @@ def test_state_round_trip_and_config_mismatch_warning(tmp_path, caplog):
         y = model(x).logits
 
     other = _model(_config(seed=4))
-    with caplog.at_level(logging.WARNING, logger="hf_cim.hub"):
+    with caplog.at_level(logging.WARNING, logger="hf_cim.resume"):
         assert load_noise_state(other, tmp_path)
     assert "['seed']" in caplog.text  # the differing field is named
     assert all(layer.hf_cim_level == 0.5 for _, layer in hf_cim.analog_layers(other))
