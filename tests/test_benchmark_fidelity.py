@@ -45,3 +45,64 @@ def test_paired_runs_same_init_and_chips(tmp_path):
     stamps = {f: os.path.getmtime(out / "runs" / f) for f in runs}
     assert json.dumps(fidelity.main(argv)) == json.dumps(table)
     assert stamps == {f: os.path.getmtime(out / "runs" / f) for f in runs}
+
+
+def _tiny_glue(tmp_path):
+    """A tiny BERT with a word-level vocab saved as a local folder, and SST-2 / MRPC tsv files in the GLUE layout."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["good", "bad", "fine", "awful", "film", "plot", "the", "was", "a", "very"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    model_dir = tmp_path / "bert"
+    BertTokenizer(str(vocab)).save_pretrained(model_dir)
+    cfg = BertConfig(vocab_size=15, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2)  # fmt: skip
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    glue = tmp_path / "glue"
+    (glue / "SST-2").mkdir(parents=True)
+    (glue / "MRPC").mkdir()
+    sst = ["sentence\tlabel"] + [f"the film was {w} \t{int(w in ('good', 'fine'))}" for w in words[:4] * 6]
+    for split in ("train", "dev"):
+        (glue / "SST-2" / f"{split}.tsv").write_text("\n".join(sst) + "\n")
+    mrpc = ["\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String"] + [
+        f"{int(a == b)}\t{i}\t{i + 1}\tthe plot was {a}\ta plot was {b}" for i, (a, b) in
+        enumerate([("good", "good"), ("good", "bad"), ("awful", "awful"), ("fine", "bad")] * 5)
+    ]  # fmt: skip
+    for split in ("train", "dev"):
+        (glue / "MRPC" / f"{split}.tsv").write_text("\n".join(mrpc) + "\n")
+    return model_dir, glue
+
+
+def test_glue_setting_reads_both_layouts_and_pairs_sentences(tmp_path):
+    model_dir, glue = _tiny_glue(tmp_path)
+    args = fidelity.argparse.Namespace(task="mrpc", model_name_or_path=model_dir, glue_dir=str(glue), max_length=32,
+                                       batch_size=4)  # fmt: skip
+    setting = fidelity.Glue(args)
+    assert len(setting.train_set) == 20 and setting.train_set[1][2] == 0 and setting.train_set[0][2] == 1
+    batch = next(setting.batches(0, 1))
+    # a sentence pair: [CLS] A [SEP] B [SEP], segment ids 0 then 1, padding masked
+    ids, types, mask = batch["input_ids"][0], batch["token_type_ids"][0], batch["attention_mask"][0]
+    n = int(mask.sum())
+    assert types[:n].tolist() == [0] * 6 + [1] * 5 and (types[n:] == 0).all()
+    assert ids[:n].tolist().count(3) == 2 and (ids[n:] == 0).all()
+    with pytest.raises(ValueError, match="--task"):
+        fidelity.Glue(fidelity.argparse.Namespace(**{**vars(args), "task": "cola"}))
+
+
+def test_glue_setting_trains_paired_modes(tmp_path):
+    model_dir, glue = _tiny_glue(tmp_path)
+    out = tmp_path / "fid"
+    argv = ["--setting", "glue", "--task", "sst2", "--model_name_or_path", str(model_dir), "--glue_dir", str(glue),
+            "--train", "pcm:1", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "2", "--steps", "4",
+            "--batch_size", "4", "--lr", "1e-3", "--warmup_steps", "1", "--eval", "pcm:1", "--out", str(out),
+            "--threads", "1"]  # fmt: skip
+    table = fidelity.main(argv)
+    assert set(table) == {"digital", "ste_hw"}
+    run = json.load(open(out / "runs" / "ste_hw_seed0.json"))
+    assert run["args"]["task"] == "sst2" and run["args"]["model_name_or_path"] == str(model_dir)
+    accs = [c["accuracy"] for c in run["result"]["chips"]["pcm L1"]]
+    assert len(accs) == 2 and all(0.0 <= a <= 100.0 for a in accs)
+    # 24 dev rows: accuracy is a multiple of 100/24
+    assert all(abs(a * 24 / 100 - round(a * 24 / 100)) < 1e-9 for a in accs)
+    assert "### glue (bert, SST-2)" in (out / "fidelity.md").read_text()
