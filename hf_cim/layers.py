@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import AnalogNoiseConfig
 from .noise.base import NoiseContext
 from .ste import AnalogSTEFunction, lever_surrogate, lever_vjp, ste_detach_forward
-from .tile import analog_matmul, program_weights
+from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [
     "LAYER_MAP",
@@ -142,7 +142,6 @@ class AnalogLayerMixin:
         return NoiseContext(
             generator=generator if generator is not None else self.noise_generator(device),
             level=self.hf_cim_level,
-            training=self.training,
             t_inference=self.hf_cim_t_inference,
             tile_rows=cfg.tile_size or self.in_dim,
             layer_name=self.hf_cim_name,
@@ -166,9 +165,9 @@ class AnalogLayerMixin:
         gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
         self.hf_cim_t_inference = float(t_inference)
         ctx = self._noise_context(device, generator=gen)
-        ctx.training = False
+        cfg = self.hf_cim_config
         with torch.no_grad():
-            self._hf_cim_chip = program_weights(weight.float(), self.hf_cim_config, ctx, self.hf_cim_config.noise)
+            self._hf_cim_chip = program_weights(weight.float(), TileSpec.from_config(cfg), ctx, cfg.noise)
 
     def clear_program(self) -> None:
         """Forget the programmed chip: evaluation draws the static noise anew at every forward again."""
@@ -200,19 +199,20 @@ class AnalogLayerMixin:
         with torch.autocast(x.device.type, enabled=False):
             x2d = self._to_rows(x).float()
             cfg = self.hf_cim_config
+            spec = TileSpec.from_config(cfg)
             ctx = self._noise_context(x.device)
             if self._hf_cim_chip is not None and not self.training:
                 w_prog, w_scale = self._hf_cim_chip
             else:
                 w_oi = self._weight_oi(weight).float()
-                w_prog, w_scale = program_weights(w_oi, cfg, ctx, cfg.noise, differentiable=differentiable)
+                w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)
             saturation = None
             if aux is not None:
                 if cfg.backward_weights == "programmed":
                     aux["weight"] = w_prog * w_scale
                 saturation = [] if cfg.mask_saturated else None
             y2d = analog_matmul(
-                x2d, w_prog, w_scale, bias, cfg, ctx, cfg.noise, differentiable=differentiable, saturation=saturation
+                x2d, w_prog, w_scale, bias, spec, ctx, cfg.noise, differentiable=differentiable, saturation=saturation
             )
             if saturation:
                 aux["mask"] = saturation[0]

@@ -52,7 +52,7 @@ from .noise.gaussian import GaussianWeightNoise, LogNormalNoise
 from .noise.pcm import PCMNoise
 from .noise.reram import ReRAMNoise
 from .ste import lever_surrogate, lever_vjp
-from .tile import analog_matmul, program_weights
+from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [
     "AnalogExpertsMixin",
@@ -228,7 +228,6 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         return NoiseContext(
             generator=generator if generator is not None else self.noise_generator(device),
             level=self.hf_cim_level,
-            training=self.training,
             t_inference=self.hf_cim_t_inference,
             tile_rows=self.hf_cim_config.tile_size or in_dim,
             layer_name=f"{self.hf_cim_name}.{name}",
@@ -241,14 +240,15 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         """``program_weights`` of the experts ``hit`` (all for None): ``(n, out, in)`` programmed weights and
         ``(n, out, 1)`` scales, in the order of ``hit``."""
         cfg = self.hf_cim_config
+        spec = TileSpec.from_config(cfg)
         if hit is not None and len(hit) < w_oi.shape[0]:
             w_oi = w_oi[torch.tensor(hit, device=w_oi.device)]
         w = w_oi.float()
         n, out, k = w.shape
         if rowwise_program(cfg.noise, ctx):
-            w_prog, scale = program_weights(w.reshape(n * out, k), cfg, ctx, cfg.noise, differentiable=differentiable)
+            w_prog, scale = program_weights(w.reshape(n * out, k), spec, ctx, cfg.noise, differentiable=differentiable)
             return w_prog.reshape(n, out, k), scale.reshape(n, out, 1)
-        pairs = [program_weights(w[i], cfg, ctx, cfg.noise, differentiable=differentiable) for i in range(n)]
+        pairs = [program_weights(w[i], spec, ctx, cfg.noise, differentiable=differentiable) for i in range(n)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def program(self, seed: int, t_inference: float = 0.0) -> None:
@@ -266,7 +266,6 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                     gen = torch.Generator(device=weight.device)
                     gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
                 ctx = self._proj_context(name, weight.device, w_oi.shape[-1], generator=gen)
-                ctx.training = False
                 chip[name] = self._program_experts(w_oi, None, ctx, differentiable=False)
         self._hf_cim_chip = chip
 
@@ -276,6 +275,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         ``aux`` (STE modes) receives per expert hit the ADC pass mask (``"mask"``) and the programmed weights in
         the layer's units (``"weight"``), or Nones, as the config's levers ask."""
         cfg = self.hf_cim_config
+        spec = TileSpec.from_config(cfg)
         out_dtype = self._compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             w_oi = self._w_oi(weight)
@@ -295,7 +295,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 saturation = [] if aux is not None and cfg.mask_saturated else None
                 b = None if bias is None else bias[e]
                 y = analog_matmul(
-                    xf[plan.rows(e)], w_prog[j], w_scale[j], b, cfg, ctx, cfg.noise, differentiable, saturation
+                    xf[plan.rows(e)], w_prog[j], w_scale[j], b, spec, ctx, cfg.noise, differentiable, saturation
                 )
                 if aux is not None:
                     aux["mask"].append(saturation[0] if saturation else None)

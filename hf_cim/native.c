@@ -1,10 +1,10 @@
 /* CPU kernels of the no-grad analog path, compiled on first use by hf_cim/native.py (see its docstring).
  *
- * Each function computes, element by element, exactly the float32 formula of its eager version in
- * hf_cim/kernels.py and hf_cim/rng.py: the same operations in the same order, every intermediate rounded to
- * float32 (built with -ffp-contract=off and without -ffast-math, so no FMA contraction or reassociation). The
- * inner loops run over contiguous rows with no branches so that the compiler vectorizes them; rows are split
- * over OpenMP threads (torch's own libgomp, already loaded in the process).
+ * Each function computes, element by element, exactly the float32 formula of its torch reference (the stages of
+ * hf_cim/kernels.py: hf_cim/converters.py, hf_cim/rng.py, the noise model served): the same operations in the same
+ * order, every intermediate rounded to float32 (built with -ffp-contract=off and without -ffast-math, so no FMA
+ * contraction or reassociation). The inner loops run over contiguous rows with no branches so that the compiler
+ * vectorizes them; rows are split over OpenMP threads (torch's own libgomp, already loaded in the process).
  */
 #include <math.h>
 #include <stdint.h>
@@ -15,7 +15,7 @@ typedef int64_t i64;
 /* A float constant rounded as torch rounds a Python float scalar: decimal -> double -> float. */
 #define F(x) ((float)(x))
 
-/* -- the counter-based sampler (hf_cim/rng.py) ----------------------------------------------------------------- */
+/* -- the counter-based sampler (hf_cim/rng.py) ---------------------------------------------------------------- */
 
 static inline uint32_t lowbias32(uint32_t x) {
     x ^= x >> 16;
@@ -109,7 +109,7 @@ static inline float clampf(float v, float lo, float hi) {
     return v > hi ? hi : v;
 }
 
-/* -- noise draws (kernels.randn / kernels.add_randn_) ---------------------------------------------------------- */
+/* -- noise draws (rng.randn / rng.add_randn_) ----------------------------------------------------------------- */
 
 /* out[i] = z(i) (add == 0) or out[i] += std * z(i) (add == 1), i in [0, n). */
 void hfc_randn(float *out, i64 n, float std, int add, uint32_t k0, uint32_t k1, int threads) {
@@ -122,7 +122,7 @@ void hfc_randn(float *out, i64 n, float std, int add, uint32_t k0, uint32_t k1, 
     }
 }
 
-/* -- weight programming (kernels.weight_program_eager) --------------------------------------------------------- */
+/* -- weight programming (converters.weight_program) ----------------------------------------------------------- */
 
 /* w (rows, cols) contiguous -> out (rows, cols), scale (rows). qmax <= 0: no quantization. */
 void hfc_weight_program(const float *w, float *out, float *scale, i64 rows, i64 cols, float qmax, float std,
@@ -150,7 +150,7 @@ void hfc_weight_program(const float *w, float *out, float *scale, i64 rows, i64 
     }
 }
 
-/* -- the DAC (kernels.dac_eager) -------------------------------------------------------------------------------- */
+/* -- the DAC (converters.dac) --------------------------------------------------------------------------------- */
 
 /* x (T, K) contiguous -> out (T, K) integer levels (or scaled values when !quantize), x_absmax (T) or (1). */
 void hfc_dac(const float *x, float *out, float *x_absmax, i64 T, i64 K, float qmax, int per_token, int quantize,
@@ -191,7 +191,7 @@ void hfc_dac(const float *x, float *out, float *x_absmax, i64 T, i64 K, float qm
     }
 }
 
-/* -- the ADC epilogue (kernels.epilogue_eager) ------------------------------------------------------------------- */
+/* -- the ADC epilogue (converters.epilogue) ------------------------------------------------------------------- */
 
 /* o[j] (=|+=) c * ADC(y[j] * in_scale + std * z(base + j)), the ADC and the noise optional. Called with
  * constant flags only (see hfc_epilogue), so that each inlined copy is a branch-free loop. */
@@ -257,7 +257,7 @@ void hfc_epilogue(const float *y, float *out, const float *recombine, const floa
     }
 }
 
-/* -- fused helpers of noise models (kernels.add_scaled_randn_, kernels.ir_drop_) ------------------------------ */
+/* -- fused helpers of noise models (rng.add_scaled_randn_, IRDrop's correction) ------------------------------- */
 
 /* y[i] += std * (z(i) * s_i), s_i = scale[i] or sqrt(max(scale[i], 1e-12)) (sqrt_scale): ReadNoise's output noise
  * with a per-element spread, in one pass instead of clamp, sqrt, draw, multiply and add. */

@@ -4,7 +4,7 @@ Why not ``torch.compile`` on the CPU: each compiled call costs ~0.1 ms of Python
 per layer and forward), importing and running inductor adds ~100 MB of resident memory to the process, a cold
 compile takes minutes on a small machine, and inductor stores the Gaussian noise to a temporary before using it
 (its CPU backend materialises any pointwise expression of more than ~50 operations). The C file is ~200 lines of
-loops that compute, element by element, the float32 formulas of :mod:`hf_cim.kernels` and :mod:`hf_cim.rng`
+loops that compute, element by element, the float32 formulas of :mod:`hf_cim.converters` and :mod:`hf_cim.rng`
 (tests check they agree with the eager versions); it compiles in about a second with no torch headers, and runs
 the noise inside the loop that consumes it, over OpenMP threads of torch's own runtime.
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "library"]
+__all__ = ["accepts", "available", "library"]
 
 logger = logging.getLogger(__name__)
 
@@ -286,15 +286,15 @@ def _describe(t: object) -> str:
     return f"{t.dtype} on {t.device}, shape {tuple(t.shape)}, strides {t.stride()}"
 
 
+def accepts(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None skipped) is float32 on the CPU: the buffers the C functions take (the callers
+    of :mod:`hf_cim.kernels` route anything else to the torch reference instead)."""
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+
+
 def _check(fn: str, name: str, t: object, *shapes: tuple[int, ...]) -> None:
     """``t`` must be a contiguous float32 CPU tensor of one of ``shapes``."""
-    if (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.float32
-        and t.device.type == "cpu"
-        and t.shape in shapes
-        and t.is_contiguous()
-    ):
+    if isinstance(t, torch.Tensor) and accepts(t) and t.shape in shapes and t.is_contiguous():
         return
     expected = " or ".join(str(tuple(s)) for s in shapes)
     raise ValueError(

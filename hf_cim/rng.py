@@ -25,13 +25,17 @@ them against ``torch.log``/``torch.cos`` and the samples' moments, tails and ind
 The functions here are written with torch integer and float operations only: they are the eager reference, and
 ``torch.compile`` turns them into the CUDA kernels of :mod:`hf_cim.kernels`. ``hf_cim/native.c`` transcribes them
 operation by operation in float32; it agrees to one ulp (torch's vectorized CPU ``sqrt`` is not correctly rounded).
+
+:class:`Sampler` is the interface a noise model draws through (``NoiseContext.sampler``): this module's is the
+torch reference; :mod:`hf_cim.kernels` hands the tile simulation's contexts a subclass that computes the same
+numbers in fused kernels. Noise models never import the kernels.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["gaussian", "new_key"]
+__all__ = ["REFERENCE", "Sampler", "add_randn_", "add_scaled_randn_", "counters_like", "gaussian", "new_key", "randn"]
 
 # Float constants are written as literals inside the functions below, not as module globals: torch.compile turns a
 # global float into a graph input (a scalar tensor built at every call), a literal into a constant of the kernel.
@@ -132,3 +136,53 @@ def counters_like(t: torch.Tensor) -> torch.Tensor:
         counter = counter + (index * stride).view((size,) + (1,) * (t.dim() - 1 - dim))
         stride = stride * size
     return counter.to(torch.int32)
+
+
+def randn(like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 samples shaped like ``like``: :func:`gaussian` of ``key`` at its flat indices."""
+    return gaussian(counters_like(like), key)
+
+
+def add_randn_(t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
+    """``t += std·ξ`` in place, ``ξ = randn(t, key)``."""
+    return t.add_(std * gaussian(counters_like(t), key))
+
+
+def add_scaled_randn_(
+    t: torch.Tensor, scale: torch.Tensor, std: float, key: torch.Tensor, sqrt_scale: bool = False, sample=randn
+) -> torch.Tensor:
+    """``t += std·(ξ·s)`` in place with a per-element spread ``s = scale`` or ``sqrt(max(scale, 1e-12))``
+    (``sqrt_scale``; ``scale`` shaped like ``t``), ``ξ = sample(t, key)``."""
+    spread = scale.clamp(min=1e-12).sqrt() if sqrt_scale else scale
+    return t.add_(sample(t, key).to(t.dtype).mul_(spread), alpha=std)
+
+
+class Sampler:
+    """The draws (and fused element-wise updates) a noise model may ask of its backend, as torch reference code.
+
+    Every method computes the numbers of :func:`randn` for the key it is given; a backend's subclass (the one
+    :mod:`hf_cim.kernels` hands in) may compute them in fused kernels, to within one ulp.
+    """
+
+    def randn(self, like: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Standard normal float32 samples shaped like ``like``."""
+        return randn(like, key)
+
+    def add_randn_(self, t: torch.Tensor, std: float, key: torch.Tensor) -> torch.Tensor:
+        """``t += std·ξ`` in place (contiguous float32 ``t`` that autograd does not record)."""
+        return add_randn_(t, std, key)
+
+    def add_scaled_randn_(
+        self, t: torch.Tensor, scale: torch.Tensor, std: float, key: torch.Tensor, sqrt_scale: bool = False
+    ) -> torch.Tensor:
+        """``t += std·(ξ·s)`` in place, see :func:`add_scaled_randn_`."""
+        return add_scaled_randn_(t, scale, std, key, sqrt_scale, sample=self.randn)
+
+    def run(self, stage: str, reference, *args):
+        """``reference(*args)``: an element-wise, in-place update a noise model defines (e.g. IR-drop's correction).
+        A backend may run its own implementation of the stage named ``stage`` instead (same formula)."""
+        return reference(*args)
+
+
+#: The torch reference sampler: what a :class:`hf_cim.noise.NoiseContext` without a backend's sampler uses.
+REFERENCE = Sampler()

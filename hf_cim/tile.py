@@ -7,25 +7,98 @@ Split in two stages so that a programmed chip can keep its static part:
 * :func:`analog_matmul`: ``read`` hooks, DAC, the per-tile products (one batched matmul, no Python loop over tiles),
   ``output`` hooks, ADC per tile (and per input slice), digital recombination, rescale, bias.
 
-Everything runs in float32 in normalized units. With ``differentiable=False`` (the STE paths, under ``no_grad``) the
-elementwise steps work in place to save allocations; with ``differentiable=True`` (``full`` mode) they are autograd
-ops and rounding passes the gradient straight through.
+Both take a :class:`TileSpec` (the converters and the tiling, nothing else of the config). Everything runs in float32
+in normalized units. The converter formulas are :mod:`hf_cim.converters`'; with ``differentiable=True`` (``full``
+mode) they run as autograd ops, rounding straight through; with ``differentiable=False`` (the STE paths, under
+``no_grad``) they run as the fused stages of :mod:`hf_cim.kernels`, which also draw the noise of a leading ``program``
+and a trailing ``output`` model that declare themselves additive Gaussian (:meth:`NoiseModel.additive_gaussian`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from . import kernels
-from .config import AnalogNoiseConfig
-from .converters import adc_levels, quantize_input, quantize_weight, round_ste, slice_input
+from . import converters, kernels
+from .converters import adc_levels, slice_input
 from .noise.base import NoiseContext, NoiseModel
-from .noise.gaussian import GaussianWeightNoise, OutputNoise
 
-__all__ = ["analog_matmul", "program_weights"]
+__all__ = ["TileSpec", "analog_matmul", "program_weights"]
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """The converters and crossbar tiling of an analog product: what the tile simulation reads of a config.
+
+    Build it with :meth:`from_config` (cached: one object per distinct setting).
+
+    Args:
+        input_bits: DAC bits or None (no DAC).
+        input_qmax: largest DAC level ``2^(bits−1) − 1`` (1 without a DAC).
+        per_token: the DAC's abs-max per token (else per tensor).
+        weight_qmax: largest weight level, or None for float weights.
+        output_bits: ADC bits or None (no ADC).
+        adc_step: the ADC step ``Δ_out`` in normalized units (1 without an ADC).
+        adc_levels: the largest ADC level ``L`` (0 without an ADC).
+        tile_size: crossbar rows per tile, or None (untiled).
+        input_slice_bits: bits per input slice, or None (no slicing).
+    """
+
+    input_bits: int | None
+    input_qmax: float
+    per_token: bool
+    weight_qmax: float | None
+    output_bits: int | None
+    adc_step: float
+    adc_levels: float
+    tile_size: int | None
+    input_slice_bits: int | None
+
+    @property
+    def adc(self) -> bool:
+        return self.output_bits is not None
+
+    @classmethod
+    def from_config(cls, config: Any) -> TileSpec:
+        """The spec of an :class:`hf_cim.AnalogNoiseConfig` (a spec is returned as it is)."""
+        if isinstance(config, TileSpec):
+            return config
+        return _spec(
+            config.input_bits,
+            config.input_quant,
+            config.weight_bits,
+            config.output_bits,
+            config.output_step() if config.output_bits is not None else 1.0,
+            config.tile_size,
+            config.input_slice_bits,
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _spec(input_bits, input_quant, weight_bits, output_bits, step, tile_size, input_slice_bits) -> TileSpec:
+    return TileSpec(
+        input_bits=input_bits,
+        input_qmax=1.0 if input_bits is None else float(2 ** (input_bits - 1) - 1),
+        per_token=input_quant == "per_token",
+        weight_qmax=None if weight_bits is None else float(2 ** (weight_bits - 1) - 1),
+        output_bits=output_bits,
+        adc_step=step,
+        adc_levels=adc_levels(output_bits) if output_bits is not None else 0.0,
+        tile_size=tile_size,
+        input_slice_bits=input_slice_bits,
+    )
+
+
+def _with_sampler(ctx: NoiseContext) -> NoiseContext:
+    """Hand the backend's sampler to the hooks (unless the caller chose one)."""
+    if ctx.sampler is None:
+        ctx.sampler = kernels.SAMPLER
+    return ctx
 
 
 def _run_hook(
@@ -47,7 +120,7 @@ def _run_hook(
 
 def program_weights(
     w: torch.Tensor,
-    config: AnalogNoiseConfig,
+    spec: TileSpec,
     ctx: NoiseContext,
     noise: Sequence[NoiseModel],
     differentiable: bool = False,
@@ -55,20 +128,22 @@ def program_weights(
     """Quantize ``w`` (``(out, in)``, float32) per output channel and apply the ``program`` hooks.
 
     Returns ``(w_prog, scale)``: normalized programmed weights and the per-channel scale ``(out, 1)``.
-    Without autograd, a leading per-channel :class:`GaussianWeightNoise` is fused into the quantization kernel
-    (the same numbers as running its hook: same key, same counters).
+    Without autograd, a leading model whose ``program`` hook is additive Gaussian
+    (:meth:`NoiseModel.additive_gaussian`) is drawn inside the weight programming kernel (same key, same numbers).
     """
+    spec = TileSpec.from_config(spec)
+    _with_sampler(ctx)
     models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
     if differentiable:
-        w_n, scale = quantize_weight(w, config.weight_bits, inplace=False)
+        w_n, scale = converters.weight_program(w, spec.weight_qmax)
     else:
-        qmax = None if config.weight_bits is None else float(2 ** (config.weight_bits - 1) - 1)
         std, key = 0.0, None
-        if models and type(models[0]) is GaussianWeightNoise and models[0].per_channel:
-            std = models[0].std * ctx.level
+        fused = models[0].additive_gaussian("program") if models else None
+        if fused is not None:
+            std = fused * ctx.level
             key = ctx.new_key(w.device) if std > 0.0 else None
             models = models[1:]
-        w_n, scale = kernels.weight_program(w, qmax, std, key)
+        w_n, scale = kernels.weight_program(w, spec.weight_qmax, std, key)
     ctx.weight_scale = scale
     for model in models:
         w_n = _run_hook(model, model.program, differentiable, w_n, ctx)
@@ -111,7 +186,7 @@ def analog_matmul(
     w_prog: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
-    config: AnalogNoiseConfig,
+    spec: TileSpec,
     ctx: NoiseContext,
     noise: Sequence[NoiseModel],
     differentiable: bool = False,
@@ -123,7 +198,7 @@ def analog_matmul(
         x: layer inputs, ``(tokens, in)``, float32.
         w_prog, w_scale: output of :func:`program_weights`.
         bias: ``(out,)`` or None; added digitally, quantized to the ADC's output grid when the ADC is on.
-        config: converters and tiling.
+        spec: converters and tiling (:class:`TileSpec`; a config is turned into one).
         ctx: noise context (generator, level...).
         noise: the noise models (their ``read`` and ``output`` hooks run here).
         differentiable: ``True`` for the ``full`` gradient mode.
@@ -136,6 +211,8 @@ def analog_matmul(
     Returns:
         ``(tokens, out)`` float32 outputs in the layer's units.
     """
+    spec = TileSpec.from_config(spec)
+    _with_sampler(ctx)
     inplace = not differentiable
     noisy = ctx.level > 0.0
     w = w_prog
@@ -144,18 +221,23 @@ def analog_matmul(
             if model.has_hook("read"):
                 w = _run_hook(model, model.read, differentiable, w, ctx)
 
-    qmax = 1.0 if config.input_bits is None else float(2 ** (config.input_bits - 1) - 1)
-    per_token = config.input_quant == "per_token"
+    qmax = spec.input_qmax
+    quantize = spec.input_bits is not None
     if inplace:
-        x_n, x_absmax = kernels.dac(x, qmax, per_token, config.input_bits is not None)
+        x_n, x_absmax = kernels.dac(x, qmax, spec.per_token, quantize)
     else:
-        x_n, x_scale = quantize_input(x, config.input_bits, config.input_quant)
-        x_absmax = x_scale * qmax
+        x_n, absmax = converters.dac(x, qmax, per_token=spec.per_token, quantize=quantize)
+        # ``full`` has always rescaled by the DAC step absmax/qmax times qmax (one ulp from absmax for some tokens):
+        # kept, so that its numbers stay the same.
+        x_absmax = absmax / qmax * qmax
     output_models = [m for m in noise if m.has_hook("output")] if noisy else []
-    # Without autograd, a trailing OutputNoise is added inside the ADC epilogue (same key and counters as its hook).
-    fused_noise = None
-    if inplace and output_models and type(output_models[-1]) is OutputNoise:
-        fused_noise = output_models.pop()
+    # Without autograd, a trailing additive Gaussian output model is drawn inside the ADC epilogue (same key and
+    # counters as its hook).
+    fused_std = None
+    if inplace and output_models:
+        fused_std = output_models[-1].additive_gaussian("output")
+        if fused_std is not None:
+            output_models.pop()
     # x ≈ (x_n / qmax) · x_absmax. x_n holds integer levels; the 1/qmax that maps them to [-1, 1] is applied to the
     # products in the epilogue (``in_scale``), unless a hook needs the normalized inputs.
     if output_models:
@@ -164,11 +246,11 @@ def analog_matmul(
     else:
         in_scale = 1.0 / qmax
 
-    if config.input_slice_bits is not None:
+    if spec.input_slice_bits is not None:
         x_int = x_n * qmax if output_models else x_n
-        slices, slice_weights = slice_input(x_int, config.input_bits, config.input_slice_bits)
+        slices, slice_weights = slice_input(x_int, spec.input_bits, spec.input_slice_bits)
         n_slices = slices.shape[0]
-        x_t, w_t = _tile(slices.reshape(-1, slices.shape[-1]), w, config.tile_size)
+        x_t, w_t = _tile(slices.reshape(-1, slices.shape[-1]), w, spec.tile_size)
         n_tiles, rows = x_t.shape[0], x_t.shape[-1]
         x_t = x_t.reshape(n_tiles, n_slices, -1, rows).transpose(0, 1).reshape(n_slices * n_tiles, -1, rows)
         w_t = w_t.unsqueeze(0).expand(n_slices, *w_t.shape).reshape(n_slices * n_tiles, *w_t.shape[1:])
@@ -176,7 +258,7 @@ def analog_matmul(
         shares = [s / qmax for s in slice_weights]
         in_scale = 1.0
     else:
-        x_t, w_t = _tile(x_n, w, config.tile_size)
+        x_t, w_t = _tile(x_n, w, spec.tile_size)
         n_tiles = x_t.shape[0]
         shares = [1.0]
     recombine = _recombine_weights(tuple(shares), n_tiles, x.device)
@@ -186,30 +268,20 @@ def analog_matmul(
     for model in output_models:
         y = _run_hook(model, model.output, differentiable, y, x_t, w_t, ctx)
 
-    w_row = w_scale.reshape(1, -1)
-    adc = config.output_bits is not None
-    step = config.output_step() if adc else 1.0
-    levels = adc_levels(config.output_bits) if adc else 0.0
+    adc = spec.adc
+    step, levels = spec.adc_step, spec.adc_levels
     if saturation is not None and adc:
         saturation.append(y[:n_tiles].abs() <= (levels + 0.5) * step / in_scale)
+    row_scale = w_scale.reshape(1, -1) * step
     bias_row = None if bias is None else bias.reshape(1, -1).to(torch.float32)
     if inplace:
         noise_std, key = 0.0, None
-        if fused_noise is not None:
-            noise_std = fused_noise.std * ctx.level
+        if fused_std is not None:
+            noise_std = fused_std * ctx.level
             key = ctx.new_key(y.device) if noise_std > 0.0 else None
         return kernels.epilogue(
-            y, recombine, x_absmax, w_row * step, bias_row, 1.0 / step, levels, in_scale, noise_std, key, adc=adc
+            y, recombine, x_absmax, row_scale, bias_row, 1.0 / step, levels, in_scale, noise_std, key, adc=adc
         )
-
-    y = y * in_scale
-    if adc:
-        y_int = torch.clamp(round_ste(y * (1.0 / step)), -levels, levels)
-        y_sum = (y_int * recombine.reshape(-1, 1, 1)).sum(0)
-        unit = x_absmax * (w_row * step)
-        if bias_row is None:
-            return y_sum * unit
-        return (y_sum + round_ste(bias_row / unit)) * unit  # QuantBias: added on the ADC's integer output grid
-    y_sum = (y * recombine.reshape(-1, 1, 1)).sum(0)
-    out = y_sum * x_absmax * w_row
-    return out if bias_row is None else out + bias_row
+    y_tiles = converters.adc_tiles(y, in_scale, 1.0 / step, levels, adc=adc)
+    y_sum = (y_tiles * recombine.reshape(-1, 1, 1)).sum(0)
+    return converters.rescale(y_sum, x_absmax, row_scale, bias_row, adc=adc, factored=True)

@@ -2,10 +2,13 @@ import pytest
 import torch
 
 import hf_cim
-from hf_cim import kernels, native
-from hf_cim.noise import NoiseContext
+from hf_cim import converters, kernels, native, rng
+from hf_cim.noise import NoiseContext, NoiseModel
 from hf_cim.noise.gaussian import GaussianWeightNoise, OutputNoise
-from hf_cim.tile import analog_matmul, program_weights
+from hf_cim.noise.ir_drop import _correct_ as ir_drop_reference_
+from hf_cim.tile import TileSpec, analog_matmul, program_weights
+
+SAMPLER = kernels.SAMPLER
 
 
 def _use(backend):
@@ -32,14 +35,47 @@ def backend(request):
     kernels.set_native(None)
 
 
-def test_compile_switch(monkeypatch):
-    monkeypatch.setenv("HF_CIM_COMPILE", "0")
+def test_switches_and_environment_read_once(monkeypatch):
+    # The environment is read when hf_cim.kernels is imported (conftest sets HF_CIM_COMPILE=0), not on every call.
     assert not kernels.compile_enabled()
+    monkeypatch.setenv("HF_CIM_COMPILE", "1")
+    monkeypatch.setenv("HF_CIM_NATIVE", "0")
+    assert not kernels.compile_enabled() and kernels.native_enabled()
     kernels.set_compile(True)
+    kernels.set_native(False)
     try:
-        assert kernels.compile_enabled()
+        assert kernels.compile_enabled() and not kernels.native_enabled()
     finally:
         kernels.set_compile(None)
+        kernels.set_native(None)
+    assert not kernels.compile_enabled() and kernels.native_enabled()
+
+
+def test_every_stage_has_its_reference_last_and_per_device_implementations():
+    for stage in (kernels._dac, kernels._weight_program, kernels._epilogue, kernels._randn, kernels._add_randn):
+        assert stage.reference is not None
+        assert stage.impls["cpu"][0].__name__.startswith("_native")  # CPU: the C kernels first
+        assert all("compiled" in f.__name__ for f in stage.impls["cuda"])  # CUDA: torch.compile
+        assert "meta" not in stage.impls  # any other device: the reference
+    # The converters' functions are the references of the converter stages: no second Python definition.
+    assert kernels._dac.reference is converters.dac
+    assert kernels._weight_program.reference is converters.weight_program
+    assert kernels._epilogue.reference is converters.epilogue
+    assert kernels._randn.reference is rng.randn
+
+
+def test_a_stage_runs_the_reference_under_autograd_and_on_other_devices(monkeypatch):
+    calls = []
+    impl = lambda *a, **k: calls.append(a) or "fast"  # noqa: E731
+    stage = kernels.Stage("probe", lambda *a, **k: "reference", {"cpu": (impl,)})
+    x = torch.zeros(2)
+    with torch.no_grad():
+        assert stage(x) == "fast"
+        assert stage(torch.zeros(2, device="meta")) == "reference"
+    assert stage(x) == "reference" and len(calls) == 1  # grad mode: the reference
+    passing = kernels.Stage("probe", lambda *a: "reference", {"cpu": (lambda *a: NotImplemented,)})
+    with torch.no_grad():
+        assert passing(x) == "reference"
 
 
 def test_kernels_equal_eager(backend):
@@ -83,7 +119,7 @@ def test_epilogue_with_noise_equals_eager(backend, tiles, adc):
         y, rec, xa, rs, b = _epilogue_args(tiles, bias=tiles == 1)
         with torch.no_grad():
             outs.append(kernels.epilogue(y, rec, xa, rs, b, 1 / 0.08, 127.0, 1 / 127, 0.04, key, adc=adc))
-        if tiles == 1:  # written into the product's buffer
+        if tiles == 1 and impl != "eager":  # the fused kernels write into the product's buffer
             assert outs[-1].data_ptr() == y.data_ptr()
     assert not kernels._state["failed"]
     if adc:  # a value on a rounding tie may move by one level
@@ -103,8 +139,8 @@ def test_weight_program_and_noise_equal_eager(backend):
         with torch.no_grad():
             w_n, scale = kernels.weight_program(w, 127.0, 0.02, key)
             t = torch.zeros(5, 7, 11)
-            kernels.add_randn_(t, 2.0, key)
-            res.append((w_n, scale, t, kernels.randn(t, key)))
+            SAMPLER.add_randn_(t, 2.0, key)
+            res.append((w_n, scale, t, SAMPLER.randn(t, key)))
     assert not kernels._state["failed"]
     for eager, comp in zip(*res):
         torch.testing.assert_close(eager, comp, rtol=1e-5, atol=1e-5)
@@ -118,17 +154,21 @@ def test_compiled_kernels_do_not_recompile_per_shape(compiled):
     with torch.no_grad():
         for rows, cols in ((16, 20), (24, 40), (40, 72), (56, 24)):
             kernels.weight_program(torch.nn.Parameter(torch.randn(rows, cols)), 127.0, 0.02, key)
-            kernels.add_randn_(torch.zeros(rows, cols), 1.0, key)
+            SAMPLER.add_randn_(torch.zeros(rows, cols), 1.0, key)
     # Two kernels: one graph each, plus at most one recompilation each when the first shape was specialized.
     assert torch._dynamo.utils.counters["frames"]["ok"] <= 4
 
 
 class _UnfusedOutputNoise(OutputNoise):
-    """Same model, another type: the tile simulation runs its hook instead of fusing it."""
+    """Same model, without the fusion capability: the tile simulation runs its hook."""
+
+    def additive_gaussian(self, hook):
+        return None
 
 
 class _UnfusedWeightNoise(GaussianWeightNoise):
-    pass
+    def additive_gaussian(self, hook):
+        return None
 
 
 @pytest.mark.parametrize("tile_size", [None, 48])
@@ -228,7 +268,7 @@ def test_native_noise_does_not_depend_on_the_thread_count(native_only):
     outs = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        outs.append(kernels.randn(like, key))
+        outs.append(SAMPLER.randn(like, key))
     torch.set_num_threads(1)
     assert torch.equal(outs[0], outs[1])
 
@@ -251,18 +291,18 @@ def test_native_add_scaled_randn_equals_eager(native_only, sqrt_scale):
     scale = torch.rand(3, 40, 50, generator=gen) * 4
     scale[0, 0, :5] = 0.0  # the sqrt floor
     key = torch.tensor([21, -22], dtype=torch.int32)
-    eager, nat = _both(lambda: kernels.add_scaled_randn_(y0.clone(), scale, 0.3, key, sqrt_scale))
+    eager, nat = _both(lambda: SAMPLER.add_scaled_randn_(y0.clone(), scale, 0.3, key, sqrt_scale))
     torch.testing.assert_close(eager, nat, rtol=1e-6, atol=1e-6)
-    # The formula itself, with the draws of kernels.randn.
+    # The formula itself, with the draws of the sampler.
     spread = scale.clamp(min=1e-12).sqrt() if sqrt_scale else scale
-    torch.testing.assert_close(nat, y0 + 0.3 * kernels.randn(y0, key) * spread, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(nat, y0 + 0.3 * SAMPLER.randn(y0, key) * spread, rtol=1e-6, atol=1e-6)
 
 
 def test_native_ir_drop_is_bit_identical_to_eager(native_only):
     gen = torch.Generator().manual_seed(7)
     y0, a, y_pos = (torch.randn(2, 30, 70, generator=gen) for _ in range(3))
     a = a.abs() * 3
-    eager, nat = _both(lambda: kernels.ir_drop_(y0.clone(), a, y_pos))
+    eager, nat = _both(lambda: SAMPLER.run("ir_drop_", ir_drop_reference_, y0.clone(), a, y_pos))
     assert torch.equal(eager, nat)
     torch.testing.assert_close(nat, y0 - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos, rtol=1e-5, atol=1e-5)
 
@@ -300,3 +340,63 @@ def test_dac_of_an_empty_batch(per_token):
             kernels.set_compile(None)
         assert x_int.shape == (0, 5)
         assert absmax.shape == ((0, 1) if per_token else (1, 1))
+
+
+@pytest.mark.parametrize("hook", ["program", "output"])
+def test_a_user_model_declaring_the_capability_is_fused_like_the_builtin(hook, monkeypatch):
+    """Fusion follows the declared capability, not the type: a user's own additive Gaussian model (no subclass of the
+    built-ins) takes the fused path, without running its hook, and gives the built-in's numbers bit for bit."""
+    calls = []
+
+    class MyNoise(NoiseModel):  # registered-model protocol without the registry: the tile only needs the hooks
+        name = "my_gaussian"
+
+        def __init__(self, std):
+            object.__setattr__(self, "std", std)
+
+        def additive_gaussian(self, h):
+            return self.std if h == hook else None
+
+    def program(self, w, ctx):
+        calls.append("program")
+        return w + (self.std * ctx.level) * ctx.randn_like(w)
+
+    def output(self, y, x, w, ctx):
+        calls.append("output")
+        return y + (self.std * ctx.level) * ctx.randn_like(y)
+
+    setattr(MyNoise, hook, program if hook == "program" else output)
+    builtin = GaussianWeightNoise(0.05) if hook == "program" else OutputNoise(0.1)
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(21, 100, generator=gen), torch.randn(30, 100, generator=gen), torch.randn(30, generator=gen)
+    spec = TileSpec.from_config(hf_cim.AnalogNoiseConfig(tile_size=48))
+    outs = []
+    for models in ([builtin], [MyNoise(builtin.std)]):
+        ctx = NoiseContext(generator=torch.Generator().manual_seed(9), level=1.5)
+        with torch.no_grad():
+            w_prog, scale = program_weights(w, spec, ctx, models)
+            outs.append(analog_matmul(x, w_prog, scale, b, spec, ctx, models))
+    assert calls == []  # the hook never ran: the noise was drawn inside the fused kernel
+    assert torch.equal(outs[0], outs[1])
+    # Under autograd (``full``) the hook runs.
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(9), level=1.5)
+    wp = w.clone().requires_grad_()
+    w_prog, scale = program_weights(wp, spec, ctx, [MyNoise(builtin.std)], differentiable=True)
+    analog_matmul(x, w_prog, scale, b, spec, ctx, [MyNoise(builtin.std)], differentiable=True)
+    assert calls == [hook]
+
+
+def test_a_subclass_that_changes_the_hook_loses_the_builtin_capability():
+    class Scaled(GaussianWeightNoise):
+        def program(self, w, ctx):
+            return super().program(w, ctx) * 0.5
+
+    class Louder(OutputNoise):
+        def output(self, y, x, w, ctx):
+            return super().output(y, x, w, ctx) * 2.0
+
+    assert GaussianWeightNoise(0.1).additive_gaussian("program") == 0.1
+    assert GaussianWeightNoise(0.1, per_channel=False).additive_gaussian("program") is None
+    assert OutputNoise(0.2).additive_gaussian("output") == 0.2
+    assert Scaled(0.1).additive_gaussian("program") is None
+    assert Louder(0.1).additive_gaussian("output") is None

@@ -75,12 +75,25 @@ def test_counters_are_flat_indices():
     assert torch.equal(c.view(-1), torch.arange(60, dtype=torch.int32))
 
 
-def test_kernel_entry_points_draw_the_rng_samples():
+@pytest.mark.parametrize("sampler", ["reference", "kernels"])
+def test_samplers_draw_the_rng_samples(sampler):
+    s = rng.REFERENCE if sampler == "reference" else kernels.SAMPLER
     key = torch.tensor([5, 6], dtype=torch.int32)
     t = torch.zeros(7, 9)
     expected = rng.gaussian(rng.counters_like(t), key)
+    assert torch.equal(rng.randn(t, key), expected)
     # The C kernels round sqrt correctly; torch's vectorized CPU sqrt is off by one ulp on some values.
-    torch.testing.assert_close(kernels.randn(t, key), expected, rtol=3e-7, atol=1e-7)
+    torch.testing.assert_close(s.randn(t, key), expected, rtol=3e-7, atol=1e-7)
     y = torch.ones(7, 9)
-    kernels.add_randn_(y, 0.5, key)
+    s.add_randn_(y, 0.5, key)
     torch.testing.assert_close(y, 1 + 0.5 * expected)
+    y = torch.ones(7, 9)
+    scale = torch.rand(7, 9)
+    s.add_scaled_randn_(y, scale, 0.5, key, sqrt_scale=True)
+    torch.testing.assert_close(y, 1 + 0.5 * expected * scale.clamp(min=1e-12).sqrt())
+
+
+def test_reference_sampler_runs_the_reference_of_a_fused_stage():
+    y = torch.ones(3)
+    out = rng.REFERENCE.run("ir_drop_", lambda t, a: t.sub_(a), y, torch.full((3,), 0.25))
+    assert out is y and torch.equal(y, torch.full((3,), 0.75))

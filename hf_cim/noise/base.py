@@ -17,6 +17,10 @@ differentiate any hook. All randomness must come from ``ctx.generator`` (best th
 ``ctx.add_randn_``: fused, multi-threaded, see :mod:`hf_cim.rng`) and all magnitudes must scale with
 ``ctx.level`` (``level = 0`` means the model adds no noise).
 
+Fusion is a capability a model declares, not something the tile simulation guesses from its type: a model whose
+``program`` or ``output`` hook is exactly additive Gaussian noise says so with :meth:`NoiseModel.additive_gaussian`,
+and the no-grad backend may then draw that noise inside its fused kernel (same key, same numbers).
+
 Models serialise as ``{"name": ..., **fields}`` and are rebuilt only through the registry, never from an import path
 or a pickle.
 """
@@ -32,7 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import kernels, rng
+from .. import rng
 
 __all__ = [
     "NoiseContext",
@@ -56,36 +60,42 @@ class NoiseContext:
     Args:
         generator: the layer's ``torch.Generator``; every random draw must use it.
         level: global noise scale (dimensionless, >= 0); every magnitude is multiplied by it.
-        training: whether the layer is in training mode.
         t_inference: seconds since programming (drift and accumulated read noise); 0 means right after programming.
         tile_rows: rows of a crossbar tile (the input dimension of one tile).
         layer_name: fully qualified module name, for models that keep per-layer data (e.g. a measured table).
         weight_scale: per-output-channel abs-max of the float weights, shape ``(out, 1)``: the factor that maps the
             normalized weights back to the layer's units (for models whose magnitude is relative to the tensor).
+        sampler: what the draws run on (:class:`hf_cim.rng.Sampler`). The tile simulation hands in its backend's
+            (:data:`hf_cim.kernels.SAMPLER`: fused kernels); None means the torch reference
+            (:data:`hf_cim.rng.REFERENCE`): the same numbers, to one ulp.
     """
 
     generator: torch.Generator | None
     level: float = 1.0
-    training: bool = True
     t_inference: float = 0.0
     tile_rows: int = 0
     layer_name: str = ""
     weight_scale: torch.Tensor | None = None
+    sampler: rng.Sampler | None = None
 
     def new_key(self, device: torch.device) -> torch.Tensor:
         """A fresh noise key from the layer's generator (see :mod:`hf_cim.rng`): one per draw."""
         return rng.new_key(self.generator, device)
 
+    def _sampler(self) -> rng.Sampler:
+        return rng.REFERENCE if self.sampler is None else self.sampler
+
     def randn_like(self, t: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like ``t`` (and of its dtype), drawn with a fresh key from the generator."""
-        return kernels.randn(t, self.new_key(t.device)).to(t.dtype)
+        return self._sampler().randn(t, self.new_key(t.device)).to(t.dtype)
 
     def add_randn_(self, t: torch.Tensor, std: float) -> torch.Tensor:
         """``t += std·ξ`` in place, ``ξ`` the numbers :meth:`randn_like` would draw, fused in one pass over ``t``."""
         key = self.new_key(t.device)
+        sampler = self._sampler()
         if t.is_contiguous() and t.dtype == torch.float32 and not (torch.is_grad_enabled() and t.requires_grad):
-            return kernels.add_randn_(t, std, key)
-        return t.add_(kernels.randn(t, key).to(t.dtype), alpha=std)
+            return sampler.add_randn_(t, std, key)
+        return t.add_(sampler.randn(t, key).to(t.dtype), alpha=std)
 
     def add_scaled_randn_(
         self, t: torch.Tensor, scale: torch.Tensor, std: float, sqrt_scale: bool = False
@@ -93,7 +103,12 @@ class NoiseContext:
         """``t += std·ξ·s`` in place with a per-element spread ``s = scale`` (or ``sqrt(max(scale, 1e-12))`` with
         ``sqrt_scale``; ``scale`` shaped like ``t``), ``ξ`` the numbers :meth:`randn_like` would draw; one pass
         over ``t`` on the CPU. Not for tensors that autograd records (use ``t + ctx.randn_like(t) * s * std``)."""
-        return kernels.add_scaled_randn_(t, scale, std, self.new_key(t.device), sqrt_scale)
+        return self._sampler().add_scaled_randn_(t, scale, std, self.new_key(t.device), sqrt_scale)
+
+    def fused(self, stage: str, reference, *args):
+        """``reference(*args)``, an element-wise in-place update of the hook's own (e.g. IR-drop's correction), or the
+        backend's implementation of the same formula registered as ``stage`` (one pass on the CPU)."""
+        return self._sampler().run(stage, reference, *args)
 
     def rand_like(self, t: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""
@@ -184,6 +199,18 @@ class NoiseModel:
 
     def has_hook(self, hook: str) -> bool:
         return getattr(type(self), hook) is not getattr(NoiseModel, hook)
+
+    def additive_gaussian(self, hook: str) -> float | None:
+        """Fusion capability: ``std`` when this model's ``hook`` (``"program"`` or ``"output"``) is exactly
+        ``t + (ctx.level·std)·ctx.randn_like(t)``: one key drawn from ``ctx`` when ``ctx.level·std > 0``, nothing
+        drawn and ``t`` returned otherwise, in the normalized units the hook receives. None (the default): no such
+        promise, the hook runs.
+
+        The no-grad tile simulation then adds the noise inside a fused kernel instead of running the hook (a leading
+        ``program`` model in the weight programming, a trailing ``output`` model in the ADC epilogue), with the same
+        key and the same numbers. A subclass that changes the hook must override this as well.
+        """
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}

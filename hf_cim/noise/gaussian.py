@@ -49,6 +49,12 @@ class GaussianWeightNoise(NoiseModel):
         if not isinstance(self.per_channel, bool):
             raise TypeError(f"GaussianWeightNoise: `per_channel` must be a bool, got {self.per_channel!r}")
 
+    def additive_gaussian(self, hook: str) -> float | None:
+        # Per channel, the noise is additive in the normalized units the hook sees (fused into weight programming).
+        if hook == "program" and self.per_channel and type(self).program is GaussianWeightNoise.program:
+            return self.std
+        return None
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level
         if sigma == 0.0:
@@ -78,6 +84,12 @@ class OutputNoise(NoiseModel):
 
     def __post_init__(self) -> None:
         check_range("OutputNoise", "std", self.std, 0.0, 100.0)
+
+    def additive_gaussian(self, hook: str) -> float | None:
+        # Fused into the ADC epilogue when it is the last output hook.
+        if hook == "output" and type(self).output is OutputNoise.output:
+            return self.std
+        return None
 
     def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
 from .base import NoiseContext, NoiseModel, check_range, register_noise_model
 
 __all__ = ["COLUMN_CURRENT_MODES", "IRDrop", "ir_drop_position_weights"]
@@ -91,4 +90,11 @@ class IRDrop(NoiseModel):
         y_pos = torch.bmm(x * (pos * s), w_t)  # s·Σ_j W_ij·x_j·p_j
         if grad:
             return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
-        return kernels.ir_drop_(y, a, y_pos)  # one fused pass on the CPU
+        return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
+
+
+def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
+    """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place, the polynomial as ``((0.05a − 0.2)a + 0.5)a`` (the order of
+    the backend's fused ``ir_drop_`` stage)."""
+    c = torch.mul(a, 0.05).sub_(0.2).mul_(a).add_(0.5).mul_(a)
+    return y.sub_(c.mul_(y_pos))
