@@ -1,7 +1,10 @@
 """``TrainerCallback``\\ s for noise-aware training: memory and speed, gradient alignment, noise-level schedules.
 
-Each callback is a thin adapter over plain logic that also works outside ``Trainer`` (:class:`MemoryTracker`,
-:func:`gradient_alignment`, :meth:`NoiseLevelCallback.level_at`).
+Each callback is a thin adapter over plain logic that also works outside ``Trainer`` and lives in its own module:
+:mod:`hf_cim.memory` (:class:`~hf_cim.memory.MemoryTracker`, :class:`~hf_cim.memory.StepMeter`),
+:mod:`hf_cim.alignment` (:func:`~hf_cim.alignment.gradient_alignment`), and :meth:`NoiseLevelCallback.level_at`.
+``MemoryTracker`` and ``gradient_alignment`` are also importable from here, and so is
+:class:`~hf_cim.resume.NoiseStateCallback` (noise streams in Trainer checkpoints), so every callback has one address.
 
 How the values reach the logs: ``Trainer.log`` appends a *copy* of ``logs`` to ``state.log_history`` before it calls
 ``on_log``, and ``Trainer(callbacks=...)`` puts user callbacks after the reporting integrations (TensorBoard, W&B...),
@@ -18,32 +21,30 @@ import logging
 import math
 import os
 import random
-import resource
-import sys
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import nn
 from transformers.trainer_callback import TrainerCallback
 
-from .layers import derive_seed, process_rank
-from .patch import analog_layers, set_noise_level
+from .alignment import gradient_alignment
+from .distributed import all_gather_floats, world
+from .layers import derive_seed
+from .memory import MemoryTracker, StepMeter
+from .patch import set_noise_level
+from .resume import NoiseStateCallback
 from .validation import check_range
 
 __all__ = [
     "GradientAlignmentCallback",
     "MemoryTracker",
     "NoiseLevelCallback",
+    "NoiseStateCallback",
     "PeakMemoryCallback",
     "add_callbacks",
     "gradient_alignment",
 ]
 
 logger = logging.getLogger(__name__)
-
-_MB = 1024.0 * 1024.0
 
 
 # -- logging plumbing -------------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def add_callbacks(trainer: Any, *callbacks: TrainerCallback) -> Any:
     hf_cim logging callbacks (:class:`PeakMemoryCallback`, :class:`GradientAlignmentCallback`,
     :class:`NoiseLevelCallback`) at the front of ``trainer.callback_handler.callbacks``, ordered among themselves
     (memory first, so their work at step end is not timed as training; then the noise level, then gradient
-    alignment), ahead of every integration; any other callback (e.g. :class:`hf_cim.NoiseStateCallback`) is added
+    alignment), ahead of every integration; any other callback (e.g. :class:`NoiseStateCallback`) is added
     with ``trainer.add_callback``. Each hf_cim logging callback checks its place at ``on_train_begin`` and warns if
     a reporting integration runs before it (added to the front later) or, when it was not added through this
     function, if ``report_to`` names an integration.
@@ -149,91 +150,7 @@ class _LoggingCallback(TrainerCallback):
             state.log_history[-1].update(values)
 
 
-# -- distributed helpers ----------------------------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _all_gather(values: list[float]) -> list[list[float]]:
-    """Every rank's ``values`` (one list per rank, in rank order); ``[values]`` when not distributed."""
-    rank, world = _world()
-    if world == 1:
-        return [list(values)]
-    device = torch.device("cpu")
-    if torch.distributed.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor(values, dtype=torch.float64, device=device)
-    out = [torch.empty_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(out, mine)
-    return [t.tolist() for t in out]
-
-
-# -- memory -----------------------------------------------------------------------------------------------------------
-def _proc_status_mb(key: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        return None
-    return None
-
-
-class MemoryTracker:
-    """Current and peak memory of this process, in MiB.
-
-    Args:
-        device: ``"cuda"`` (or a CUDA ``torch.device``): tensors allocated by PyTorch's caching allocator on the
-            current CUDA device (``torch.cuda.memory_allocated`` / ``max_memory_allocated``). Anything else: the
-            process's resident set size (RSS). On Linux the peak RSS is the kernel's high-water mark ``VmHWM``,
-            reset by writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0); where that is not possible, the
-            lifetime peak ``getrusage(RUSAGE_SELF).ru_maxrss``, which cannot be reset (``resettable`` is then False).
-    """
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        device = torch.device(device)
-        self.kind = "cuda" if device.type == "cuda" else "cpu"
-        self.device = device
-        self.resettable = True
-
-    def current_mb(self) -> float:
-        if self.kind == "cuda":
-            return torch.cuda.memory_allocated(self.device) / _MB
-        rss = _proc_status_mb("VmRSS")
-        if rss is not None:
-            return rss
-        import psutil  # not Linux: fall back to psutil (a transformers dependency chain, usually installed)
-
-        return psutil.Process().memory_info().rss / _MB
-
-    def peak_mb(self) -> float:
-        """Peak since the last :meth:`reset_peak` (or process start)."""
-        if self.kind == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / _MB
-        hwm = _proc_status_mb("VmHWM")
-        if hwm is not None and self.resettable:
-            return hwm
-        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return maxrss / _MB if sys.platform == "darwin" else maxrss / 1024.0  # bytes on macOS, kB on Linux
-
-    def reset_peak(self) -> bool:
-        """Start a new peak window; returns whether the peak could be reset."""
-        if self.kind == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return True
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            if self.resettable:
-                logger.info("MemoryTracker: cannot reset the peak RSS here; reporting the lifetime peak")
-            self.resettable = False
-        return self.resettable
-
-
+# -- memory and speed --------------------------------------------------------------------------------------------------
 class PeakMemoryCallback(_LoggingCallback):
     """Per logging window: peak memory, its growth since training started, step time and throughput.
 
@@ -269,118 +186,35 @@ class PeakMemoryCallback(_LoggingCallback):
             raise ValueError(f"PeakMemoryCallback: `tokens_per_sample` must be an int >= 1, got {tokens_per_sample!r}")
         self.output_dir = output_dir
         self.tokens_per_sample = tokens_per_sample
-        self.tracker: MemoryTracker | None = None
+        self.meter: StepMeter | None = None
         self.summary: dict[str, Any] | None = None
 
-    # The window holds the steps since the last log; the totals hold the whole run (this rank).
-    def _reset_window(self, state) -> None:
-        self._w_steps = 0
-        self._w_time = 0.0
-        self._w_samples = 0
-        self._w_tokens_seen = state.num_input_tokens_seen or 0
+    @property
+    def tracker(self) -> MemoryTracker | None:
+        """The memory tracker of the run (None before training begins)."""
+        return None if self.meter is None else self.meter.tracker
 
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
-        self.tracker = MemoryTracker(args.device)
-        self.tracker.reset_peak()
-        self._start_mb = self.tracker.current_mb()
-        self._reset_window(state)
-        self._tokens_seen_start = state.num_input_tokens_seen or 0
-        self._t_steps = 0
-        self._t_time = 0.0
-        self._t_samples = 0
-        self._t_peak = self.tracker.peak_mb()
-        self._t_step_start: float | None = None
+        self.meter = StepMeter(args.device, self.tokens_per_sample, state.num_input_tokens_seen or 0)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.tracker is not None and self.tracker.kind == "cuda":
-            torch.cuda.synchronize(self.tracker.device)
-        self._t_step_start = time.perf_counter()
+        if self.meter is not None:
+            self.meter.step_begin()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._t_step_start is None or self.tracker is None:
-            return
-        if self.tracker.kind == "cuda":
-            torch.cuda.synchronize(self.tracker.device)
-        dt = time.perf_counter() - self._t_step_start
-        self._t_step_start = None
-        samples = args.per_device_train_batch_size * args.gradient_accumulation_steps
-        self._w_steps += 1
-        self._w_time += dt
-        self._w_samples += samples
-        self._t_steps += 1
-        self._t_time += dt
-        self._t_samples += samples
-
-    def _reduce(self, peak: float, time_s: float, steps: int, samples: int) -> dict[str, Any]:
-        """Gather this rank's numbers with every other rank's; report the worst rank (largest peak, slowest step)."""
-        rows = _all_gather([float(process_rank()), peak, time_s, float(steps), float(samples), self._start_mb])
-        worst = max(rows, key=lambda r: r[1])
-        slowest = max(r[2] for r in rows)
-        total_samples = sum(r[4] for r in rows)
-        return {
-            "peak_memory_mb": worst[1],
-            "peak_memory_growth_mb": worst[1] - worst[5],  # against that rank's own memory at the start
-            "step_time_s": max(r[2] / r[3] for r in rows if r[3] > 0) if any(r[3] > 0 for r in rows) else math.nan,
-            "samples_per_second": total_samples / slowest if slowest > 0 else math.nan,
-            "slowest_time_s": slowest,
-            "ranks": rows,
-        }
-
-    def _tokens_per_second(self, samples_per_second: float, tokens_seen_delta: float, slowest_time: float):
-        if self.tokens_per_sample is not None:
-            return samples_per_second * self.tokens_per_sample
-        if tokens_seen_delta > 0 and slowest_time > 0:
-            return tokens_seen_delta / slowest_time
-        return None
+        if self.meter is not None:
+            self.meter.step_end(args.per_device_train_batch_size * args.gradient_accumulation_steps)
 
     def _collect_logs(self, args, state) -> dict[str, float]:
-        if self.tracker is None or self._w_steps == 0:
+        if self.meter is None:
             return {}
-        peak = self.tracker.peak_mb()
-        self._t_peak = max(self._t_peak, peak)
-        red = self._reduce(peak, self._w_time, self._w_steps, self._w_samples)
-        slowest = red["slowest_time_s"]
-        tokens_delta = (state.num_input_tokens_seen or 0) - self._w_tokens_seen
-        values = {k: red[k] for k in ("peak_memory_mb", "peak_memory_growth_mb", "step_time_s", "samples_per_second")}
-        tps = self._tokens_per_second(red["samples_per_second"], tokens_delta, slowest)
-        if tps is not None:
-            values["tokens_per_second"] = tps
-        self.tracker.reset_peak()
-        self._reset_window(state)
-        return {k: round(v, 6) for k, v in values.items()}
+        return self.meter.window(state.num_input_tokens_seen or 0)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.tracker is None:
+        if self.meter is None:
             return
-        self._t_peak = max(self._t_peak, self.tracker.peak_mb())
-        red = self._reduce(self._t_peak, self._t_time, self._t_steps, self._t_samples)
-        slowest = red["slowest_time_s"]
-        tokens_delta = (state.num_input_tokens_seen or 0) - self._tokens_seen_start
-        _, world = _world()
-        self.summary = {
-            "peak_memory_mb": red["peak_memory_mb"],
-            "peak_memory_growth_mb": red["peak_memory_growth_mb"],
-            "start_memory_mb": max(r[5] for r in red["ranks"]),
-            "mean_step_time_s": red["step_time_s"] if self._t_steps else None,
-            "samples_per_second": red["samples_per_second"] if self._t_steps else None,
-            "tokens_per_second": self._tokens_per_second(red["samples_per_second"], tokens_delta, slowest),
-            "steps": self._t_steps,
-            "device": str(self.tracker.device),
-            "memory_kind": "cuda_max_memory_allocated" if self.tracker.kind == "cuda" else "cpu_peak_rss",
-            "peak_resettable": self.tracker.resettable,
-            "world_size": world,
-            "ranks": [
-                {
-                    "rank": int(r[0]),
-                    "peak_memory_mb": r[1],
-                    "start_memory_mb": r[5],
-                    "mean_step_time_s": r[2] / r[3] if r[3] else None,
-                    "steps": int(r[3]),
-                }
-                for r in red["ranks"]
-            ],
-        }
+        self.summary = self.meter.summary(state.num_input_tokens_seen or 0)
         if state.is_world_process_zero:
             out_dir = self.output_dir or args.output_dir
             os.makedirs(out_dir, exist_ok=True)
@@ -391,98 +225,6 @@ class PeakMemoryCallback(_LoggingCallback):
 
 
 # -- gradient alignment -----------------------------------------------------------------------------------------------
-def _loss_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    if loss is None and isinstance(output, (tuple, list)):
-        loss = output[0]
-    if loss is None:
-        raise ValueError("gradient_alignment: the model's output has no `loss`; the probe batch needs labels")
-    return loss
-
-
-def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[float, float]:
-    """Cosine similarity and norm ratio ``|a|/|b|`` of two lists of tensors seen as one vector each (float64)."""
-    dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
-    na = math.sqrt(sum(float((x.double() ** 2).sum()) for x in a))
-    nb = math.sqrt(sum(float((y.double() ** 2).sum()) for y in b))
-    if na == 0.0 or nb == 0.0:
-        return math.nan, math.nan
-    return float(dot) / (na * nb), na / nb
-
-
-def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0) -> dict[str, float]:
-    """Cosine similarity between the STE gradient and the ``full`` gradient (through the noise model) on ``batch``.
-
-    The paper's check of its Eq. 10 (arXiv 2508.11940): extended STE keeps the direction of the true gradient.
-    Both passes see the *same* noise sample (every patched layer draws from a fresh probe generator seeded from
-    ``seed``, the layer name and the rank) and run with dropout off; patched layers run in training mode (static
-    noise drawn anew, as in a training step). The model is left exactly as it was: training flags, each layer's
-    config and noise generator (the training noise stream is not advanced), and ``.grad`` (the gradients are taken
-    with ``torch.autograd.grad`` and never accumulated). No optimizer is involved.
-
-    Args:
-        model: a patched model whose output has a ``loss`` (``batch`` carries the labels).
-        batch: keyword inputs of the model; tensors are moved to the model's device.
-        seed: seed of the probe noise (int >= 0).
-
-    Returns:
-        ``{"grad_cosine": overall, "grad_norm_ratio": |g_ste|/|g_full|, "grad_cosine/<layer>": per layer}``; the
-        overall values cover every trainable parameter, the per-layer ones the layer's weight and bias.
-    """
-    layers = list(analog_layers(model))
-    if not layers:
-        raise ValueError("gradient_alignment: the model has no patched layer; call hf_cim.patch_model first")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("gradient_alignment: the model has no trainable parameter")
-    device = params[0][1].device
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    rank = process_rank()
-
-    modes = [(m, m.training) for m in model.modules()]
-    saved = [(layer, layer.hf_cim_config, layer._hf_cim_generator) for _, layer in layers]
-    grads: dict[str, list[torch.Tensor | None]] = {}
-    try:
-        model.eval()  # dropout off: both passes must see the same network
-        for _, layer in layers:
-            layer.training = True  # but the analog layers behave as in a training step
-        for mode in ("ste", "full"):
-            for layer, cfg, _ in saved:
-                # The STE pass keeps the config's own backward levers; ``full`` has none (autograd differentiates).
-                layer.hf_cim_config = (
-                    cfg.replace(gradient="ste")
-                    if mode == "ste"
-                    else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
-                )
-                gen = torch.Generator(device=device)
-                gen.manual_seed(derive_seed(seed, layer.hf_cim_name, rank, "probe"))
-                layer._hf_cim_generator = gen
-            with torch.enable_grad():
-                loss = _loss_of(model(**inputs))
-                grads[mode] = list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
-    finally:
-        for layer, cfg, gen in saved:
-            layer.hf_cim_config = cfg
-            layer._hf_cim_generator = gen
-        for m, flag in modes:
-            m.training = flag
-
-    def pick(mode: str, keep: set[int]) -> list[torch.Tensor]:
-        return [g if g is not None else torch.zeros_like(params[i][1]) for i, g in enumerate(grads[mode]) if i in keep]
-
-    everything = set(range(len(params)))
-    overall, ratio = _cosine(pick("ste", everything), pick("full", everything))
-    out = {"grad_cosine": overall, "grad_norm_ratio": ratio}
-    index = {id(p): i for i, (_, p) in enumerate(params)}
-    for name, layer in layers:
-        own = {index[id(p)] for p in layer.parameters(recurse=False) if id(p) in index}
-        if own:
-            out[f"grad_cosine/{name}"] = _cosine(pick("ste", own), pick("full", own))[0]
-    return out
-
-
 class GradientAlignmentCallback(_LoggingCallback):
     """Every ``every_n_steps`` optimizer steps, logs :func:`gradient_alignment` on a fixed probe batch.
 
@@ -521,10 +263,10 @@ class GradientAlignmentCallback(_LoggingCallback):
     def _collect_logs(self, args, state) -> dict[str, float]:
         # Every rank probed with its own noise sample: log the mean over ranks (the same on every rank).
         values, self._pending = self._pending, {}
-        if not values or _world()[1] == 1:
+        if not values or world()[1] == 1:
             return values
         keys = sorted(values)
-        rows = _all_gather([values[k] for k in keys])
+        rows = all_gather_floats([values[k] for k in keys])
         return {k: sum(r[i] for r in rows) / len(rows) for i, k in enumerate(keys)}
 
 

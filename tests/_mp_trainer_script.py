@@ -62,7 +62,7 @@ def main(out_dir: str) -> None:
 
     # The same chip on every rank: each rank evaluates its shard of the data on the same devices.
     hf_cim.program_chip(model, 7)
-    chip = dict(hf_cim.analog_layers(model))["transformer.h.0.mlp.c_fc"]._hf_cim_chip[0]
+    chip = dict(hf_cim.patch.analog_layers(model))["transformer.h.0.mlp.c_fc"]._hf_cim_chip[0]
     chip_sum = float(chip.double().sum())
     hf_cim.clear_chip(model)
     result = evaluate_robustness(
@@ -75,7 +75,7 @@ def main(out_dir: str) -> None:
         "world_size": trainer.args.world_size,
         "dist_rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
         "dist_world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
-        "own_peak_mb": memory._t_peak,
+        "own_peak_mb": memory.meter.own_peak_mb,
         "logged": [
             {k: r[k] for k in ("step", "peak_memory_mb", "grad_cosine", "noise_level")}
             for r in trainer.state.log_history

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 import hf_cim
 from hf_cim.converters import quantize_input, slice_input

@@ -4,7 +4,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 from torch import nn
 from transformers import Trainer, TrainingArguments
 

@@ -3,7 +3,7 @@
 import copy
 
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 import hf_cim
 

@@ -3,7 +3,7 @@
 import datasets
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_training_args
+from helpers import tiny_gpt2, tiny_training_args
 from transformers import Trainer
 
 import hf_cim

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert
+from helpers import tiny_bert
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertTokenizer
 

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 from torch import nn
 
 import hf_cim

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

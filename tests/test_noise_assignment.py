@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 import pytest
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 import hf_cim
 from hf_cim.noise import GaussianWeightNoise, LogNormalNoise, PCMNoise, ReadNoise

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from helpers import tiny_bert, tiny_gpt2
 
 import hf_cim
 from hf_cim.noise import (

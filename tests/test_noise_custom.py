@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 import hf_cim
 from hf_cim.noise.base import _REGISTRY

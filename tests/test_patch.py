@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import transformers as tf
-from conftest import tiny_bert, tiny_gpt2
+from helpers import tiny_bert, tiny_gpt2
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

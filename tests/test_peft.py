@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_training_args
+from helpers import tiny_bert, tiny_gpt2, tiny_training_args
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, Trainer

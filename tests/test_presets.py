@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2
+from helpers import tiny_bert, tiny_gpt2
 
 import hf_cim
 from hf_cim import get_preset

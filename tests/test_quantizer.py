@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_gpt2, tiny_training_args
+from helpers import tiny_bert, tiny_gpt2, tiny_training_args
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Trainer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 from safetensors import safe_open
 
 import hf_cim

@@ -128,7 +128,7 @@ def test_ste_and_ste_detach_agree_with_levers(kind, tile, levers):
 
 
 def test_levers_train_a_gpt2():
-    from conftest import tiny_gpt2
+    from helpers import tiny_gpt2
 
     model = tiny_gpt2()
     hf_cim.patch_model(model, hf_cim.get_preset("pcm", mask_saturated=True, backward_weights="programmed", seed=0))
