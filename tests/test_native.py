@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from hf_cim import kernels, native
+from hf_cim import converters, kernels, native
 
 
 @pytest.fixture
@@ -162,3 +162,30 @@ def test_the_checked_entry_points_accept_valid_buffers():
     y = torch.randn(1, 6, 4)
     native.epilogue(y, y[0], torch.ones(1), absmax, torch.ones(4), None, 1.0, 7.0, 1.0, 0.0, False, 0, 0, True)
     assert torch.isfinite(y).all()
+
+
+def test_accepts_is_the_c_boundary_rule():
+    # float32 CPU buffers (None skipped): what every kernel of hf_cim.kernels routes to the C code; the checked
+    # entry points above refuse anything else with a ValueError.
+    assert native.accepts(torch.zeros(2, 3), None, torch.zeros(1))
+    assert not native.accepts(torch.zeros(2, 3, dtype=torch.float64))
+    assert not native.accepts(torch.zeros(2), torch.zeros(2, dtype=torch.bfloat16))
+    assert not native.accepts(torch.zeros(2, device="meta"))
+
+
+@needs_cc
+@pytest.mark.parametrize("what", ["float64", "3-D"])
+def test_buffers_the_c_code_does_not_take_go_to_the_reference(what):
+    # The C kernels take what native.accepts and their layout rules allow; anything else runs the torch reference
+    # (same formula), never a ValueError from the C boundary.
+    assert native.available()
+    x = torch.randn(6, 5) * 3
+    x = x.double() if what == "float64" else x.reshape(2, 3, 5)
+    with torch.no_grad():
+        x_int, absmax = kernels.dac(x, 127.0, True, True)
+        ref_int, ref_absmax = converters.dac(x, 127.0, per_token=True, quantize=True)
+    assert torch.equal(x_int, ref_int) and torch.equal(absmax, ref_absmax)
+    if what == "float64":
+        with torch.no_grad():
+            w_n, scale = kernels.weight_program(x, 127.0)
+        assert torch.equal(w_n, converters.weight_program(x, 127.0)[0]) and w_n.dtype == x.dtype

@@ -6,37 +6,38 @@ import json
 import pytest
 import torch
 from helpers import tiny_bert, tiny_gpt2
+from torch import nn
 
 import hf_cim
 from hf_cim.noise import (
-    GaussianWeightNoise,
-    IRDrop,
-    LogNormalNoise,
     NoiseModel,
-    OutputNoise,
-    PCMNoise,
-    ReadNoise,
-    ReRAMNoise,
-    StuckAtFaults,
-    ThermalNoise,
     get_noise_model_class,
+    list_noise_models,
     noise_model_from_dict,
     register_noise_model,
 )
 
-# Non-default fields, so that the round trip is not trivially the defaults; ir_drop strong enough to be seen.
-MODELS = [
-    GaussianWeightNoise(std=0.05, per_channel=False),
-    LogNormalNoise(std=0.2, mean_corrected=True),
-    OutputNoise(std=0.1),
-    ReadNoise(std=0.03, shape="constant"),
-    ReadNoise(std=0.03, shape="pcm"),
-    PCMNoise(g_max=20.0, prog_coeff=(0.3, 2.0, -1.0), drift_compensation=False),
-    ReRAMNoise(g_max=30.0, clip_max=1.2),
-    StuckAtFaults(p_off=0.02, p_on=0.01),
-    IRDrop(scale=3.0, g_ratio=1e3, column_current="mean"),
-    ThermalNoise(alpha_t=-2e-3, t_std=3.0, bandwidth=1e9),
-]
+# One model per registered built-in: a model that joins the registry joins every test below. Non-default fields, so
+# that the round trip is not trivially the defaults; ir_drop strong enough to be seen.
+NON_DEFAULT = {
+    "gaussian_weight": [dict(std=0.05, per_channel=False)],
+    "lognormal": [dict(std=0.2, mean_corrected=True)],
+    "output_noise": [dict(std=0.1)],
+    "read_noise": [dict(std=0.03, shape="constant"), dict(std=0.03, shape="pcm")],
+    "pcm": [dict(g_max=20.0, prog_coeff=(0.3, 2.0, -1.0), drift_compensation=False)],
+    "reram": [dict(g_max=30.0, clip_max=1.2)],
+    "stuck_at": [dict(p_off=0.02, p_on=0.01)],
+    "ir_drop": [dict(scale=3.0, g_ratio=1e3, column_current="mean")],
+    "thermal": [dict(alpha_t=-2e-3, t_std=3.0, bandwidth=1e9)],
+}
+
+
+def _builtin_names():
+    """The registered models that ship with hf_cim (models that tests register themselves are left out)."""
+    return [n for n in list_noise_models() if get_noise_model_class(n).__module__.startswith("hf_cim.")]
+
+
+MODELS = [get_noise_model_class(name)(**fields) for name in _builtin_names() for fields in NON_DEFAULT.get(name, [{}])]
 IDS = [f"{m.name}-{i}" for i, m in enumerate(MODELS)]
 BUILTIN = [
     "gaussian_weight",
@@ -49,6 +50,13 @@ BUILTIN = [
     "stuck_at",
     "thermal",
 ]
+
+
+def test_the_catalogue_is_the_registry():
+    assert sorted({m.name for m in MODELS}) == _builtin_names()
+    assert set(NON_DEFAULT) <= set(_builtin_names()), "NON_DEFAULT names a model that is not registered"
+    for model in MODELS:  # non-default where fields were given
+        assert model != type(model)() or model.name not in NON_DEFAULT
 
 
 def test_every_builtin_is_registered():
@@ -87,11 +95,24 @@ def _run(model_factory, noise, seed, gradient="ste", t_inference=0.0):
     hf_cim.patch_model(model, cfg)
     for _, layer in hf_cim.analog_layers(model):
         layer.hf_cim_t_inference = t_inference
+    return model, _forward(model)
+
+
+def tiny_conv2d():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1), nn.Flatten(), nn.Linear(128, 10)
+    )
+
+
+def _forward(model):
+    if isinstance(model, nn.Sequential):  # tiny_conv2d: 27 and 144 (> one 32-row tile) inputs per output pixel
+        return model(torch.linspace(-1.0, 1.0, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4))
     ids = torch.arange(2 * 16).reshape(2, 16) % 97
-    return model, model(input_ids=ids).logits
+    return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("model_factory", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+@pytest.mark.parametrize("model_factory", [tiny_gpt2, tiny_bert, tiny_conv2d], ids=["gpt2", "bert", "conv2d"])
 @pytest.mark.parametrize("noise", MODELS, ids=IDS)
 def test_deterministic_given_the_seed_and_noisy(model_factory, noise):
     _, a = _run(model_factory, noise, seed=1, t_inference=3600.0)
@@ -101,9 +122,8 @@ def test_deterministic_given_the_seed_and_noisy(model_factory, noise):
         _, c = _run(model_factory, noise, seed=2, t_inference=3600.0)
         assert not torch.equal(a, c)
     model, _ = _run(model_factory, noise, seed=1)
-    ids = torch.arange(2 * 16).reshape(2, 16) % 97
     with hf_cim.noise_disabled(model):
-        clean = model(input_ids=ids).logits
+        clean = _forward(model)
     assert not torch.equal(a, clean)
 
 
