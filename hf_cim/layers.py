@@ -8,7 +8,6 @@ lowered to a matrix product over its unfolded patches (im2col), as a crossbar co
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import os
@@ -21,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import AnalogNoiseConfig
 from .noise.base import NoiseContext
+from .state import STATE_ATTR, AnalogState
 from .ste import AnalogSTEFunction, lever_surrogate, lever_vjp, ste_detach_forward
 from .tile import TileSpec, analog_matmul, program_weights
 
@@ -59,68 +59,66 @@ def checkpoint_replay(layer: AnalogLayerMixin, device: torch.device) -> Iterator
     layer's own stream advances once per step. Records are popped last-in first-out, the order in which the backward
     recomputes segments.
     """
+    state = layer.hf_cim_state
     gen = layer.noise_generator(device)
     if torch._C._current_graph_task_id() == -1:
-        layer._hf_cim_replay.append(gen.get_state())
+        state.replay.append(gen.get_state())
         yield
-    elif layer._hf_cim_replay:
+    elif state.replay:
         replay = torch.Generator(device=gen.device)
-        replay.set_state(layer._hf_cim_replay.pop())
-        layer._hf_cim_replay_generator = replay
+        replay.set_state(state.replay.pop())
+        state.replay_generator = replay
         try:
             yield
         finally:
-            layer._hf_cim_replay_generator = None
+            state.replay_generator = None
     else:
         yield
 
 
-#: Generator states a layer keeps for checkpoint recomputes: one per forward not yet recomputed (a layer called
-#: k times per step needs k); older ones (forwards never recomputed) fall off.
-_REPLAY_DEPTH = 16
+def _forward_to_state(field: str, doc: str) -> property:
+    """A layer attribute that reads and writes ``layer.hf_cim_state.<field>`` (the names layers had before the state
+    object: code and users keep reading and setting them)."""
+
+    def get(self):
+        return getattr(self.hf_cim_state, field)
+
+    def set(self, value):
+        setattr(self.hf_cim_state, field, value)
+
+    return property(get, set, doc=doc)
 
 
 class AnalogLayerMixin:
-    """Analog behaviour shared by the noisy layers; the per-layer classes supply the layout adapters."""
+    """Analog behaviour shared by the noisy layers; the per-layer classes supply the layout adapters.
 
-    hf_cim_config: AnalogNoiseConfig
-    hf_cim_name: str
-    hf_cim_level: float
-    hf_cim_disabled: bool
-    hf_cim_t_inference: float
+    All per-layer analog state lives in one :class:`~hf_cim.state.AnalogState`, ``self.hf_cim_state``.
+    """
+
+    hf_cim_state: AnalogState
+
+    hf_cim_config = _forward_to_state("config", "The noise config (``hf_cim_state.config``).")
+    hf_cim_name = _forward_to_state("name", "The layer's name in the model (``hf_cim_state.name``).")
+    hf_cim_level = _forward_to_state("level", "The runtime noise level (``hf_cim_state.level``).")
+    hf_cim_disabled = _forward_to_state("disabled", "The exact digital forward is on (``hf_cim_state.disabled``).")
+    hf_cim_t_inference = _forward_to_state("t_inference", "Seconds since programming (``hf_cim_state.t_inference``).")
+    # The private names outside code used before the state object (kept while tests and users move to the state).
+    _hf_cim_seed = _forward_to_state("seed", "Deprecated: ``hf_cim_state.seed``.")
+    _hf_cim_generator = _forward_to_state("generator", "Deprecated: ``hf_cim_state.generator``.")
+    _hf_cim_chip = _forward_to_state("chip", "Deprecated: ``hf_cim_state.chip``.")
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _hf_cim_init(self, name: str, config: AnalogNoiseConfig) -> None:
-        self.hf_cim_config = config
-        self.hf_cim_name = name
-        self.hf_cim_level = config.level
-        self.hf_cim_disabled = False
-        self.hf_cim_t_inference = 0.0
-        self._hf_cim_seed = config.seed
-        self._hf_cim_generator: torch.Generator | None = None
-        self._hf_cim_chip: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._hf_cim_replay: collections.deque = collections.deque(maxlen=_REPLAY_DEPTH)
-        self._hf_cim_replay_generator: torch.Generator | None = None
+        self.hf_cim_state = AnalogState.for_layer(name, config)
 
     def _hf_cim_clear(self) -> None:
-        for attr in (
-            "hf_cim_config",
-            "hf_cim_name",
-            "hf_cim_level",
-            "hf_cim_disabled",
-            "hf_cim_t_inference",
-            "_hf_cim_seed",
-            "_hf_cim_generator",
-            "_hf_cim_chip",
-            "_hf_cim_replay",
-            "_hf_cim_replay_generator",
-        ):
-            self.__dict__.pop(attr, None)
+        self.__dict__.pop(STATE_ATTR, None)
 
     def reseed(self, seed: int) -> None:
         """Restart this layer's noise stream from ``seed`` (combined with the layer name and process rank)."""
-        self._hf_cim_seed = seed
-        self._hf_cim_generator = None
+        state = self.hf_cim_state
+        state.seed = seed
+        state.generator = None
 
     def noise_generator(self, device: torch.device) -> torch.Generator:
         """The layer's generator on ``device``, created on first use (after the process group exists).
@@ -128,23 +126,24 @@ class AnalogLayerMixin:
         During an activation-checkpointing recompute it is a copy of the generator as the original forward found
         it (see :meth:`forward`), so the recompute draws the same noise and the layer's own stream is not advanced.
         """
-        if self._hf_cim_replay_generator is not None:
-            return self._hf_cim_replay_generator
-        gen = self._hf_cim_generator
+        state = self.hf_cim_state
+        if state.replay_generator is not None:
+            return state.replay_generator
+        gen = state.generator
         if gen is None or gen.device != device:
             gen = torch.Generator(device=device)
-            gen.manual_seed(derive_seed(self._hf_cim_seed, self.hf_cim_name, process_rank()))
-            self._hf_cim_generator = gen
+            gen.manual_seed(derive_seed(state.seed, state.name, process_rank()))
+            state.generator = gen
         return gen
 
     def _noise_context(self, device: torch.device, generator: torch.Generator | None = None) -> NoiseContext:
-        cfg = self.hf_cim_config
+        state = self.hf_cim_state
         return NoiseContext(
             generator=generator if generator is not None else self.noise_generator(device),
-            level=self.hf_cim_level,
-            t_inference=self.hf_cim_t_inference,
-            tile_rows=cfg.tile_size or self.in_dim,
-            layer_name=self.hf_cim_name,
+            level=state.level,
+            t_inference=state.t_inference,
+            tile_rows=state.config.tile_size or self.in_dim,
+            layer_name=state.name,
         )
 
     # -- chip programming ----------------------------------------------------------------------------------------
@@ -171,11 +170,11 @@ class AnalogLayerMixin:
 
     def clear_program(self) -> None:
         """Forget the programmed chip: evaluation draws the static noise anew at every forward again."""
-        self._hf_cim_chip = None
+        self.hf_cim_state.chip = None
 
     @property
     def is_programmed(self) -> bool:
-        return self._hf_cim_chip is not None
+        return self.hf_cim_state.chip is not None
 
     # -- forward -------------------------------------------------------------------------------------------------
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
@@ -201,8 +200,8 @@ class AnalogLayerMixin:
             cfg = self.hf_cim_config
             spec = TileSpec.from_config(cfg)
             ctx = self._noise_context(x.device)
-            if self._hf_cim_chip is not None and not self.training:
-                w_prog, w_scale = self._hf_cim_chip
+            if self.hf_cim_state.chip is not None and not self.training:
+                w_prog, w_scale = self.hf_cim_state.chip
             else:
                 w_oi = self._weight_oi(weight).float()
                 w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)
@@ -290,14 +289,14 @@ class AnalogLayerMixin:
         return grad_rows.reshape(x.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.hf_cim_config
-        if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
+        state = self.hf_cim_state
+        if state.disabled or (not self.training and not state.config.noise_in_eval):
             return self._clean_forward(x)
         if x.is_meta or self.weight.is_meta:
             # Meta tensors hold no values, only shapes: the plain layer's forward gives the analog output's shape and
             # dtype (and the plain layer's error for mixed devices); generators and autocast have no meta device.
             return self._clean_forward(x)
-        if self.training and self.hf_cim_level > 0.0:
+        if self.training and state.level > 0.0:
             with checkpoint_replay(self, x.device):
                 return self._analog_forward(x)
         return self._analog_forward(x)

@@ -225,12 +225,13 @@ class AnalogExpertsMixin(AnalogLayerMixin):
     def _proj_context(
         self, name: str, device: torch.device, in_dim: int, generator: torch.Generator | None = None
     ) -> NoiseContext:
+        state = self.hf_cim_state
         return NoiseContext(
             generator=generator if generator is not None else self.noise_generator(device),
-            level=self.hf_cim_level,
-            t_inference=self.hf_cim_t_inference,
-            tile_rows=self.hf_cim_config.tile_size or in_dim,
-            layer_name=f"{self.hf_cim_name}.{name}",
+            level=state.level,
+            t_inference=state.t_inference,
+            tile_rows=state.config.tile_size or in_dim,
+            layer_name=f"{state.name}.{name}",
         )
 
     # -- programming ----------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                     gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
                 ctx = self._proj_context(name, weight.device, w_oi.shape[-1], generator=gen)
                 chip[name] = self._program_experts(w_oi, None, ctx, differentiable=False)
-        self._hf_cim_chip = chip
+        self.hf_cim_state.chip = chip
 
     # -- one projection -------------------------------------------------------------------------------------------
     def _noisy_project(self, name, x, weight, bias, plan, differentiable, aux=None):
@@ -280,8 +281,8 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         with torch.autocast(x.device.type, enabled=False):
             w_oi = self._w_oi(weight)
             ctx = self._proj_context(name, x.device, w_oi.shape[-1])
-            if self._hf_cim_chip is not None and not self.training:
-                w_prog, w_scale = self._hf_cim_chip[name]
+            if self.hf_cim_state.chip is not None and not self.training:
+                w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
             else:
                 w_prog, w_scale = self._program_experts(w_oi, plan.hit, ctx, differentiable)
@@ -343,12 +344,12 @@ class AnalogExpertsMixin(AnalogLayerMixin):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         args = (hidden_states, top_k_index, top_k_weights)
-        cfg = self.hf_cim_config
-        if self.hf_cim_disabled or (not self.training and not cfg.noise_in_eval):
+        state = self.hf_cim_state
+        if state.disabled or (not self.training and not state.config.noise_in_eval):
             return self._clean_forward(*args)
         if hidden_states.is_meta or self.down_proj.is_meta:
             return self._clean_forward(*args)
-        if self.training and self.hf_cim_level > 0.0:
+        if self.training and state.level > 0.0:
             with checkpoint_replay(self, hidden_states.device):  # as the dense layers
                 return self._analog_forward(*args)
         return self._analog_forward(*args)
