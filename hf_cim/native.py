@@ -286,15 +286,22 @@ def _describe(t: object) -> str:
     return f"{t.dtype} on {t.device}, shape {tuple(t.shape)}, strides {t.stride()}"
 
 
+def _takes(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
 def accepts(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) is float32 on the CPU: the buffers the C functions take (the callers
     of :mod:`hf_cim.kernels` route anything else to the torch reference instead)."""
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in tensors)
+    for t in tensors:
+        if t is not None and not _takes(t):
+            return False
+    return True
 
 
 def _check(fn: str, name: str, t: object, *shapes: tuple[int, ...]) -> None:
     """``t`` must be a contiguous float32 CPU tensor of one of ``shapes``."""
-    if isinstance(t, torch.Tensor) and accepts(t) and t.shape in shapes and t.is_contiguous():
+    if isinstance(t, torch.Tensor) and _takes(t) and t.shape in shapes and t.is_contiguous():
         return
     expected = " or ".join(str(tuple(s)) for s in shapes)
     raise ValueError(
