@@ -1,3 +1,4 @@
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,3 +156,47 @@ def test_hook_with_wrong_shape_is_reported(data):
     cfg = AnalogNoiseConfig(noise=[Bad()])
     with pytest.raises(RuntimeError, match="must return a tensor of shape"):
         _run(cfg, x, w)
+
+
+def test_tile_spec_is_built_once_per_setting_and_equals_the_config_path(data):
+    from hf_cim.tile import TileSpec
+
+    cfg = AnalogNoiseConfig(tile_size=256, input_slice_bits=2, input_quant="per_tensor", out_bound=4.0)
+    spec = TileSpec.from_config(cfg)
+    assert TileSpec.from_config(AnalogNoiseConfig.from_dict(cfg.to_dict())) is spec  # cached: one per setting
+    assert TileSpec.from_config(spec) is spec
+    assert (spec.input_qmax, spec.per_token, spec.weight_qmax, spec.adc_levels) == (127.0, False, 127.0, 127.0)
+    assert spec.adc_step == cfg.output_step() and spec.adc
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.tile_size = 3
+    cfg.update(output_bits=None)  # a changed config gets its own spec, never a stale one
+    off = TileSpec.from_config(cfg)
+    assert not off.adc and off.adc_step == 1.0 and off.adc_levels == 0.0
+    x, w, b = data
+    for differentiable in (False, True):
+        ctx = NoiseContext(generator=torch.Generator().manual_seed(1), level=cfg.level)
+        w_prog, scale = program_weights(w, off, ctx, cfg.noise, differentiable=differentiable)
+        by_spec = analog_matmul(x, w_prog, scale, b, off, ctx, cfg.noise, differentiable=differentiable)
+        ctx = NoiseContext(generator=torch.Generator().manual_seed(1), level=cfg.level)
+        w_prog, scale = program_weights(w, cfg, ctx, cfg.noise, differentiable=differentiable)
+        by_config = analog_matmul(x, w_prog, scale, b, cfg, ctx, cfg.noise, differentiable=differentiable)
+        assert torch.equal(by_spec, by_config)
+
+
+def test_the_tile_hands_its_backend_sampler_to_the_hooks():
+    from hf_cim import kernels, rng
+
+    seen = []
+
+    @dataclass
+    class Spy(NoiseModel):
+        def program(self, w, ctx):
+            seen.append(ctx.sampler)
+            return w
+
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(0))
+    program_weights(torch.randn(4, 5), AnalogNoiseConfig(), ctx, [Spy()])
+    assert seen == [kernels.SAMPLER]
+    own = NoiseContext(generator=torch.Generator().manual_seed(0), sampler=rng.REFERENCE)
+    program_weights(torch.randn(4, 5), AnalogNoiseConfig(), own, [Spy()])
+    assert seen[-1] is rng.REFERENCE  # a caller's choice is kept
