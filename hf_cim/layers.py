@@ -8,10 +8,11 @@ lowered to a matrix product over its unfolded patches (im2col), as a crossbar co
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [
     "LAYER_MAP",
+    "AnalogLayer",
     "AnalogLayerMixin",
     "NoisyConv1D",
     "NoisyConv2d",
@@ -33,6 +35,7 @@ __all__ = [
     "checkpoint_replay",
     "derive_seed",
     "process_rank",
+    "register_analog_layer",
 ]
 
 
@@ -90,12 +93,16 @@ def _forward_to_state(field: str, doc: str) -> property:
 
 
 class AnalogLayerMixin:
-    """Analog behaviour shared by the noisy layers; the per-layer classes supply the layout adapters.
+    """Analog behaviour shared by every analog module: its state, noise stream and chip, and the crossbar forward and
+    STE backward of a dense layer. A dense layer type supplies the layout adapters of :class:`AnalogLayer`; the MoE
+    experts (:class:`hf_cim.moe.AnalogExpertsMixin`) bring their own forward.
 
     All per-layer analog state lives in one :class:`~hf_cim.state.AnalogState`, ``self.hf_cim_state``.
     """
 
     hf_cim_state: AnalogState
+    #: The plain class this analog class replaces (``unpatch_model`` swaps it back).
+    plain_class: type[nn.Module]
 
     hf_cim_config = _forward_to_state("config", "The noise config (``hf_cim_state.config``).")
     hf_cim_name = _forward_to_state("name", "The layer's name in the model (``hf_cim_state.name``).")
@@ -158,7 +165,7 @@ class AnalogLayerMixin:
         weight = self.weight.detach()
         if hasattr(weight, "full_tensor"):  # FSDP2 shards parameters outside forward: program the whole array
             weight = weight.full_tensor()
-        weight = self._weight_oi(weight)
+        weight = self.weight_oi(weight)
         device = weight.device
         gen = torch.Generator(device=device)
         gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
@@ -177,13 +184,14 @@ class AnalogLayerMixin:
         return self.hf_cim_state.chip is not None
 
     # -- forward -------------------------------------------------------------------------------------------------
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+    def forward_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the plain layer computes in for the input ``x``: autocast's, else ``x``'s."""
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
         return x.dtype
 
-    def _noisy_forward(
+    def noisy_forward(
         self,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -194,16 +202,16 @@ class AnalogLayerMixin:
         """The analog product. ``aux`` (STE modes), when given, receives what the STE backward needs:
         ``"mask"`` (the ADC's pass mask per tile, or None) and ``"weight"`` (the programmed weights in the layer's
         units, ``(out, in)``), as the config's ``mask_saturated`` / ``backward_weights`` ask."""
-        out_dtype = self._compute_dtype(x)
+        out_dtype = self.forward_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            x2d = self._to_rows(x).float()
+            x2d = self.to_rows(x).float()
             cfg = self.hf_cim_config
             spec = TileSpec.from_config(cfg)
             ctx = self._noise_context(x.device)
             if self.hf_cim_state.chip is not None and not self.training:
                 w_prog, w_scale = self.hf_cim_state.chip
             else:
-                w_oi = self._weight_oi(weight).float()
+                w_oi = self.weight_oi(weight).float()
                 w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)
             saturation = None
             if aux is not None:
@@ -215,16 +223,16 @@ class AnalogLayerMixin:
             )
             if saturation:
                 aux["mask"] = saturation[0]
-            return self._from_rows(y2d, x).to(out_dtype)
+            return self.from_rows(y2d, x).to(out_dtype)
 
     @property
-    def _ste_levers(self) -> bool:
+    def ste_levers(self) -> bool:
         """Whether the STE backward differs from the plain layer's (a saturation mask or programmed weights)."""
         cfg = self.hf_cim_config
         return (cfg.mask_saturated and cfg.output_bits is not None) or cfg.backward_weights == "programmed"
 
     # -- the STE backward with its levers -------------------------------------------------------------------------
-    def _ste_backward(
+    def ste_backward(
         self,
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -241,18 +249,18 @@ class AnalogLayerMixin:
         if mask is not None and mask.shape[0] > 1:
             return self._tiled_ste_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
         if mask is not None:
-            grad = grad * self._from_rows(mask[0], x)  # bool promotes to grad's dtype
+            grad = grad * self.from_rows(mask[0], x)  # bool promotes to grad's dtype
         if w_prog is None:
-            return self._clean_backward(x, weight, grad, need_x, need_w, dtype)
-        grad_x, _ = self._clean_backward(x, self._weight_from_oi(w_prog, weight), grad, need_x, False, dtype)
-        _, grad_w = self._clean_backward(x, weight, grad, False, need_w, dtype)
+            return self.clean_backward(x, weight, grad, need_x, need_w, dtype)
+        grad_x, _ = self.clean_backward(x, self.weight_from_oi(w_prog, weight), grad, need_x, False, dtype)
+        _, grad_w = self.clean_backward(x, weight, grad, False, need_w, dtype)
         return grad_x, grad_w
 
     def _tiled_ste_backward(self, x, weight, grad, mask, w_prog, need_x, need_w, dtype):
         grad_x, grad_w = lever_vjp(
-            self._to_rows(x.detach()),
-            self._weight_oi(weight),
-            self._grad_rows(grad),
+            self.to_rows(x.detach()),
+            self.weight_oi(weight),
+            self.grad_rows(grad),
             mask,
             w_prog,
             self.hf_cim_config.tile_size,
@@ -261,41 +269,33 @@ class AnalogLayerMixin:
             dtype,
         )
         if grad_x is not None:
-            grad_x = self._input_grad_from_rows(grad_x, x).to(x.dtype)
+            grad_x = self.input_grad_from_rows(grad_x, x).to(x.dtype)
         if grad_w is not None:
-            grad_w = self._weight_from_oi(grad_w, weight).to(weight.dtype)
+            grad_w = self.weight_from_oi(grad_w, weight).to(weight.dtype)
         return grad_x, grad_w
 
-    def _ste_surrogate(self, x, weight, bias, mask, w_prog):
+    def ste_surrogate(self, x, weight, bias, mask, w_prog):
         """``ste_detach``'s stand-in when a lever is on (:func:`hf_cim.ste.lever_surrogate`, in the layer's layout)."""
-        dtype = self._compute_dtype(x)
+        dtype = self.forward_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             y_rows = lever_surrogate(
-                self._to_rows(x).to(dtype),
-                self._weight_oi(weight).to(dtype),
+                self.to_rows(x).to(dtype),
+                self.weight_oi(weight).to(dtype),
                 None if bias is None else bias.to(dtype),
                 mask,
                 w_prog,
                 self.hf_cim_config.tile_size,
             )
-            return self._from_rows(y_rows, x)
-
-    def _grad_rows(self, grad: torch.Tensor) -> torch.Tensor:
-        """The upstream gradient in the crossbar's ``(vectors, out)`` layout (the inverse of ``_from_rows``)."""
-        return grad.reshape(-1, grad.shape[-1])
-
-    def _input_grad_from_rows(self, grad_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The gradient of ``x`` from the gradient of its crossbar rows (the VJP of ``_to_rows``)."""
-        return grad_rows.reshape(x.shape)
+            return self.from_rows(y_rows, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.hf_cim_state
         if state.disabled or (not self.training and not state.config.noise_in_eval):
-            return self._clean_forward(x)
+            return self.clean_forward(x)
         if x.is_meta or self.weight.is_meta:
             # Meta tensors hold no values, only shapes: the plain layer's forward gives the analog output's shape and
             # dtype (and the plain layer's error for mixed devices); generators and autocast have no meta device.
-            return self._clean_forward(x)
+            return self.clean_forward(x)
         if self.training and state.level > 0.0:
             with checkpoint_replay(self, x.device):
                 return self._analog_forward(x)
@@ -305,51 +305,152 @@ class AnalogLayerMixin:
         cfg = self.hf_cim_config
         if not torch.is_grad_enabled():
             with torch.no_grad():
-                return self._noisy_forward(x, self.weight, self.bias, differentiable=False)
+                return self.noisy_forward(x, self.weight, self.bias, differentiable=False)
         if cfg.gradient == "ste":
             return AnalogSTEFunction.apply(x, self.weight, self.bias, self)
         if cfg.gradient == "ste_detach":
             return ste_detach_forward(self, x, self.weight, self.bias)
-        return self._noisy_forward(x, self.weight, self.bias, differentiable=True)
+        return self.noisy_forward(x, self.weight, self.bias, differentiable=True)
 
-    # -- per-layer adapters -----------------------------------------------------------------------------------
-    # Each noisy class defines: ``in_dim`` (crossbar rows the layer needs), ``_weight_oi(weight)`` (the weight as
-    # ``(out, in)``), ``_to_rows(x)`` (layer input → the ``(vectors, in)`` matrix the crossbar sees),
-    # ``_from_rows(y, x)`` (``(vectors, out)`` → the layer's output layout), ``_weight_from_oi(w_oi, weight)`` (an
-    # ``(out, in)`` matrix back in the weight's layout), ``_clean_forward(x)`` (the plain
-    # layer's forward) and ``_clean_backward(x, weight, grad, need_x, need_w, dtype)`` (the plain layer's VJP).
 
-    def _bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
+class AnalogLayer(AnalogLayerMixin, abc.ABC):
+    """The contract of a dense analog layer type: what it supplies so that the shared machinery above (forward,
+    chip programming, the STE backward and its levers) runs it on a crossbar.
+
+    A new layer type is one subclass of this and of the plain layer, registered with :func:`register_analog_layer`::
+
+        @register_analog_layer(MyLinear)
+        class NoisyMyLinear(AnalogLayer, MyLinear):
+            in_dim = ...  # and the six methods below
+
+    It holds the plain layer's own Parameters (the class of the existing module is swapped, nothing is copied), so
+    it reads ``self.weight`` / ``self.bias`` as the plain layer does. The analog simulation always sees the weight as
+    an ``(out, in)`` matrix and the input as ``(vectors, in)`` rows; the adapters translate the layer's layout.
+    """
+
+    @property
+    @abc.abstractmethod
+    def in_dim(self) -> int:
+        """Crossbar rows one product needs (the length of one input vector)."""
+
+    @abc.abstractmethod
+    def weight_oi(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (in the layer's layout) as an ``(out, in)`` matrix, a view where possible."""
+
+    @abc.abstractmethod
+    def weight_from_oi(self, w_oi: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """An ``(out, in)`` matrix back in ``weight``'s layout (the inverse of :meth:`weight_oi`)."""
+
+    @abc.abstractmethod
+    def to_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer input as the ``(vectors, in)`` matrix the crossbar multiplies."""
+
+    @abc.abstractmethod
+    def from_rows(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The crossbar's ``(vectors, out)`` output in the layer's output layout (for the input ``x``)."""
+
+    @abc.abstractmethod
+    def clean_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain layer's forward (the digital product)."""
+
+    @abc.abstractmethod
+    def clean_backward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        grad: torch.Tensor,
+        need_x: bool,
+        need_w: bool,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The plain layer's vector-Jacobian product for ``x`` and ``weight`` (None where not needed), computed in
+        ``dtype`` and returned in the dtypes of ``x`` and ``weight``."""
+
+    # -- adapters with a default (override when the layout needs it) ----------------------------------------------
+    def grad_rows(self, grad: torch.Tensor) -> torch.Tensor:
+        """The upstream gradient in the crossbar's ``(vectors, out)`` layout (the inverse of ``from_rows``)."""
+        return grad.reshape(-1, grad.shape[-1])
+
+    def input_grad_from_rows(self, grad_rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``x`` from the gradient of its crossbar rows (the VJP of ``to_rows``)."""
+        return grad_rows.reshape(x.shape)
+
+    def bias_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The bias gradient (the bias is added digitally, after the ADC: ``Σg`` over everything but channels)."""
         return grad.reshape(-1, grad.shape[-1]).sum(0).to(self.bias.dtype)
+
+    @classmethod
+    def unsupported_reason(cls, module: nn.Module) -> str | None:
+        """None when this class can take over ``module`` (an instance of :attr:`plain_class`), else why not (for
+        :func:`hf_cim.patch_model`'s error)."""
+        return None
+
+
+#: Exact plain layer type → its analog class, filled by :func:`register_analog_layer`. Dispatch is on exact types:
+#: a subclass of nn.Linear with its own forward would lose that forward if swapped.
+LAYER_MAP: dict[type[nn.Module], type[AnalogLayer]] = {}
+
+
+def register_analog_layer(plain: type[nn.Module]) -> Callable[[type[AnalogLayer]], type[AnalogLayer]]:
+    """Class decorator: the decorated :class:`AnalogLayer` subclass is the analog version of exactly ``plain``
+    (``patch_model`` then swaps modules of type ``plain`` to it).
+
+    Raises:
+        TypeError: the class is not a subclass of both :class:`AnalogLayer` and ``plain``, or leaves a method of the
+            contract abstract.
+        ValueError: ``plain`` already has another analog class.
+    """
+
+    def register(cls: type[AnalogLayer]) -> type[AnalogLayer]:
+        if not (isinstance(cls, type) and issubclass(cls, AnalogLayer) and issubclass(cls, plain)):
+            raise TypeError(
+                f"register_analog_layer({plain.__name__}): {cls!r} must subclass both AnalogLayer and {plain.__name__}"
+            )
+        missing = sorted(cls.__abstractmethods__)
+        if missing:
+            raise TypeError(
+                f"register_analog_layer({plain.__name__}): {cls.__name__} does not define {missing} of the "
+                "AnalogLayer contract"
+            )
+        if LAYER_MAP.get(plain, cls) is not cls:
+            raise ValueError(
+                f"register_analog_layer: {plain.__name__} already has the analog class {LAYER_MAP[plain].__name__}"
+            )
+        cls.plain_class = plain
+        LAYER_MAP[plain] = cls
+        return cls
+
+    return register
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return a.to(dtype) @ b.to(dtype)
 
 
-class NoisyLinear(AnalogLayerMixin, nn.Linear):
+@register_analog_layer(nn.Linear)
+class NoisyLinear(AnalogLayer, nn.Linear):
     """``nn.Linear`` computed on a simulated analog crossbar; weight ``(out, in)``."""
 
     @property
     def in_dim(self) -> int:
         return self.in_features
 
-    def _weight_oi(self, weight):
+    def weight_oi(self, weight):
         return weight
 
-    def _weight_from_oi(self, w_oi, weight):
+    def weight_from_oi(self, w_oi, weight):
         return w_oi
 
-    def _to_rows(self, x):
+    def to_rows(self, x):
         return x.reshape(-1, self.in_features)
 
-    def _from_rows(self, y, x):
+    def from_rows(self, y, x):
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _clean_forward(self, x):
+    def clean_forward(self, x):
         return nn.Linear.forward(self, x)
 
-    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+    def clean_backward(self, x, weight, grad, need_x, need_w, dtype):
         grad_x = _mm(grad, weight, dtype).to(x.dtype) if need_x else None
         grad_w = None
         if need_w:
@@ -358,29 +459,30 @@ class NoisyLinear(AnalogLayerMixin, nn.Linear):
         return grad_x, grad_w
 
 
-class NoisyConv1D(AnalogLayerMixin, Conv1D):
+@register_analog_layer(Conv1D)
+class NoisyConv1D(AnalogLayer, Conv1D):
     """transformers' ``Conv1D`` (GPT-2) on a simulated crossbar; its weight is stored ``(in, out)``."""
 
     @property
     def in_dim(self) -> int:
         return self.weight.shape[0]
 
-    def _weight_oi(self, weight):
+    def weight_oi(self, weight):
         return weight.t()
 
-    def _weight_from_oi(self, w_oi, weight):
+    def weight_from_oi(self, w_oi, weight):
         return w_oi.t()
 
-    def _to_rows(self, x):
+    def to_rows(self, x):
         return x.reshape(-1, self.weight.shape[0])
 
-    def _from_rows(self, y, x):
+    def from_rows(self, y, x):
         return y.reshape(*x.shape[:-1], self.nf)
 
-    def _clean_forward(self, x):
+    def clean_forward(self, x):
         return Conv1D.forward(self, x)
 
-    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+    def clean_backward(self, x, weight, grad, need_x, need_w, dtype):
         grad_x = _mm(grad, weight.t(), dtype).to(x.dtype) if need_x else None
         grad_w = None
         if need_w:
@@ -389,7 +491,8 @@ class NoisyConv1D(AnalogLayerMixin, Conv1D):
         return grad_x, grad_w
 
 
-class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
+@register_analog_layer(nn.Conv2d)
+class NoisyConv2d(AnalogLayer, nn.Conv2d):
     """``nn.Conv2d`` lowered to a crossbar product over its unfolded patches (``groups == 1``).
 
     Each output pixel's receptive field (``in_channels·kh·kw`` values) is one input vector of the crossbar; the
@@ -400,21 +503,21 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
     def in_dim(self) -> int:
         return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
 
-    def _weight_oi(self, weight):
+    def weight_oi(self, weight):
         return weight.reshape(weight.shape[0], -1)
 
-    def _weight_from_oi(self, w_oi, weight):
+    def weight_from_oi(self, w_oi, weight):
         return w_oi.reshape(weight.shape)
 
-    def _grad_rows(self, grad):
+    def grad_rows(self, grad):
         grad4 = grad if grad.dim() == 4 else grad.unsqueeze(0)
         return grad4.flatten(2).transpose(1, 2).reshape(-1, grad4.shape[1])
 
-    def _input_grad_from_rows(self, grad_rows, x):
+    def input_grad_from_rows(self, grad_rows, x):
         # The VJP of the unfold (and padding): overlapping patches add up, as the convolution's input gradient does.
         with torch.enable_grad():
             xd = x.detach().to(grad_rows.dtype).requires_grad_(True)
-            (grad_x,) = torch.autograd.grad(self._to_rows(xd), xd, grad_rows)
+            (grad_x,) = torch.autograd.grad(self.to_rows(xd), xd, grad_rows)
         return grad_x
 
     def _padded(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -434,7 +537,7 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
             out.append(size // self.stride[i] + 1)
         return out[0], out[1]
 
-    def _to_rows(self, x):
+    def to_rows(self, x):
         if x.dim() not in (3, 4):  # nn.Conv2d's own check and message
             raise RuntimeError(
                 f"Expected 3D (unbatched) or 4D (batched) input to conv2d, but got input of size: {list(x.shape)}"
@@ -443,16 +546,16 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
         cols = F.unfold(xp, self.kernel_size, dilation=self.dilation, padding=pad, stride=self.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N·L, C·kh·kw)
 
-    def _from_rows(self, y, x):
+    def from_rows(self, y, x):
         n = x.shape[0] if x.dim() == 4 else 1
         oh, ow = self._output_hw(x if x.dim() == 4 else x.unsqueeze(0))
         y = y.reshape(n, oh * ow, self.out_channels).transpose(1, 2).reshape(n, self.out_channels, oh, ow)
         return y if x.dim() == 4 else y.squeeze(0)
 
-    def _clean_forward(self, x):
+    def clean_forward(self, x):
         return nn.Conv2d.forward(self, x)
 
-    def _clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+    def clean_backward(self, x, weight, grad, need_x, need_w, dtype):
         if self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
                 grad.to(dtype),
@@ -479,15 +582,12 @@ class NoisyConv2d(AnalogLayerMixin, nn.Conv2d):
         grad_w = grads.pop(0).to(weight.dtype) if need_w else None
         return grad_x, grad_w
 
-    def _bias_grad(self, grad):
+    def bias_grad(self, grad):
         dims = (0, 2, 3) if grad.dim() == 4 else (1, 2)
         return grad.sum(dims).to(self.bias.dtype)
 
-
-#: Exact layer type → its noisy class. Dispatch is on exact types: a subclass of nn.Linear with its own forward
-#: would lose that forward if swapped.
-LAYER_MAP: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Linear: NoisyLinear,
-    Conv1D: NoisyConv1D,
-    nn.Conv2d: NoisyConv2d,
-}
+    @classmethod
+    def unsupported_reason(cls, module):
+        if module.groups != 1:
+            return f"is a grouped Conv2d (groups={module.groups}); only groups=1 maps onto one crossbar"
+        return None

@@ -153,10 +153,10 @@ class _ExpertsSTEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, layer, name, plan):
         ctx.layer, ctx.plan = layer, plan
-        ctx.compute_dtype = layer._compute_dtype(x)
+        ctx.compute_dtype = layer.forward_dtype(x)
         ctx.tile_rows = layer.hf_cim_config.tile_size
         ctx.bias_dtype = None if bias is None else bias.dtype
-        aux = {} if layer._ste_levers else None
+        aux = {} if layer.ste_levers else None
         with torch.no_grad():
             y = layer._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
         masks = [m for m in (aux or {}).get("mask", []) if m is not None]
@@ -208,7 +208,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
     """Analog behaviour of a fused experts module; mixed into a generated subclass of the module's own class."""
 
     #: The plain experts class this noisy class was generated from (``unpatch_model`` swaps it back).
-    _hf_cim_plain_class: type[nn.Module]
+    plain_class: type[nn.Module]
 
     # -- layout ---------------------------------------------------------------------------------------------------
     @property
@@ -277,7 +277,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         the layer's units (``"weight"``), or Nones, as the config's levers ask."""
         cfg = self.hf_cim_config
         spec = TileSpec.from_config(cfg)
-        out_dtype = self._compute_dtype(x)
+        out_dtype = self.forward_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             w_oi = self._w_oi(weight)
             ctx = self._proj_context(name, x.device, w_oi.shape[-1])
@@ -306,10 +306,10 @@ class AnalogExpertsMixin(AnalogLayerMixin):
             return y.to(out_dtype)
 
     def _ste_detach_project(self, name, x, weight, bias, plan):
-        aux = {} if self._ste_levers else None
+        aux = {} if self.ste_levers else None
         with torch.no_grad():
             y_noisy = self._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
-        dtype = self._compute_dtype(x)
+        dtype = self.forward_dtype(x)
         w_oi = self._w_oi(weight)
         ys = []
         with torch.autocast(x.device.type, enabled=False):
@@ -339,16 +339,16 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         return self._noisy_project(name, x, weight, bias, plan, differentiable=True)
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def _clean_forward(self, hidden_states, top_k_index, top_k_weights):
-        return self._hf_cim_plain_class.forward(self, hidden_states, top_k_index, top_k_weights)
+    def clean_forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.plain_class.forward(self, hidden_states, top_k_index, top_k_weights)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         args = (hidden_states, top_k_index, top_k_weights)
         state = self.hf_cim_state
         if state.disabled or (not self.training and not state.config.noise_in_eval):
-            return self._clean_forward(*args)
+            return self.clean_forward(*args)
         if hidden_states.is_meta or self.down_proj.is_meta:
-            return self._clean_forward(*args)
+            return self.clean_forward(*args)
         if self.training and state.level > 0.0:
             with checkpoint_replay(self, hidden_states.device):  # as the dense layers
                 return self._analog_forward(*args)
@@ -393,7 +393,7 @@ def noisy_experts_class(cls: type[nn.Module]) -> type[nn.Module]:
                 "__module__": __name__,
                 "__qualname__": name,
                 "__doc__": f"``{cls.__name__}`` with every expert computed on a simulated analog crossbar.",
-                "_hf_cim_plain_class": cls,
+                "plain_class": cls,
             },
         )
         _NOISY_CLASSES[cls] = noisy

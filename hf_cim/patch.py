@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import AnalogNoiseConfig
 from .layers import LAYER_MAP, AnalogLayerMixin
-from .moe import AnalogExpertsMixin, experts_support, is_experts_like, noisy_experts_class
+from .moe import experts_support, is_experts_like, noisy_experts_class
 from .peft_names import named_base_modules
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "reseed",
     "set_drift_time",
     "set_noise_level",
+    "supports",
     "unpatch_model",
 ]
 
@@ -70,15 +71,38 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """None when :func:`patch_model` can make ``module`` analog, else why not."""
+    if isinstance(module, AnalogLayerMixin):
+        return "is analog already"
+    analog = LAYER_MAP.get(type(module))
+    if analog is not None:
+        return analog.unsupported_reason(module)
+    if is_experts_like(module):
+        return experts_support(module)
+    return (
+        f"is a {type(module).__name__}, not one of the layer types registered with "
+        f"hf_cim.layers.register_analog_layer ({', '.join(sorted(t.__name__ for t in LAYER_MAP))}) nor MoE experts"
+    )
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether :func:`patch_model` can make ``module`` analog: a plain module of a type registered with
+    :func:`hf_cim.layers.register_analog_layer` (``nn.Linear``, transformers' ``Conv1D``, ``nn.Conv2d`` with
+    ``groups=1``, ...) or the experts of a transformers MoE layer that :mod:`hf_cim.moe` simulates. False for a
+    module that is analog already."""
+    return _unsupported_reason(module) is None
+
+
 def _check_unsupported(name: str, module: nn.Module) -> None:
-    if isinstance(module, nn.Conv2d) and module.groups != 1:
-        raise ValueError(
-            f"patch_model: module {name!r} is a grouped Conv2d (groups={module.groups}); only groups=1 maps onto "
-            "one crossbar. Leave it digital with `exclude_modules`."
-        )
+    reason = _unsupported_reason(module)
+    if reason is not None:
+        raise ValueError(f"patch_model: module {name!r} {reason}. Leave it digital with `exclude_modules`.")
 
 
 def _patchable(module: nn.Module) -> bool:
+    """A candidate of the selection: a registered type (checked further by :func:`supports` once selected), MoE
+    experts hf_cim simulates, or an analog layer (patching twice is then an error)."""
     if type(module) in LAYER_MAP or isinstance(module, AnalogLayerMixin):
         return True
     return is_experts_like(module) and experts_support(module) is None
@@ -228,12 +252,9 @@ def get_config(model: nn.Module) -> AnalogNoiseConfig | None:
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Turn every patched layer back into its plain class, keeping the (trained) Parameters; returns ``model``."""
-    inverse = {v: k for k, v in LAYER_MAP.items()}
     for _, module in list(analog_layers(model)):
         module._hf_cim_clear()
-        module.__class__ = (
-            module._hf_cim_plain_class if isinstance(module, AnalogExpertsMixin) else inverse[type(module)]
-        )
+        module.__class__ = module.plain_class
     model.__dict__.pop(_CONFIG_ATTR, None)
     added = model.__dict__.pop(_TAGS_ATTR, [])
     if added and getattr(model, "model_tags", None):  # the tags patch_model added: a digital model again

@@ -9,8 +9,9 @@ Three gradient modes:
   ``y = y_clean + (y_noisy − y_clean).detach()`` with ``y_noisy`` computed under ``no_grad``.
 * ``full`` — the baseline: autograd through the whole simulation (the layer calls it with ``differentiable=True``).
 
-The layer supplies three callables (see :class:`hf_cim.layers.AnalogLayerMixin`): the noisy forward, the clean
-forward and the clean backward.
+What these need from a layer is public (see :class:`hf_cim.layers.AnalogLayer`): ``noisy_forward`` (the analog
+product), ``clean_forward`` / ``clean_backward`` / ``bias_grad`` (the plain layer's forward and VJP),
+``ste_backward`` / ``ste_surrogate`` (the same with the backward levers) and ``ste_levers``, ``forward_dtype``.
 """
 
 from __future__ import annotations
@@ -99,10 +100,10 @@ class AnalogSTEFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: Any):
         ctx.layer = layer
         ctx.has_bias = bias is not None
-        ctx.compute_dtype = layer._compute_dtype(x)
-        aux: dict[str, torch.Tensor | None] | None = {} if layer._ste_levers else None
+        ctx.compute_dtype = layer.forward_dtype(x)
+        aux: dict[str, torch.Tensor | None] | None = {} if layer.ste_levers else None
         with torch.no_grad():
-            y = layer._noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+            y = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
         if aux is None:
             ctx.save_for_backward(x, weight)
         else:
@@ -116,15 +117,15 @@ class AnalogSTEFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # once: checkpointing's unpack hooks allow a single read
         if len(saved) == 2:
             x, weight = saved
-            grad_x, grad_w = ctx.layer._clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
+            grad_x, grad_w = ctx.layer.clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
         else:
             x, weight, mask, w_prog = saved
-            grad_x, grad_w = ctx.layer._ste_backward(
+            grad_x, grad_w = ctx.layer.ste_backward(
                 x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype
             )
         grad_b = None
         if ctx.has_bias and need_b:
-            grad_b = ctx.layer._bias_grad(grad_output)
+            grad_b = ctx.layer.bias_grad(grad_output)
         return grad_x, grad_w, grad_b, None
 
 
@@ -135,13 +136,13 @@ def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
     the layer's surrogate with the same vector-Jacobian product as ``ste``'s backward, so both modes keep giving the
     same gradients.
     """
-    if not layer._ste_levers:
-        y_clean = layer._clean_forward(x)
+    if not layer.ste_levers:
+        y_clean = layer.clean_forward(x)
         with torch.no_grad():
-            y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False)
+            y_noisy = layer.noisy_forward(x, weight, bias, differentiable=False)
         return y_clean + (y_noisy - y_clean).detach()
     aux: dict[str, torch.Tensor | None] = {}
     with torch.no_grad():
-        y_noisy = layer._noisy_forward(x, weight, bias, differentiable=False, aux=aux)
-    y_s = layer._ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"))
+        y_noisy = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+    y_s = layer.ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"))
     return y_s + (y_noisy - y_s).detach()

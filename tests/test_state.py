@@ -153,3 +153,119 @@ def test_preserve_analog_state_on_an_unpatched_model_is_a_no_op():
     model = nn.Sequential(nn.Linear(4, 4))
     with preserve_analog_state(model) as m:
         assert m is model
+
+
+# -- the layer contract: a new layer type is one registered subclass ---------------------------------------------
+class RowLinear(nn.Module):
+    """A plain layer hf_cim does not know: ``y = x @ W + b`` with ``W`` stored ``(in, out)``."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@pytest.fixture
+def row_linear():
+    from hf_cim.layers import LAYER_MAP, AnalogLayer, register_analog_layer
+
+    @register_analog_layer(RowLinear)
+    class NoisyRowLinear(AnalogLayer, RowLinear):
+        in_dim = property(lambda self: self.weight.shape[0])
+
+        def weight_oi(self, weight):
+            return weight.t()
+
+        def weight_from_oi(self, w_oi, weight):
+            return w_oi.t()
+
+        def to_rows(self, x):
+            return x.reshape(-1, self.in_dim)
+
+        def from_rows(self, y, x):
+            return y.reshape(*x.shape[:-1], self.weight.shape[1])
+
+        def clean_forward(self, x):
+            return RowLinear.forward(self, x)
+
+        def clean_backward(self, x, weight, grad, need_x, need_w, dtype):
+            gx = (grad.to(dtype) @ weight.t().to(dtype)).to(x.dtype) if need_x else None
+            gw = (self.to_rows(x).t().to(dtype) @ self.grad_rows(grad).to(dtype)).to(weight.dtype) if need_w else None
+            return gx, gw
+
+    yield NoisyRowLinear
+    del LAYER_MAP[RowLinear]
+
+
+def test_a_registered_layer_type_is_patched_trained_and_unpatched(row_linear):
+    from hf_cim.patch import supports
+
+    torch.manual_seed(0)
+    model = nn.Sequential(RowLinear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(5, 8)
+    clean = model(x)
+    weight = model[0].weight
+    assert supports(model[0]) and supports(model[2]) and not supports(model[1])
+    hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(noise="pcm", gradient="ste"))
+    assert type(model[0]) is row_linear and model[0].weight is weight and not supports(model[0])
+    assert model[0].hf_cim_state.name == "0"
+    y = model(x)
+    assert y.shape == clean.shape and not torch.equal(y, clean)
+    with noise_disabled(model):
+        assert torch.equal(model(x), clean)
+    # The STE gradient of W is the clean layer's for the input it saw: gᵀ·x in the (in, out) layout.
+    g = torch.randn(5, 16)
+    model[0].train()
+    w_grad = torch.autograd.grad(model[0](x), weight, g)[0]
+    torch.testing.assert_close(w_grad, x.t() @ g)
+    program_chip(model, seed=1)
+    model.eval()
+    hf_cim.unpatch_model(model)
+    assert type(model[0]) is RowLinear and torch.equal(model(x), clean)
+
+
+def test_supports_answers_for_the_built_in_types():
+    from transformers.pytorch_utils import Conv1D
+
+    from hf_cim.patch import supports
+
+    assert supports(nn.Linear(2, 3)) and supports(Conv1D(3, 2)) and supports(nn.Conv2d(2, 4, 3))
+    assert not supports(nn.Conv2d(2, 4, 3, groups=2))  # patch_model names it in its error instead
+    assert not supports(nn.LayerNorm(3)) and not supports(nn.Embedding(3, 2))
+
+    class MyLinear(nn.Linear):  # exact types only: a subclass may have its own forward
+        pass
+
+    assert not supports(MyLinear(2, 3))
+    with pytest.raises(ValueError, match="grouped Conv2d"):
+        hf_cim.patch_model(nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), hf_cim.AnalogNoiseConfig())
+
+
+def test_register_analog_layer_refuses_an_incomplete_or_second_class(row_linear):
+    from hf_cim.layers import AnalogLayer, register_analog_layer
+
+    with pytest.raises(TypeError, match=r"does not define \['clean_backward', 'from_rows'"):
+
+        @register_analog_layer(nn.Bilinear)
+        class Half(AnalogLayer, nn.Bilinear):
+            in_dim = 1
+
+            def weight_oi(self, weight):
+                return weight
+
+            def weight_from_oi(self, w_oi, weight):
+                return w_oi
+
+            def to_rows(self, x):
+                return x
+
+            def clean_forward(self, x):
+                return x
+
+    with pytest.raises(TypeError, match="must subclass both AnalogLayer and Bilinear"):
+        register_analog_layer(nn.Bilinear)(row_linear)
+    with pytest.raises(ValueError, match="already has the analog class NoisyRowLinear"):
+        register_analog_layer(RowLinear)(type("Other", (row_linear,), {}))

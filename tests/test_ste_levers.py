@@ -41,8 +41,8 @@ def _patched(plain, **fields):
 def _reference_mask(layer, x, cfg):
     """The ADC's pass mask from first principles: quantized inputs times quantized weights, per tile, in
     normalized units; an output passes when ``|y/Δ| <= L + ½``."""
-    rows = layer._to_rows(x)
-    w = layer._weight_oi(layer.weight.detach())
+    rows = layer.to_rows(x)
+    w = layer.weight_oi(layer.weight.detach())
     x_int, _ = quantize_input(rows, cfg.input_bits, cfg.input_quant)
     w_n, _ = quantize_weight(w, cfg.weight_bits)
     x_n = x_int / (2 ** (cfg.input_bits - 1) - 1)
@@ -67,14 +67,14 @@ def test_mask_matches_first_principles_and_gradients_follow_it(kind, tile):
     g = torch.randn_like(plain(x))
     _, gx, gw, gb = _grads(layer, x, g)
     # Reference: per tile, the plain layer's VJP of the masked upstream gradient.
-    g_rows = layer._grad_rows(g)
-    rows, w = layer._to_rows(x), layer._weight_oi(plain.weight.detach())
+    g_rows = layer.grad_rows(g)
+    rows, w = layer.to_rows(x), layer.weight_oi(plain.weight.detach())
     step = tile or rows.shape[1]
     ref_gx_rows = torch.cat([(g_rows * m) @ w[:, i * step : (i + 1) * step] for i, m in enumerate(mask)], dim=1)
     ref_gw = torch.cat([(g_rows * m).t() @ rows[:, i * step : (i + 1) * step] for i, m in enumerate(mask)], dim=1)
-    torch.testing.assert_close(layer._weight_oi(gw), ref_gw, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(gx, layer._input_grad_from_rows(ref_gx_rows, x), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gb, layer._bias_grad(g))  # the bias is added digitally, after the ADC: unmasked
+    torch.testing.assert_close(layer.weight_oi(gw), ref_gw, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gx, layer.input_grad_from_rows(ref_gx_rows, x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, layer.bias_grad(g))  # the bias is added digitally, after the ADC: unmasked
 
 
 @pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
