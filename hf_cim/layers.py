@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import AnalogNoiseConfig
 from .noise.base import NoiseContext
 from .state import STATE_ATTR, AnalogState
-from .ste import AnalogSTEFunction, lever_surrogate, lever_vjp, ste_detach_forward
+from .ste import analog_forward, lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [
@@ -302,15 +302,7 @@ class AnalogLayerMixin:
         return self._analog_forward(x)
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.hf_cim_config
-        if not torch.is_grad_enabled():
-            with torch.no_grad():
-                return self.noisy_forward(x, self.weight, self.bias, differentiable=False)
-        if cfg.gradient == "ste":
-            return AnalogSTEFunction.apply(x, self.weight, self.bias, self)
-        if cfg.gradient == "ste_detach":
-            return ste_detach_forward(self, x, self.weight, self.bias)
-        return self.noisy_forward(x, self.weight, self.bias, differentiable=True)
+        return analog_forward(self, x, self.weight, self.bias)
 
 
 class AnalogLayer(AnalogLayerMixin, abc.ABC):

@@ -9,6 +9,8 @@ Three gradient modes:
   ``y = y_clean + (y_noisy − y_clean).detach()`` with ``y_noisy`` computed under ``no_grad``.
 * ``full`` — the baseline: autograd through the whole simulation (the layer calls it with ``differentiable=True``).
 
+:func:`analog_forward` picks the mode from the layer's config.
+
 What these need from a layer is public (see :class:`hf_cim.layers.AnalogLayer`): ``noisy_forward`` (the analog
 product), ``clean_forward`` / ``clean_backward`` / ``bias_grad`` (the plain layer's forward and VJP),
 ``ste_backward`` / ``ste_surrogate`` (the same with the backward levers) and ``ste_levers``, ``forward_dtype``.
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AnalogSTEFunction", "lever_surrogate", "lever_vjp", "ste_detach_forward"]
+__all__ = ["AnalogSTEFunction", "analog_forward", "lever_surrogate", "lever_vjp", "ste_detach_forward"]
 
 
 def _tiles(t: torch.Tensor, n_tiles: int, rows: int) -> torch.Tensor:
@@ -127,6 +129,21 @@ class AnalogSTEFunction(torch.autograd.Function):
         if ctx.has_bias and need_b:
             grad_b = ctx.layer.bias_grad(grad_output)
         return grad_x, grad_w, grad_b, None
+
+
+def analog_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The analog output of ``layer`` for ``x`` in the config's gradient mode: the noisy product alone without
+    autograd, :class:`AnalogSTEFunction` (``ste``), :func:`ste_detach_forward` (``ste_detach``), or the simulation
+    under autograd (``full``)."""
+    if not torch.is_grad_enabled():
+        with torch.no_grad():
+            return layer.noisy_forward(x, weight, bias, differentiable=False)
+    gradient = layer.hf_cim_state.config.gradient
+    if gradient == "ste":
+        return AnalogSTEFunction.apply(x, weight, bias, layer)
+    if gradient == "ste_detach":
+        return ste_detach_forward(layer, x, weight, bias)
+    return layer.noisy_forward(x, weight, bias, differentiable=True)
 
 
 def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

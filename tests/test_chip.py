@@ -67,10 +67,10 @@ def test_same_chip_drifts_with_time_and_compensation_keeps_the_scale():
     assert err[0.0] < err[86400.0] < err[86400.0 * 365]
     layer = model.transformer.h[0].mlp.c_fc
     hf_cim.program_chip(model, seed=1, t_inference=86400.0 * 365)
-    drifted = layer._hf_cim_chip[0].clone()
+    drifted = layer.hf_cim_state.chip[0].clone()
     comp = patched(tiny_gpt2, [PCMNoise(read_noise_scale=0.0)], output_bits=None).eval()
     hf_cim.program_chip(comp, seed=1, t_inference=86400.0 * 365)
-    compensated = comp.transformer.h[0].mlp.c_fc._hf_cim_chip[0]
+    compensated = comp.transformer.h[0].mlp.c_fc.hf_cim_state.chip[0]
     # Global compensation is one factor per layer: same devices, rescaled.
     nonzero = drifted != 0
     ratio = compensated[nonzero] / drifted[nonzero]
