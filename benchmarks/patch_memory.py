@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_after_patch_mb": round(after, 1),
         "patch_growth_mb": round(after - before, 1),
         "patch_seconds": round(seconds, 3),
-        "analog_layers": len(list(hf_cim.analog_layers(model))),
+        "analog_layers": len(list(hf_cim.patch.analog_layers(model))),
         "torch": torch.__version__,
     }
     print(out)

@@ -91,7 +91,7 @@ def perplexity_fn(val: CharWindows, batch: int = 64):
 
 def train(name, model, train_set, probe, args, out_dir, level_cb=None):
     callbacks = [PeakMemoryCallback(tokens_per_sample=args.block)]
-    if hf_cim.get_config(model) is not None:
+    if hf_cim.patch.get_config(model) is not None:
         callbacks.append(GradientAlignmentCallback(probe, every_n_steps=args.steps // 4))
     if level_cb is not None:
         callbacks.append(level_cb)

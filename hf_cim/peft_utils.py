@@ -15,10 +15,10 @@ and each layer draws the same noise stream (its generator is seeded from the lay
 peft is imported only if the user already imported it: a model cannot hold peft modules otherwise.
 
 Reloading: an adapter folder holds no ``config.json`` of the base, so the noise config travels in
-``hf_cim_config.json`` (:func:`hf_cim.save_noise_config`). peft's ``AutoPeftModelFor*.from_pretrained(folder)``
+``hf_cim_config.json`` (:func:`hf_cim.hub.save_noise_config`). peft's ``AutoPeftModelFor*.from_pretrained(folder)``
 reads only ``adapter_config.json`` and loads the base as it was saved, which for a plain base (``"gpt2"``) is the
 **digital** model, silently. :func:`load_peft` loads it analog; so does
-``AutoPeftModelFor*.from_pretrained(folder, quantization_config=hf_cim.load_noise_config(folder))``.
+``AutoPeftModelFor*.from_pretrained(folder, quantization_config=hf_cim.hub.load_noise_config(folder))``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def load_peft(
             ``hf_cim_config.json``.
         auto_class: a peft ``AutoPeftModel*`` class; default: the one of the adapters' ``task_type``
             (``CAUSAL_LM`` → ``AutoPeftModelForCausalLM``...), else ``AutoPeftModel``.
-        noise_config: the :class:`~hf_cim.AnalogNoiseConfig` of the base (default: :func:`hf_cim.load_noise_config`
+        noise_config: the :class:`~hf_cim.AnalogNoiseConfig` of the base (default: :func:`hf_cim.hub.load_noise_config`
             of ``adapter_dir``).
         kwargs: passed to ``from_pretrained`` (``is_trainable``, ``revision``, ``torch_dtype``...).
 
@@ -80,6 +80,6 @@ def load_peft(
     if get_config(model) is None and get_config(model.get_base_model()) is None:
         raise ValueError(
             f"load_peft: {os.fspath(adapter_dir)!r} has no noise config (hf_cim_config.json) and its base loaded "
-            "digital; pass `noise_config=` or save it with hf_cim.save_noise_config(model, adapter_dir)"
+            "digital; pass `noise_config=` or save it with hf_cim.hub.save_noise_config(model, adapter_dir)"
         )
     return model

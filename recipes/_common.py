@@ -543,7 +543,7 @@ def prepare_model(
       by ``from_pretrained``): measured (and trained) with its own noise config, its own level added to the sweep;
       with an explicit ``--preset``, unpatched and treated as a digital model with that preset instead.
     """
-    own = hf_cim.get_config(model)
+    own = hf_cim.patch.get_config(model)
     if own is not None and not args.preset_given:
         logger.info("analog checkpoint: its own noise config (preset level %g); --preset replaces it", own.level)
         args.levels = _floats("eval_levels", args.eval_levels, extra=own.level)
@@ -557,7 +557,7 @@ def prepare_model(
         hf_cim.patch_model(model, noise_config)
         logger.info(
             "analog training: %d layers patched, gradient %s",
-            len(list(hf_cim.analog_layers(model))),
+            len(list(hf_cim.patch.analog_layers(model))),
             noise_config.gradient,
         )
     return noise_config
@@ -630,7 +630,7 @@ def measure_chips(
     from hf_cim.evaluation import evaluate_robustness
 
     model = trainer.model
-    patched_here = hf_cim.get_config(model) is None
+    patched_here = hf_cim.patch.get_config(model) is None
     if patched_here:
         hf_cim.patch_model(model, noise_config)
     out: dict[str, Any] = {}
@@ -782,7 +782,7 @@ def predict_digital_and_chip(
     """``--do_predict``: the predictions (logits) of the digital model and of simulated chip 0 (``noise_config`` at its
     level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after."""
     model = trainer.model
-    patched_here = hf_cim.get_config(model) is None
+    patched_here = hf_cim.patch.get_config(model) is None
     if patched_here:
         hf_cim.patch_model(model, noise_config)
     try:
@@ -826,7 +826,7 @@ def train_digital_baseline(
     chip seeds and evaluation data of the noise-aware model's sweep). Returns the twin's Trainer and
     ``{"output_dir", "train", "train_loss_history", "eval"}``.
     """
-    if hf_cim.get_config(initial_model) is not None:
+    if hf_cim.patch.get_config(initial_model) is not None:
         raise ValueError("the digital baseline must start from the model before patching")
     twin_args = replace(
         trainer.args,
@@ -982,7 +982,7 @@ def card_kwargs(results: dict[str, Any], task: str, datasets: list[str], base_mo
 def card_and_push(trainer: transformers.Trainer, analog: bool, card: dict[str, Any], push: bool = False) -> None:
     """For an analog model, a model card (``README.md``) with the chip table next to the saved model (whose
     ``config.json`` carries the noise config as ``quantization_config``); then, with ``push`` (``--push_to_hub``,
-    which :func:`run_mode` took away from the Trainer), one upload of the model: :func:`hf_cim.push_to_hub` for an
+    which :func:`run_mode` took away from the Trainer), one upload of the model: :func:`hf_cim.hub.push_to_hub` for an
     analog model (the files it writes, the card with the chips in its ``model-index``), ``Trainer.push_to_hub`` for
     a digital one."""
     from hf_cim import hub

@@ -9,7 +9,7 @@ columns named by ``--text_columns`` / ``--label_column``. Every row is checked b
 empty text, a malformed row, an unknown or non-numeric label stops the run with the file, line and column). Without
 a GLUE task the labels are inferred as transformers does: numbers not all integers regress, anything else classifies
 over the distinct labels (sorted; ``config.id2label``). Metrics: the task's official GLUE metric through
-``evaluate.load("glue", task)``, else (offline) the same metric from :mod:`hf_cim.metrics`; ``combined_score`` where
+``evaluate.load("glue", task)``, else (offline) the same metric from ``recipes/_metrics.py``; ``combined_score`` where
 transformers' run_glue.py adds it. Other data: accuracy (and F1 with two classes), or Pearson / Spearman (and MSE).
 
     python recipes/run_glue.py --task_name mrpc --model_name_or_path <bert folder> \\
@@ -59,6 +59,7 @@ from _common import (
     write_comparison,
     write_results,
 )
+from _metrics import GLUE_METRIC_KEYS, accuracy, f1_binary, glue_metric, pearson, spearman
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -69,9 +70,11 @@ from transformers import (
 )
 
 import hf_cim
-from hf_cim.metrics import GLUE_METRIC_KEYS, glue_metric
 
 logger = logging.getLogger("recipes.run_glue")
+
+#: ``results.json``'s ``metric_source`` when the metric is computed offline, by this folder's ``_metrics.py``.
+METRIC_SOURCE = "recipes/_metrics.py"
 
 
 @dataclass(frozen=True)
@@ -580,7 +583,7 @@ _METRICS: dict[str, tuple[Any, str]] = {}
 
 def load_glue_metric(task_name: str) -> tuple[Any, str]:
     """The task's GLUE metric as transformers' run_glue.py: ``evaluate.load("glue", task)`` first (its script lives
-    on the Hub), else the offline implementation :func:`hf_cim.metrics.glue_metric` (same keys, same values; checked
+    on the Hub), else the offline implementation ``_metrics.glue_metric`` (same keys, same values; checked
     in ``tests/test_metrics.py``). Offline with ``HF_HUB_OFFLINE=1`` the load fails in about a second (without it,
     the Hub client retries for ~40 s first); the answer is kept per task for the process. Returns
     ``(compute(predictions=, references=) -> dict, source)``."""
@@ -591,8 +594,10 @@ def load_glue_metric(task_name: str) -> tuple[Any, str]:
             metric = evaluate.load("glue", task_name)
             _METRICS[task_name] = (metric.compute, "evaluate")
         except Exception as err:  # offline: FileNotFoundError / ConnectionError from the Hub client
-            logger.info("evaluate.load('glue', %r) failed (%s): using hf_cim.metrics", task_name, type(err).__name__)
-            _METRICS[task_name] = (partial(glue_metric, task_name), "hf_cim.metrics")
+            logger.info(
+                "evaluate.load('glue', %r) failed (%s): using recipes/_metrics.py", task_name, type(err).__name__
+            )
+            _METRICS[task_name] = (partial(glue_metric, task_name), METRIC_SOURCE)
     return _METRICS[task_name]
 
 
@@ -606,10 +611,9 @@ def with_combined_score(result: dict[str, float]) -> dict[str, float]:
 
 
 def custom_metric(spec: LabelSpec) -> tuple[str, Any, str]:
-    """Data without a GLUE task (:mod:`hf_cim.metrics`, offline): classification: accuracy, and F1 of class 1 with
+    """Data without a GLUE task (``recipes/_metrics.py``, offline): classification: accuracy, and F1 of class 1 with
     two classes; regression: Pearson and Spearman correlation, and the mean squared error. ``combined_score``: the
     mean of the first two where there are two. Returns ``(main metric, compute, source)``."""
-    from hf_cim.metrics import accuracy, f1_binary, pearson, spearman
 
     def compute(predictions, references) -> dict[str, float]:
         if spec.is_regression:
@@ -624,7 +628,7 @@ def custom_metric(spec: LabelSpec) -> tuple[str, Any, str]:
             result["f1"] = f1_binary(predictions, references)
         return with_combined_score(result)
 
-    return ("pearson" if spec.is_regression else "accuracy"), compute, "hf_cim.metrics"
+    return ("pearson" if spec.is_regression else "accuracy"), compute, METRIC_SOURCE
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
@@ -724,7 +728,7 @@ def main(argv: list[str] | None = None) -> dict:
         preds = np.squeeze(logits, -1) if is_regression else np.argmax(logits, axis=-1)
         return with_combined_score(compute(predictions=preds, references=pred.label_ids))
 
-    analog_checkpoint = hf_cim.get_config(model) is not None
+    analog_checkpoint = hf_cim.patch.get_config(model) is not None
     initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
     noise_config = prepare_model(model, noise_config, analog_args, train=training_args.do_train)
 
@@ -791,7 +795,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:  # a GLUE task (from the Hub or local copies); local custom data has no dataset id
             card_data = [f"nyu-mll/glue/{data_args.task_name}"] if data_args.task_name else []
         card = card_kwargs(results, "text-classification", card_data, model_args.model_name_or_path)
-        card_and_push(trainer, hf_cim.get_config(model) is not None, card, push=analog_args.push_to_hub)
+        card_and_push(trainer, hf_cim.patch.get_config(model) is not None, card, push=analog_args.push_to_hub)
     return results
 
 

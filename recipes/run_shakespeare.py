@@ -56,6 +56,7 @@ from _common import (
     write_comparison,
     write_results,
 )
+from _metrics import perplexity
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -68,7 +69,6 @@ from transformers import (
 )
 
 import hf_cim
-from hf_cim.metrics import perplexity
 
 logger = logging.getLogger("recipes.run_shakespeare")
 
@@ -325,7 +325,7 @@ def generate(model, tokenizer, data_args: DataArguments, noise_config, t_inferen
         "do_sample": False,
         "pad_token_id": tokenizer.eos_token_id,
     }
-    patched_here = hf_cim.get_config(model) is None
+    patched_here = hf_cim.patch.get_config(model) is None
     if patched_here:
         hf_cim.patch_model(model, noise_config)
     out = {}
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = AutoModelForCausalLM.from_config(config)
         logger.info("from scratch: %s, %.2fM parameters", config.to_diff_dict(), model.num_parameters() / 1e6)
 
-    analog_checkpoint = hf_cim.get_config(model) is not None
+    analog_checkpoint = hf_cim.patch.get_config(model) is not None
     initial_model = snapshot_for_baseline(model, analog_args)  # --digital_baseline: the twin starts from here
     noise_config = prepare_model(model, noise_config, analog_args, train=training_args.do_train)
 
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         card = card_kwargs(
             results, "text-generation", [data_args.dataset_name or "tiny_shakespeare"], model_args.model_name_or_path
         )
-        card_and_push(trainer, hf_cim.get_config(model) is not None, card, push=analog_args.push_to_hub)
+        card_and_push(trainer, hf_cim.patch.get_config(model) is not None, card, push=analog_args.push_to_hub)
     return results
 
 

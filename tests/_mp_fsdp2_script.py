@@ -89,7 +89,9 @@ def chip_eval(model) -> dict:
     hf_cim.reseed(model, STREAM_SEED)
     with torch.no_grad():
         chip = model(input_ids=ids, labels=ids)
-    programmed = {name: float(layer._hf_cim_chip[0].double().sum()) for name, layer in hf_cim.analog_layers(model)}
+    programmed = {
+        name: float(layer._hf_cim_chip[0].double().sum()) for name, layer in hf_cim.patch.analog_layers(model)
+    }
     return {
         "clean_logits": clean.logits,
         "clean_loss": clean.loss.item(),

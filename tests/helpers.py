@@ -73,3 +73,24 @@ def patched_gpt2(seq=16, **config):
 
     config.setdefault("exclude_modules", ["lm_head"])
     return hf_cim.patch_model(tiny_gpt2(n_positions=seq), hf_cim.AnalogNoiseConfig(**config))
+
+
+# -- hub, model card and secrets tests ------------------------------------------------------------------------------
+FAKE_TOKEN = "hf_" + "aB3dE5gH7j" * 3 + "kLm9"  # the shape of a Hub access token (hf_ + 34 letters/digits), fake
+
+ROWS = [
+    {"level": 1.0, "t_inference": 0.0, "mean": 0.8125, "std": 0.0125, "min": 0.8, "max": 0.825, "n_chips": 2,
+     "values": [0.8, 0.825]},
+    {"level": 2.0, "t_inference": 3600.0, "mean": 0.71, "std": 0.02, "min": 0.69, "max": 0.73, "n_chips": 2,
+     "values": [0.69, 0.73]},
+]  # fmt: skip
+
+
+def noise_config():
+    """A small noise config with non-default fields, for files and cards."""
+    from hf_cim import AnalogNoiseConfig
+    from hf_cim.noise import GaussianWeightNoise, OutputNoise
+
+    return AnalogNoiseConfig(
+        noise=[GaussianWeightNoise(std=0.03), OutputNoise(std=0.05)], seed=4, exclude_modules=["classifier"]
+    )

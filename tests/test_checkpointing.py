@@ -18,7 +18,7 @@ def _step(mode, checkpointing, reentrant=None, preset="pcm"):
     model(input_ids=ids, labels=ids).loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     # Where each layer's noise stream stands after the step: it must advance once per forward, not twice.
-    streams = {n: m.noise_generator(torch.device("cpu")).get_state() for n, m in hf_cim.analog_layers(model)}
+    streams = {n: m.noise_generator(torch.device("cpu")).get_state() for n, m in hf_cim.patch.analog_layers(model)}
     return grads, streams
 
 

@@ -105,9 +105,9 @@ def test_state_is_restored_and_noise_in_eval_off_is_overridden():
     model.train()
     x = X[:4]
     _ = model(x)  # create the training noise streams
-    layers = [m for _, m in hf_cim.analog_layers(model)]
+    layers = [m for _, m in hf_cim.patch.analog_layers(model)]
     gens = [(m._hf_cim_generator, m._hf_cim_generator.get_state()) for m in layers]
-    cfg = hf_cim.get_config(model)
+    cfg = hf_cim.patch.get_config(model)
 
     res = evaluate_robustness(model, fn, "mse", seeds=2, levels=(1.0,), t_inference=(10.0,), progress=False)
 
@@ -125,10 +125,11 @@ def test_state_is_restored_and_noise_in_eval_off_is_overridden():
 def test_a_programmed_chip_is_kept(program_only):
     model, fn = program_only
     hf_cim.program_chip(model, 9, 5.0)
-    chips = [m._hf_cim_chip for _, m in hf_cim.analog_layers(model)]
+    chips = [m._hf_cim_chip for _, m in hf_cim.patch.analog_layers(model)]
     evaluate_robustness(model, fn, "mse", seeds=2, progress=False)
     assert all(
-        m._hf_cim_chip is c and m.hf_cim_t_inference == 5.0 for (_, m), c in zip(hf_cim.analog_layers(model), chips)
+        m._hf_cim_chip is c and m.hf_cim_t_inference == 5.0
+        for (_, m), c in zip(hf_cim.patch.analog_layers(model), chips)
     )
 
 

@@ -119,8 +119,8 @@ def test_gathered_checkpoint_reloads_analog(run, reference):
     from transformers import GPT2LMHeadModel
 
     loaded = GPT2LMHeadModel.from_pretrained(out / "ckpt")
-    assert hf_cim.get_config(loaded) == hf_cim.get_preset("pcm", level=0.0, seed=0)
-    assert [n for n, _ in hf_cim.analog_layers(loaded)] == [n for n, _ in hf_cim.analog_layers(model)]
+    assert hf_cim.patch.get_config(loaded) == hf_cim.get_preset("pcm", level=0.0, seed=0)
+    assert [n for n, _ in hf_cim.patch.analog_layers(loaded)] == [n for n, _ in hf_cim.patch.analog_layers(model)]
     ref_state = model.state_dict()
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, ref_state[key], rtol=1e-4, atol=1e-5)

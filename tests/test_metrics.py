@@ -1,11 +1,15 @@
-"""hf_cim.metrics against scikit-learn / scipy on random predictions (the definitions of evaluate's glue metric)."""
+"""recipes/_metrics.py against scikit-learn / scipy on random predictions (the definitions of evaluate's glue metric)."""
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
 
-from hf_cim.metrics import (
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes"))
+
+from _metrics import (  # noqa: E402
     GLUE_METRIC_KEYS,
     GlueMetric,
     accuracy,

@@ -85,7 +85,7 @@ def test_experts_are_patched_listed_and_keep_their_parameters():
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
     hf_cim.patch_model(model, _config())
-    names = [n for n, _ in hf_cim.analog_layers(model)]
+    names = [n for n, _ in hf_cim.patch.analog_layers(model)]
     assert [n for n, _ in _experts(model)] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
     for name, module in _experts(model):
         assert name in names
@@ -116,7 +116,7 @@ def test_only_the_experts_are_noisy():
     plain = tiny_mixtral().eval()
     model = copy.deepcopy(plain)
     hf_cim.patch_model(model, _config(target_modules=r".*\.experts"))
-    assert [n for n, _ in hf_cim.analog_layers(model)] == [n for n, _ in _experts(model)]
+    assert [n for n, _ in hf_cim.patch.analog_layers(model)] == [n for n, _ in _experts(model)]
     ids = _ids()
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-3)
@@ -175,7 +175,7 @@ def test_without_converters_and_noise_the_analog_model_is_the_plain_one(arch):
     model = copy.deepcopy(plain)
     cfg = _config(input_bits=None, weight_bits=None, output_bits=None, level=0.0, target_modules=r".*\.experts")
     hf_cim.patch_model(model, cfg)
-    assert len(list(hf_cim.analog_layers(model))) == 2
+    assert len(list(hf_cim.patch.analog_layers(model))) == 2
     ids = _ids()
     loss_p, g_p = _grads(plain, ids)
     loss_a, g_a = _grads(model, ids)
@@ -268,8 +268,8 @@ def test_save_and_reload_round_trip(tmp_path):
     hf_cim.patch_model(model, config)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert hf_cim.get_config(again) == config
-    assert [n for n, _ in hf_cim.analog_layers(again)] == [n for n, _ in hf_cim.analog_layers(model)]
+    assert hf_cim.patch.get_config(again) == config
+    assert [n for n, _ in hf_cim.patch.analog_layers(again)] == [n for n, _ in hf_cim.patch.analog_layers(model)]
     assert {type(m).__name__ for _, m in _experts(again)} == {"NoisyMixtralExperts"}
     model.eval()
     ids = _ids()
@@ -292,7 +292,7 @@ def test_unpatch_restores_the_plain_experts():
     for _, module in _experts(model):
         assert type(module) is MixtralExperts
         assert not any(k.startswith(("hf_cim", "_hf_cim")) for k in vars(module))
-    assert hf_cim.get_config(model) is None and not list(hf_cim.analog_layers(model))
+    assert hf_cim.patch.get_config(model) is None and not list(hf_cim.patch.analog_layers(model))
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
@@ -342,7 +342,7 @@ def test_unsupported_experts_are_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
         model = hf_cim.patch_model(FakeMoE(), _config())
     assert "stay digital" in caplog.text and "experts (FakeExperts" in caplog.text
-    assert [n for n, _ in hf_cim.analog_layers(model)] == ["proj"]
+    assert [n for n, _ in hf_cim.patch.analog_layers(model)] == ["proj"]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
         hf_cim.patch_model(FakeMoE(), _config(exclude_modules=["experts"]))  # explicitly digital: no warning
@@ -356,7 +356,7 @@ def test_expert_parallel_shards_are_named_in_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cim.patch"):
         hf_cim.patch_model(model, _config())
     assert "model.layers.1.mlp.experts (MixtralExperts: expert parallel" in caplog.text
-    assert "model.layers.0.mlp.experts" in [n for n, _ in hf_cim.analog_layers(model)]
+    assert "model.layers.0.mlp.experts" in [n for n, _ in hf_cim.patch.analog_layers(model)]
 
 
 def test_dbrx_experts_are_named_in_a_warning(caplog):

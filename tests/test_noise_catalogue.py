@@ -93,7 +93,7 @@ def _run(model_factory, noise, seed, gradient="ste", t_inference=0.0):
     model = model_factory()
     cfg = hf_cim.AnalogNoiseConfig(noise=[noise], seed=seed, gradient=gradient, tile_size=32, level=1.0)
     hf_cim.patch_model(model, cfg)
-    for _, layer in hf_cim.analog_layers(model):
+    for _, layer in hf_cim.patch.analog_layers(model):
         layer.hf_cim_t_inference = t_inference
     return model, _forward(model)
 

@@ -136,11 +136,11 @@ def test_target_and_exclude_semantics():
     hf_cim.patch_model(
         model, AnalogNoiseConfig(target_modules=["c_attn", "mlp.c_fc"], exclude_modules=["h.1.attn.c_attn"])
     )
-    names = {n for n, _ in hf_cim.analog_layers(model)}
+    names = {n for n, _ in hf_cim.patch.analog_layers(model)}
     assert names == {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"}
     hf_cim.unpatch_model(model)
     hf_cim.patch_model(model, AnalogNoiseConfig(target_modules=r".*\.h\.0\..*"))
-    assert {n for n, _ in hf_cim.analog_layers(model)} == {
+    assert {n for n, _ in hf_cim.patch.analog_layers(model)} == {
         "transformer.h.0.attn.c_attn",
         "transformer.h.0.attn.c_proj",
         "transformer.h.0.mlp.c_fc",
@@ -164,7 +164,7 @@ def test_bad_targets_raise_and_change_nothing(kwargs, match):
     with pytest.raises(ValueError, match=match):
         hf_cim.patch_model(model, AnalogNoiseConfig(**kwargs))
     assert [type(m) for m in model.modules()] == before
-    assert hf_cim.get_config(model) is None
+    assert hf_cim.patch.get_config(model) is None
 
 
 def test_patching_twice_is_an_error_and_leaves_the_first_patch():
@@ -173,8 +173,8 @@ def test_patching_twice_is_an_error_and_leaves_the_first_patch():
     hf_cim.patch_model(model, cfg)
     with pytest.raises(ValueError, match="already patched"):
         hf_cim.patch_model(model, AnalogNoiseConfig(seed=2))
-    assert hf_cim.get_config(model) is cfg
-    assert all(m.hf_cim_config is cfg for _, m in hf_cim.analog_layers(model))
+    assert hf_cim.patch.get_config(model) is cfg
+    assert all(m.hf_cim_config is cfg for _, m in hf_cim.patch.analog_layers(model))
 
 
 def test_grouped_conv_is_refused_with_a_hint():
@@ -231,7 +231,7 @@ def test_training_a_tiny_gpt2_with_noise_lowers_the_loss(mode):
 def test_excluding_a_parent_module_excludes_its_subtree(exclude):
     model = tiny_gpt2()
     hf_cim.patch_model(model, AnalogNoiseConfig(exclude_modules=exclude))
-    names = {n for n, _ in hf_cim.analog_layers(model)}
+    names = {n for n, _ in hf_cim.patch.analog_layers(model)}
     prefix = (
         "transformer.h.0.attn." if isinstance(exclude, list) and exclude[0].endswith("attn") else "transformer.h.0."
     )
@@ -254,25 +254,25 @@ def test_an_exclude_that_excludes_nothing_is_an_error(exclude, match):
     model = tiny_gpt2()
     with pytest.raises(ValueError, match=match):
         hf_cim.patch_model(model, AnalogNoiseConfig(exclude_modules=exclude))
-    assert hf_cim.get_config(model) is None and not list(hf_cim.analog_layers(model))
+    assert hf_cim.patch.get_config(model) is None and not list(hf_cim.patch.analog_layers(model))
 
 
 def test_empty_exclude_list_excludes_nothing():
     a, b = tiny_gpt2(), tiny_gpt2()
     hf_cim.patch_model(a, AnalogNoiseConfig(exclude_modules=[]))
     hf_cim.patch_model(b, AnalogNoiseConfig())
-    assert [n for n, _ in hf_cim.analog_layers(a)] == [n for n, _ in hf_cim.analog_layers(b)]
+    assert [n for n, _ in hf_cim.patch.analog_layers(a)] == [n for n, _ in hf_cim.patch.analog_layers(b)]
 
 
 def test_patching_twice_on_disjoint_targets_is_an_error():
     model = tiny_gpt2()
     first = AnalogNoiseConfig(target_modules=["c_attn"])
     hf_cim.patch_model(model, first)
-    before = {n: m for n, m in hf_cim.analog_layers(model)}
+    before = {n: m for n, m in hf_cim.patch.analog_layers(model)}
     with pytest.raises(ValueError, match=r"already patched.*one config per model.*unpatch_model"):
         hf_cim.patch_model(model, AnalogNoiseConfig(target_modules=["c_fc"], seed=3))
-    assert {n: m for n, m in hf_cim.analog_layers(model)} == before
-    assert hf_cim.get_config(model) is first and model.config.quantization_config is first
+    assert {n: m for n, m in hf_cim.patch.analog_layers(model)} == before
+    assert hf_cim.patch.get_config(model) is first and model.config.quantization_config is first
     # A submodule patched on its own counts too: its layers would be saved without a config.
     model = tiny_gpt2()
     hf_cim.patch_model(model.transformer.h[0], AnalogNoiseConfig())
@@ -303,7 +303,7 @@ def test_patch_model_checks_noise_models_mutated_in_place():
     cfg.noise.append({"name": "no_such_noise"})
     with pytest.raises(ValueError, match=r"`noise\[0\]`.*no_such_noise"):
         hf_cim.patch_model(model, cfg)
-    assert not list(hf_cim.analog_layers(model))
+    assert not list(hf_cim.patch.analog_layers(model))
 
 
 def test_set_drift_time_puts_drift_into_the_training_forward():

@@ -66,9 +66,9 @@ def test_noisy_frozen_base_digital_adapters(arch, order):
     assert adapters and all(type(m) is nn.Linear for m in adapters)  # digital
     bases = [m for n, m in modules.items() if n.endswith(".base_layer")]
     assert bases and all(isinstance(m, AnalogLayerMixin) for m in bases)  # noisy
-    names = sorted(layer.hf_cim_name for _, layer in hf_cim.analog_layers(model))
+    names = sorted(layer.hf_cim_name for _, layer in hf_cim.patch.analog_layers(model))
     assert not any("base_model" in n or "base_layer" in n or "lora" in n for n in names)
-    assert hf_cim.get_config(model) == cfg
+    assert hf_cim.patch.get_config(model) == cfg
     model.eval()
     x = _inputs()
     y = _logits(model, x)
@@ -83,7 +83,7 @@ def test_both_orders_give_the_same_analog_model(arch):
     first, _ = _build(arch, ORDERS[0])
     second, _ = _build(arch, ORDERS[1])
     second.load_state_dict(first.state_dict())
-    names = [sorted(lay.hf_cim_name for _, lay in hf_cim.analog_layers(m)) for m in (first, second)]
+    names = [sorted(lay.hf_cim_name for _, lay in hf_cim.patch.analog_layers(m)) for m in (first, second)]
     assert names[0] == names[1]
     x = _inputs()
     assert torch.equal(_logits(first.eval(), x), _logits(second.eval(), x))
@@ -114,12 +114,12 @@ def test_trainer_trains_adapters_only_then_save_and_reload(tmp_path):
     assert len(changed) == sum(p.requires_grad for p in model.parameters())
 
     model.save_pretrained(tmp_path / "adapter")
-    hf_cim.save_noise_config(model, tmp_path / "adapter")
+    hf_cim.hub.save_noise_config(model, tmp_path / "adapter")
     x = _inputs()
     expected = _logits(model.eval(), x)
 
     # reload, order 1: the base through the quantizer with the saved noise config, then the adapters
-    loaded_cfg = hf_cim.load_noise_config(tmp_path / "adapter")
+    loaded_cfg = hf_cim.hub.load_noise_config(tmp_path / "adapter")
     assert loaded_cfg == cfg
     base1 = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=loaded_cfg)
     again1 = PeftModel.from_pretrained(base1, tmp_path / "adapter")
@@ -137,13 +137,13 @@ def test_bert_adapter_push_folder_holds_noise_config(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: type("R", (), {"repo_id": repo_id})())
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: sorted(os.listdir(kw["folder_path"])))
     model, cfg = _build("bert", "patch-then-peft")
-    files = hf_cim.push_to_hub(model, "me/bert-lora", save_directory=tmp_path)
+    files = hf_cim.hub.push_to_hub(model, "me/bert-lora", save_directory=tmp_path)
     assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "hf_cim_config.json"]
-    assert hf_cim.load_noise_config(tmp_path) == cfg
+    assert hf_cim.hub.load_noise_config(tmp_path) == cfg
     card = (tmp_path / "README.md").read_text()
     assert 'config = hf_cim.hub.load_noise_config("me/bert-lora")' in card
     assert 'PeftModel.from_pretrained(base, "me/bert-lora")' in card and "BertForSequenceClassification" in card
-    base = hf_cim.patch_model(tiny_bert(), hf_cim.load_noise_config(tmp_path))
+    base = hf_cim.patch_model(tiny_bert(), hf_cim.hub.load_noise_config(tmp_path))
     again = PeftModel.from_pretrained(base, tmp_path)
     x = _inputs()
     assert torch.equal(_logits(again.eval(), x), _logits(model.eval(), x))
@@ -151,7 +151,7 @@ def test_bert_adapter_push_folder_holds_noise_config(tmp_path, monkeypatch):
 
 def test_adapter_folder_reloads_analog_with_load_peft(tmp_path):
     """AutoPeftModelFor*.from_pretrained(adapter_dir) over a plain base gives a digital base (peft reads only
-    adapter_config.json); hf_cim.load_peft(adapter_dir) gives the analog one, equal to the saved model."""
+    adapter_config.json); hf_cim.peft_utils.load_peft(adapter_dir) gives the analog one, equal to the saved model."""
     from peft import AutoPeftModelForCausalLM
 
     tiny_gpt2().save_pretrained(tmp_path / "base")  # a plain (digital) base checkpoint
@@ -159,16 +159,16 @@ def test_adapter_folder_reloads_analog_with_load_peft(tmp_path):
     base = hf_cim.patch_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), cfg)
     model = get_peft_model(base, _lora(["c_attn"], True))
     model.save_pretrained(tmp_path / "adapter")
-    hf_cim.save_noise_config(model, tmp_path / "adapter")
+    hf_cim.hub.save_noise_config(model, tmp_path / "adapter")
     x = _inputs()
 
     plain = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
-    assert not list(hf_cim.analog_layers(plain))  # peft's own loader: the digital base, silently
+    assert not list(hf_cim.patch.analog_layers(plain))  # peft's own loader: the digital base, silently
 
-    again = hf_cim.load_peft(tmp_path / "adapter")
+    again = hf_cim.peft_utils.load_peft(tmp_path / "adapter")
     assert isinstance(again, PeftModel)  # no task_type in the LoraConfig: AutoPeftModel
-    assert hf_cim.get_config(again.get_base_model()) == cfg
-    assert [n for n, _ in hf_cim.analog_layers(again)] == [n for n, _ in hf_cim.analog_layers(model)]
+    assert hf_cim.patch.get_config(again.get_base_model()) == cfg
+    assert [n for n, _ in hf_cim.patch.analog_layers(again)] == [n for n, _ in hf_cim.patch.analog_layers(model)]
     for m in (model, again):
         m.eval()
         hf_cim.program_chip(m, seed=3)
@@ -179,4 +179,4 @@ def test_adapter_folder_reloads_analog_with_load_peft(tmp_path):
     # no noise config anywhere: an error, not a digital model
     (tmp_path / "adapter" / "hf_cim_config.json").unlink()
     with pytest.raises(ValueError, match="no noise config"):
-        hf_cim.load_peft(tmp_path / "adapter")
+        hf_cim.peft_utils.load_peft(tmp_path / "adapter")

@@ -40,16 +40,16 @@ def _keys(path):
 
 
 def _layers(model):
-    return {name: type(m).__name__ for name, m in hf_cim.analog_layers(model)}
+    return {name: type(m).__name__ for name, m in hf_cim.patch.analog_layers(model)}
 
 
 def test_registered_with_transformers():
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["hf_cim"] is AnalogNoiseConfig
-    assert AUTO_QUANTIZER_MAPPING["hf_cim"] is hf_cim.AnalogHfQuantizer
-    q = hf_cim.AnalogHfQuantizer(_config())
+    assert AUTO_QUANTIZER_MAPPING["hf_cim"] is hf_cim.quantizer.AnalogHfQuantizer
+    q = hf_cim.quantizer.AnalogHfQuantizer(_config())
     assert q.is_trainable is True and q.is_qat_trainable is True and q.is_serializable() is True
     with pytest.raises(TypeError, match="`quantization_config`"):
-        hf_cim.AnalogHfQuantizer({"quant_method": "hf_cim"})
+        hf_cim.quantizer.AnalogHfQuantizer({"quant_method": "hf_cim"})
 
 
 @pytest.mark.parametrize("arch", list(MODELS), ids=list(MODELS))
@@ -67,7 +67,7 @@ def test_patched_save_reload_round_trip(tmp_path, arch):
     assert AnalogNoiseConfig.from_dict(saved["quantization_config"]) == _config()
 
     back = auto.from_pretrained(tmp_path / "analog")
-    assert hf_cim.get_config(back) == _config()
+    assert hf_cim.patch.get_config(back) == _config()
     assert _layers(back) == _layers(model) and len(_layers(back)) > 0
     sd_a, sd_b = model.state_dict(), back.state_dict()
     assert sd_a.keys() == sd_b.keys()
@@ -102,15 +102,15 @@ def test_from_pretrained_with_quantization_config_patches(tmp_path):
     layers = _layers(model)
     assert "bert.encoder.layer.0.attention.self.query" in layers and "classifier" not in layers
     assert len(layers) == 2 * 6 + 1  # q, k, v, attn out, intermediate, output per layer + pooler
-    assert model.is_quantized and isinstance(model.hf_quantizer, hf_cim.AnalogHfQuantizer)
-    assert hf_cim.get_config(model) == cfg and model.config.quantization_config is hf_cim.get_config(model)
+    assert model.is_quantized and isinstance(model.hf_quantizer, hf_cim.quantizer.AnalogHfQuantizer)
+    assert hf_cim.patch.get_config(model) == cfg and model.config.quantization_config is hf_cim.patch.get_config(model)
     # save → reload gives the same analog model
     model.save_pretrained(tmp_path / "analog")
     back = AutoModelForSequenceClassification.from_pretrained(tmp_path / "analog")
-    assert _layers(back) == layers and hf_cim.get_config(back) == cfg
+    assert _layers(back) == layers and hf_cim.patch.get_config(back) == cfg
     # dequantize() = unpatch_model: the digital model, no quantization config left
     back.dequantize()
-    assert not list(hf_cim.analog_layers(back)) and not back.is_quantized
+    assert not list(hf_cim.patch.analog_layers(back)) and not back.is_quantized
     assert not hasattr(back.config, "quantization_config")
 
 
@@ -140,7 +140,7 @@ def test_plain_transformers_loads_clean_model_with_warning(tmp_path, monkeypatch
     finally:
         auto_logger.removeHandler(handler)
     assert any("Unknown quantization type, got hf_cim" in r.getMessage() for r in records)
-    assert not list(hf_cim.analog_layers(plain)) and not getattr(plain, "is_quantized", False)
+    assert not list(hf_cim.patch.analog_layers(plain)) and not getattr(plain, "is_quantized", False)
     assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D" and type(plain.lm_head) is torch.nn.Linear
     with torch.no_grad():
         assert torch.equal(plain(x).logits, expected)  # the clean digital model
@@ -213,7 +213,7 @@ def test_tampered_regex_fails_before_the_weights_load(tmp_path, monkeypatch):
     path.write_text(json.dumps(data))
     loaded = []
     monkeypatch.setattr(
-        hf_cim.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
+        hf_cim.quantizer.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
     )
     start = time.perf_counter()
     with pytest.raises(ValueError, match="`exclude_modules`"):
@@ -227,7 +227,7 @@ def test_a_config_made_invalid_in_place_fails_before_the_weights_load(tmp_path, 
     object.__setattr__(cfg.noise[0], "std", -1.0)  # behind the assignment check's back
     loaded = []
     monkeypatch.setattr(
-        hf_cim.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
+        hf_cim.quantizer.AnalogHfQuantizer, "_process_model_after_weight_loading", lambda *a, **k: loaded.append(1)
     )
     with pytest.raises(ValueError, match=r"`noise\[0\]`.*`std`"):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg)
@@ -244,7 +244,7 @@ def test_config_json_with_integral_floats_loads(tmp_path):
         q[key] = float(q[key])  # as JSON tools that keep every number as a double write them
     path.write_text(json.dumps(data))
     back = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert hf_cim.get_config(back) == cfg and isinstance(hf_cim.get_config(back).tile_size, int)
+    assert hf_cim.patch.get_config(back) == cfg and isinstance(hf_cim.patch.get_config(back).tile_size, int)
 
 
 def test_unknown_config_json_field_warns(tmp_path, caplog):
@@ -256,7 +256,7 @@ def test_unknown_config_json_field_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cim.config"):
         back = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert "future_knob" in caplog.text
-    assert hf_cim.get_config(back) == _config()
+    assert hf_cim.patch.get_config(back) == _config()
 
 
 def test_no_pickle_in_save_or_load(tmp_path, monkeypatch):
@@ -269,5 +269,5 @@ def test_no_pickle_in_save_or_load(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", refuse)
     model.save_pretrained(tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert hf_cim.get_config(back) == _config()
+    assert hf_cim.patch.get_config(back) == _config()
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]

@@ -69,7 +69,7 @@ def test_custom_single_sentence_classification_with_string_labels_csv(bert_dir, 
     files = ["--train_file", train, "--validation_file", dev, "--test_file", test]
     res = run_glue.main(_args(bert_dir, out, *cols, *files, "--do_train", "--do_eval", "--do_predict"))
 
-    assert res["task"] is None and res["metric"] == "accuracy" and res["metric_source"] == "hf_cim.metrics"
+    assert res["task"] is None and res["metric"] == "accuracy" and res["metric_source"] == run_glue.METRIC_SOURCE
     assert res["data"]["problem_type"] == "single_label_classification"
     assert res["data"]["labels"] == ["negative", "neutral", "positive"] and res["data"]["labels_from"] == "training"
     assert res["data"]["text_columns"] == ["review"] and res["data"]["label_column"] == "sentiment"

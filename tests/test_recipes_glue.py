@@ -88,10 +88,10 @@ def glue_args(model, task, train, dev, out, *extra):
 
 
 def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path, monkeypatch):
+    from _metrics import glue_metric
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     import hf_cim
-    from hf_cim.metrics import glue_metric
 
     train = write_glue_tsv(tmp_path / "train.tsv", "mrpc", 64)
     dev = write_glue_tsv(tmp_path / "dev.tsv", "mrpc", 24, seed=1)
@@ -120,7 +120,7 @@ def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path, monkeypatch):
 
     # The saved model reloads patched (noise config in config.json) and the clean metric is reproducible.
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
-    assert hf_cim.get_config(model) == hf_cim.AnalogNoiseConfig.from_dict(res["analog"]["config"])
+    assert hf_cim.patch.get_config(model) == hf_cim.AnalogNoiseConfig.from_dict(res["analog"]["config"])
     tok = AutoTokenizer.from_pretrained(out)
     rows = [line.split("\t") for line in open(dev, encoding="utf-8-sig").read().splitlines()[1:]]
     enc = tok([r[3] for r in rows], [r[4] for r in rows], padding=True, return_tensors="pt")

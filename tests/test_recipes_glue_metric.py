@@ -1,4 +1,4 @@
-"""run_glue's metric: evaluate.load("glue", task) first, the offline hf_cim.metrics fallback, combined_score."""
+"""run_glue's metric: evaluate.load("glue", task) first, the offline recipes/_metrics.py fallback, combined_score."""
 
 import json
 import os
@@ -24,10 +24,12 @@ def test_offline_load_fails_fast_and_falls_back(fresh_metrics):
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
     start = time.perf_counter()
     compute, source = run_glue.load_glue_metric("mrpc")
-    assert source == "hf_cim.metrics" and time.perf_counter() - start < 10  # no 40 s of Hub retries
+    assert source == run_glue.METRIC_SOURCE and time.perf_counter() - start < 10  # no 40 s of Hub retries
     assert compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1]) == pytest.approx({"accuracy": 0.75, "f1": 0.8})
     start = time.perf_counter()
-    assert run_glue.load_glue_metric("mrpc")[1] == "hf_cim.metrics" and time.perf_counter() - start < 0.01  # kept
+    assert (
+        run_glue.load_glue_metric("mrpc")[1] == run_glue.METRIC_SOURCE and time.perf_counter() - start < 0.01
+    )  # kept
 
 
 def test_evaluate_is_tried_first(fresh_metrics, monkeypatch):
@@ -65,5 +67,5 @@ def test_recipe_reports_combined_score(task, tmp_path, fresh_metrics):
     clean = res["eval"]["validation"]["clean"]
     keys = ("pearson", "spearmanr") if task == "stsb" else ("accuracy", "f1")
     assert clean["combined_score"] == pytest.approx((clean[keys[0]] + clean[keys[1]]) / 2)
-    assert res["metric_source"] == "hf_cim.metrics"
+    assert res["metric_source"] == run_glue.METRIC_SOURCE
     assert json.loads((out / "eval_results.json").read_text())["eval_combined_score"] == clean["combined_score"]

@@ -34,12 +34,14 @@ def _torchrun(script, args, tmp_path):
 def _compare(one, two):
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert two["memory"]["world_size"] == 2 and len(two["memory"]["ranks"]) == 2  # both ranks reported
+    assert one["train_loss_history"] and one["eval"]  # the comparisons below are not vacuous
     assert [e["step"] for e in two["train_loss_history"]] == [e["step"] for e in one["train_loss_history"]]
     assert [e["loss"] for e in two["train_loss_history"]] == pytest.approx(
         [e["loss"] for e in one["train_loss_history"]], rel=1e-4
     )
     for name, entry in one["eval"].items():
         assert two["eval"][name]["clean"]["loss"] == pytest.approx(entry["clean"]["loss"], rel=1e-4)
+        assert entry["robustness"]
         for r1, r2 in zip(entry["robustness"], two["eval"][name]["robustness"], strict=True):
             assert r2["level"] == r1["level"]
             assert r2["values"] == pytest.approx(r1["values"], rel=1e-4, abs=1e-4)

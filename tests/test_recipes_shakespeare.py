@@ -72,7 +72,7 @@ def test_char_level_from_scratch_end_to_end(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.decode(tok(text[:500])["input_ids"]) == text[:500]
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert hf_cim.get_config(model) is not None and model.config.n_layer == 2
+    assert hf_cim.patch.get_config(model) is not None and model.config.n_layer == 2
 
 
 def test_pretrained_folder_with_its_tokenizer_and_clean_baseline(tmp_path):
@@ -338,5 +338,5 @@ def test_ste_levers_reach_the_noise_config(tmp_path):
     args = clm_args(path, out, "--max_steps", "1", "--mask_saturated", "false", "--backward_weights", "programmed")
     res = run_shakespeare.main(args + ["--eval_chips", "0"])
     assert (res["analog"]["mask_saturated"], res["analog"]["backward_weights"]) == (False, "programmed")
-    cfg = hf_cim.get_config(AutoModelForCausalLM.from_pretrained(out))
+    cfg = hf_cim.patch.get_config(AutoModelForCausalLM.from_pretrained(out))
     assert (cfg.mask_saturated, cfg.backward_weights) == (False, "programmed")

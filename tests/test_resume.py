@@ -46,7 +46,7 @@ def _train(output_dir, max_steps, cfg=None, resume=None, callback=True):
         per_device_train_batch_size=2, learning_rate=5e-3, seed=0, report_to=[], use_cpu=True,
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )  # fmt: skip
-    callbacks = [hf_cim.NoiseStateCallback()] if callback else []
+    callbacks = [hf_cim.callbacks.NoiseStateCallback()] if callback else []
     Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=callbacks).train(resume_from_checkpoint=resume)
     return model
 
@@ -75,7 +75,7 @@ def test_checkpoint_holds_noise_config_and_state(full_run):
     with safe_open(str(ckpt / NOISE_STATE_NAME), "pt") as f:
         keys = set(f.keys())
         meta = f.metadata()
-    assert keys == {layer.hf_cim_name for _, layer in hf_cim.analog_layers(model)}
+    assert keys == {layer.hf_cim_name for _, layer in hf_cim.patch.analog_layers(model)}
     assert AnalogNoiseConfig.from_json_string(meta["config"]) == _config()
 
 
@@ -109,7 +109,7 @@ def test_state_round_trip_and_config_mismatch_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hf_cim.resume"):
         assert load_noise_state(other, tmp_path)
     assert "['seed']" in caplog.text  # the differing field is named
-    assert all(layer.hf_cim_level == 0.5 for _, layer in hf_cim.analog_layers(other))
+    assert all(layer.hf_cim_level == 0.5 for _, layer in hf_cim.patch.analog_layers(other))
     with torch.no_grad():
         assert torch.equal(other(x).logits, y)  # the restored streams continue where the saved ones were
     assert not load_noise_state(other, tmp_path / "missing")
@@ -190,7 +190,7 @@ def test_bad_noise_state_is_refused_before_the_model_changes(tmp_path, change, m
     # nothing was applied: levels, seeds and generators as patched
     assert all(
         lay.hf_cim_level == 1.0 and lay._hf_cim_seed == 3 and lay._hf_cim_generator is None
-        for _, lay in hf_cim.analog_layers(model)
+        for _, lay in hf_cim.patch.analog_layers(model)
     )
 
 

@@ -61,7 +61,7 @@ def test_mask_matches_first_principles_and_gradients_follow_it(kind, tile):
     plain, x = _layer(kind)
     fields = dict(noise=[], out_bound=1.0, tile_size=tile, mask_saturated=True)
     layer = _patched(plain, gradient="ste", **fields)
-    cfg = hf_cim.get_config(layer)
+    cfg = hf_cim.patch.get_config(layer)
     mask = _reference_mask(layer, x, cfg)
     assert 0.05 < (~mask).float().mean() < 0.6  # the bound really clips a part of the outputs
     g = torch.randn_like(plain(x))

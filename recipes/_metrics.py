@@ -1,4 +1,5 @@
-"""GLUE's official metrics, computed locally (no Hub download), with the definitions of ``evaluate``'s ``glue`` metric.
+"""The recipes' metrics: GLUE's official ones computed locally (no Hub download, the definitions of ``evaluate``'s
+``glue`` metric), and perplexity. Recipe-only code: it lives next to the recipes, not in the hf_cim package.
 
 ``evaluate.load("glue", task)`` fetches its script from the Hub and fails offline. This module computes the same
 numbers with numpy only (scikit-learn and scipy are not runtime dependencies) and wraps them in an
@@ -171,7 +172,7 @@ class GlueMetric(evaluate.Metric):
             )
         dtype = "float32" if self.config_name == "stsb" else "int64"
         return evaluate.MetricInfo(
-            description="GLUE official metrics computed locally (hf_cim.metrics)",
+            description="GLUE official metrics computed locally (recipes/_metrics.py)",
             citation="Wang et al., GLUE: A Multi-Task Benchmark and Analysis Platform for NLU, ICLR 2019",
             inputs_description="predictions and references: class ids, or similarity scores for stsb",
             features=datasets.Features({"predictions": datasets.Value(dtype), "references": datasets.Value(dtype)}),
