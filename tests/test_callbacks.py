@@ -83,7 +83,10 @@ def test_peak_memory_reaches_log_history_integrations_and_json(tmp_path):
     assert [r["step"] for r in records] == [2, 4, 6]
     for r in records:
         for key in MEMORY_KEYS:
-            assert key in r and math.isfinite(r[key]) and r[key] > 0, (key, r)
+            assert key in r and math.isfinite(r[key]) and r[key] > 0 or key == "peak_memory_growth_mb", (key, r)
+        # The growth can be 0 in a window whose steps reuse memory freed earlier in the process (other tests):
+        # the peak RSS then never passes the RSS at the start.
+        assert math.isfinite(r["peak_memory_growth_mb"]) and r["peak_memory_growth_mb"] >= 0, r
         # throughput = samples / time and step time = time / steps: samples_per_second · step_time = batch size
         assert r["samples_per_second"] * r["step_time_s"] == pytest.approx(8, rel=1e-3)
         assert r["tokens_per_second"] == pytest.approx(r["samples_per_second"] * SEQ, rel=1e-5)
