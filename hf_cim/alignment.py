@@ -16,6 +16,7 @@ from torch import nn
 
 from .layers import derive_seed, process_rank
 from .patch import analog_layers
+from .state import preserve_analog_state
 
 __all__ = ["gradient_alignment"]
 
@@ -71,30 +72,30 @@ def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0
     rank = process_rank()
 
     modes = [(m, m.training) for m in model.modules()]
-    saved = [(layer, layer.hf_cim_config, layer._hf_cim_generator) for _, layer in layers]
+    states = [layer.hf_cim_state for _, layer in layers]
+    configs = [state.config for state in states]
     grads: dict[str, list[torch.Tensor | None]] = {}
     try:
-        model.eval()  # dropout off: both passes must see the same network
-        for _, layer in layers:
-            layer.training = True  # but the analog layers behave as in a training step
-        for mode in ("ste", "full"):
-            for layer, cfg, _ in saved:
-                # The STE pass keeps the config's own backward levers; ``full`` has none (autograd differentiates).
-                layer.hf_cim_config = (
-                    cfg.replace(gradient="ste")
-                    if mode == "ste"
-                    else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
-                )
-                gen = torch.Generator(device=device)
-                gen.manual_seed(derive_seed(seed, layer.hf_cim_name, rank, "probe"))
-                layer._hf_cim_generator = gen
-            with torch.enable_grad():
-                loss = _loss_of(model(**inputs))
-                grads[mode] = list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
+        with preserve_analog_state(model):  # each layer's config and training noise stream
+            model.eval()  # dropout off: both passes must see the same network
+            for _, layer in layers:
+                layer.training = True  # but the analog layers behave as in a training step
+            for mode in ("ste", "full"):
+                for state, cfg in zip(states, configs):
+                    # The STE pass keeps the config's own backward levers; ``full`` has none (autograd
+                    # differentiates).
+                    state.config = (
+                        cfg.replace(gradient="ste")
+                        if mode == "ste"
+                        else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
+                    )
+                    gen = torch.Generator(device=device)
+                    gen.manual_seed(derive_seed(seed, state.name, rank, "probe"))
+                    state.generator = gen
+                with torch.enable_grad():
+                    loss = _loss_of(model(**inputs))
+                    grads[mode] = list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))
     finally:
-        for layer, cfg, gen in saved:
-            layer.hf_cim_config = cfg
-            layer._hf_cim_generator = gen
         for m, flag in modes:
             m.training = flag
 

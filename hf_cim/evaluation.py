@@ -24,6 +24,7 @@ from torch import nn
 from .chip import program_chip
 from .layers import process_rank
 from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
+from .state import preserve_analog_state
 from .validation import check_number_list
 
 __all__ = ["RobustnessResult", "evaluate_robustness", "format_time", "robustness_markdown"]
@@ -324,59 +325,42 @@ def evaluate_robustness(
     trainer = evaluate_fn if _is_trainer(evaluate_fn) and log_prefix is not None else None
 
     modes = [(m, m.training) for m in model.modules()]
-    saved = [
-        (
-            layer,
-            layer.hf_cim_config,
-            layer.hf_cim_level,
-            layer.hf_cim_t_inference,
-            layer._hf_cim_chip,
-            layer._hf_cim_seed,
-            layer._hf_cim_generator,
-        )
-        for layer in layers
-    ]
     is_main = process_rank() == 0
     rows: list[dict[str, Any]] = []
     try:
-        model.eval()
-        for layer, cfg, *_ in saved:
-            if not cfg.noise_in_eval:
-                layer.hf_cim_config = cfg.replace(noise_in_eval=True)
-        with noise_disabled(model):
-            clean = {k: float(v) for k, v in run(model).items() if isinstance(v, (int, float))}
-        _metric_of(clean, metric)
+        with preserve_analog_state(model):  # each layer's config, level, chip, drift time and noise stream
+            model.eval()
+            for layer in layers:
+                state = layer.hf_cim_state
+                if not state.config.noise_in_eval:
+                    state.config = state.config.replace(noise_in_eval=True)
+            with noise_disabled(model):
+                clean = {k: float(v) for k, v in run(model).items() if isinstance(v, (int, float))}
+            _metric_of(clean, metric)
 
-        from tqdm.auto import tqdm
+            from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=len(levels) * len(times) * len(seeds),
-            desc="hf_cim robustness",
-            disable=not (progress and is_main),
-        )
-        for level in levels:
-            for t in times:
-                values = []
-                for seed in seeds:
-                    set_noise_level(model, level)
-                    program_chip(model, seed, t)
-                    reseed(model, seed)
-                    with _logs_muted(trainer):
-                        values.append(_metric_of(run(model), metric))
-                    bar.update(1)
-                rows.append(
-                    {"level": level, "t_inference": t, **_stats(values), "n_chips": len(values), "values": values}
-                )
-                bar.set_postfix({metric: f"{rows[-1]['mean']:.4g}"})
-        bar.close()
+            bar = tqdm(
+                total=len(levels) * len(times) * len(seeds),
+                desc="hf_cim robustness",
+                disable=not (progress and is_main),
+            )
+            for level in levels:
+                for t in times:
+                    values = []
+                    for seed in seeds:
+                        set_noise_level(model, level)
+                        program_chip(model, seed, t)
+                        reseed(model, seed)
+                        with _logs_muted(trainer):
+                            values.append(_metric_of(run(model), metric))
+                        bar.update(1)
+                    rows.append(
+                        {"level": level, "t_inference": t, **_stats(values), "n_chips": len(values), "values": values}
+                    )
+                    bar.set_postfix({metric: f"{rows[-1]['mean']:.4g}"})
+            bar.close()
     finally:
-        for layer, cfg, level, t, chip, seed, gen in saved:
-            layer.hf_cim_config = cfg
-            layer.hf_cim_level = level
-            layer.hf_cim_t_inference = t
-            layer._hf_cim_chip = chip
-            layer._hf_cim_seed = seed
-            layer._hf_cim_generator = gen
         for m, flag in modes:
             m.training = flag
 

@@ -272,14 +272,14 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 def noise_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, patched layers compute the exact digital product (equal to the unpatched model's)."""
     layers = [m for _, m in analog_layers(model)]
-    previous = [m.hf_cim_disabled for m in layers]
+    previous = [m.hf_cim_state.disabled for m in layers]
     for m in layers:
-        m.hf_cim_disabled = True
+        m.hf_cim_state.disabled = True
     try:
         yield model
     finally:
         for m, prev in zip(layers, previous):
-            m.hf_cim_disabled = prev
+            m.hf_cim_state.disabled = prev
 
 
 def set_noise_level(model: nn.Module, level: float) -> None:
@@ -287,7 +287,7 @@ def set_noise_level(model: nn.Module, level: float) -> None:
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 100.0:
         raise ValueError(f"set_noise_level: `level` must be a number in [0, 100], got {level!r}")
     for _, m in analog_layers(model):
-        m.hf_cim_level = float(level)
+        m.hf_cim_state.level = float(level)
 
 
 def set_drift_time(model: nn.Module, t_inference: float) -> None:
@@ -300,7 +300,7 @@ def set_drift_time(model: nn.Module, t_inference: float) -> None:
     if isinstance(t_inference, bool) or not isinstance(t_inference, (int, float)) or not 0.0 <= t_inference < math.inf:
         raise ValueError(f"set_drift_time: `t_inference` must be a finite number of seconds >= 0, got {t_inference!r}")
     for _, m in analog_layers(model):
-        m.hf_cim_t_inference = float(t_inference)
+        m.hf_cim_state.t_inference = float(t_inference)
 
 
 def reseed(model: nn.Module, seed: int) -> None:

@@ -55,14 +55,10 @@ def save_noise_state(
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     for _, layer in analog_layers(model):
-        gen = layer._hf_cim_generator
-        if gen is not None:
-            tensors[layer.hf_cim_name] = gen.get_state().cpu().contiguous()
-        layers[layer.hf_cim_name] = {
-            "level": layer.hf_cim_level,
-            "t_inference": layer.hf_cim_t_inference,
-            "seed": layer._hf_cim_seed,
-        }
+        state = layer.hf_cim_state
+        if state.generator is not None:
+            tensors[state.name] = state.generator.get_state().cpu().contiguous()
+        layers[state.name] = {"level": state.level, "t_inference": state.t_inference, "seed": state.seed}
     os.makedirs(directory, exist_ok=True)
     path = _state_file(os.fspath(directory), process_index, world_size)
     meta = {"config": config.to_json_string(), "layers": json.dumps(layers, sort_keys=True)}
@@ -100,17 +96,18 @@ def load_noise_state(
         )
     seen = set()
     for _, layer in analog_layers(model):
-        name = layer.hf_cim_name
+        state = layer.hf_cim_state
+        name = state.name
         if name not in layers:
             continue
         seen.add(name)
         info = layers[name]
-        layer.hf_cim_level = float(info["level"])
-        layer.hf_cim_t_inference = float(info["t_inference"])
+        state.level = float(info["level"])
+        state.t_inference = float(info["t_inference"])
         layer.reseed(info["seed"])
         if name in states:
             layer.noise_generator(next(layer.parameters()).device).set_state(states[name])
-    missing = sorted({n for _, lay in analog_layers(model) for n in [lay.hf_cim_name]} - seen)
+    missing = sorted({lay.hf_cim_state.name for _, lay in analog_layers(model)} - seen)
     if missing:
         logger.warning("hf_cim: no saved noise state for layer(s) %s; they restart from the seed", missing[:8])
     return True
@@ -143,7 +140,7 @@ def _read_noise_state(
             f"{path}: the `layers` metadata must map layer names to {{level, t_inference, seed}}, got {layers!r:.200}"
         )
 
-    devices = {lay.hf_cim_name: next(lay.parameters()).device for _, lay in analog_layers(model)}
+    devices = {lay.hf_cim_state.name: next(lay.parameters()).device for _, lay in analog_layers(model)}
     unknown = sorted((set(layers) | set(states)) - set(devices))
     if unknown:
         raise ValueError(
