@@ -4,6 +4,11 @@ A patched layer *is* the original module with its class swapped for a subclass: 
 ``weight``/``bias`` Parameters (``state_dict`` keys unchanged, tied weights stay tied, hooks kept). Layout quirks live
 here: the noise simulation always sees weights as ``(out, in)``; ``Conv1D`` stores ``(in, out)``; ``Conv2d`` is
 lowered to a matrix product over its unfolded patches (im2col), as a crossbar computes a convolution.
+
+A layer type is one subclass of :class:`AnalogLayer` (the contract: the layout adapters and the plain layer's
+forward and VJP) and of the plain class, registered with :func:`register_analog_layer` (which fills
+:data:`LAYER_MAP`). Everything a patched layer carries besides its Parameters is one
+:class:`~hf_cim.state.AnalogState`, ``layer.hf_cim_state``.
 """
 
 from __future__ import annotations

@@ -393,3 +393,31 @@ def test_noise_state_round_trip_with_experts(tmp_path):
     again = build()
     assert load_noise_state(again, tmp_path)
     torch.testing.assert_close(again(input_ids=ids).logits, expected)
+
+
+def test_experts_state_is_one_object_preserved_and_pickled():
+    import pickle
+
+    from hf_cim.state import AnalogState, preserve_analog_state
+
+    model = hf_cim.patch_model(tiny_mixtral(), _config())
+    experts = [m for _, m in _experts(model)]
+    assert experts and all(isinstance(m.hf_cim_state, AnalogState) for m in experts)
+    hf_cim.program_chip(model, seed=0)
+    chips = [m.hf_cim_state.chip for m in experts]
+    assert all(set(c) == {"gate_up_proj", "down_proj"} for c in chips)
+    ids = _ids()
+    model.train()
+    with torch.no_grad():
+        model(ids)  # the streams exist
+    gens = [(m.hf_cim_state.generator, m.hf_cim_state.generator.get_state()) for m in experts]
+    with preserve_analog_state(model):
+        hf_cim.program_chip(model, seed=5)
+        with torch.no_grad():
+            model(ids)
+        hf_cim.reseed(model, 3)
+    assert all(m.hf_cim_state.chip is c for m, c in zip(experts, chips))
+    assert all(m.hf_cim_state.generator is g and torch.equal(g.get_state(), s) for m, (g, s) in zip(experts, gens))
+    other = pickle.loads(pickle.dumps(model))
+    with torch.no_grad():
+        assert torch.equal(other(ids).logits, model(ids).logits)
