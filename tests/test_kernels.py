@@ -3,10 +3,10 @@ import torch
 
 import hf_cim
 from hf_cim import converters, kernels, native, rng
-from hf_cim.noise import NoiseContext, NoiseModel
+from hf_cim.noise import NoiseContext
 from hf_cim.noise.gaussian import GaussianWeightNoise, OutputNoise
 from hf_cim.noise.ir_drop import _correct_ as ir_drop_reference_
-from hf_cim.tile import TileSpec, analog_matmul, program_weights
+from hf_cim.tile import analog_matmul, program_weights
 
 SAMPLER = kernels.SAMPLER
 
@@ -340,63 +340,3 @@ def test_dac_of_an_empty_batch(per_token):
             kernels.set_compile(None)
         assert x_int.shape == (0, 5)
         assert absmax.shape == ((0, 1) if per_token else (1, 1))
-
-
-@pytest.mark.parametrize("hook", ["program", "output"])
-def test_a_user_model_declaring_the_capability_is_fused_like_the_builtin(hook, monkeypatch):
-    """Fusion follows the declared capability, not the type: a user's own additive Gaussian model (no subclass of the
-    built-ins) takes the fused path, without running its hook, and gives the built-in's numbers bit for bit."""
-    calls = []
-
-    class MyNoise(NoiseModel):  # registered-model protocol without the registry: the tile only needs the hooks
-        name = "my_gaussian"
-
-        def __init__(self, std):
-            object.__setattr__(self, "std", std)
-
-        def additive_gaussian(self, h):
-            return self.std if h == hook else None
-
-    def program(self, w, ctx):
-        calls.append("program")
-        return w + (self.std * ctx.level) * ctx.randn_like(w)
-
-    def output(self, y, x, w, ctx):
-        calls.append("output")
-        return y + (self.std * ctx.level) * ctx.randn_like(y)
-
-    setattr(MyNoise, hook, program if hook == "program" else output)
-    builtin = GaussianWeightNoise(0.05) if hook == "program" else OutputNoise(0.1)
-    gen = torch.Generator().manual_seed(3)
-    x, w, b = torch.randn(21, 100, generator=gen), torch.randn(30, 100, generator=gen), torch.randn(30, generator=gen)
-    spec = TileSpec.from_config(hf_cim.AnalogNoiseConfig(tile_size=48))
-    outs = []
-    for models in ([builtin], [MyNoise(builtin.std)]):
-        ctx = NoiseContext(generator=torch.Generator().manual_seed(9), level=1.5)
-        with torch.no_grad():
-            w_prog, scale = program_weights(w, spec, ctx, models)
-            outs.append(analog_matmul(x, w_prog, scale, b, spec, ctx, models))
-    assert calls == []  # the hook never ran: the noise was drawn inside the fused kernel
-    assert torch.equal(outs[0], outs[1])
-    # Under autograd (``full``) the hook runs.
-    ctx = NoiseContext(generator=torch.Generator().manual_seed(9), level=1.5)
-    wp = w.clone().requires_grad_()
-    w_prog, scale = program_weights(wp, spec, ctx, [MyNoise(builtin.std)], differentiable=True)
-    analog_matmul(x, w_prog, scale, b, spec, ctx, [MyNoise(builtin.std)], differentiable=True)
-    assert calls == [hook]
-
-
-def test_a_subclass_that_changes_the_hook_loses_the_builtin_capability():
-    class Scaled(GaussianWeightNoise):
-        def program(self, w, ctx):
-            return super().program(w, ctx) * 0.5
-
-    class Louder(OutputNoise):
-        def output(self, y, x, w, ctx):
-            return super().output(y, x, w, ctx) * 2.0
-
-    assert GaussianWeightNoise(0.1).additive_gaussian("program") == 0.1
-    assert GaussianWeightNoise(0.1, per_channel=False).additive_gaussian("program") is None
-    assert OutputNoise(0.2).additive_gaussian("output") == 0.2
-    assert Scaled(0.1).additive_gaussian("program") is None
-    assert Louder(0.1).additive_gaussian("output") is None
