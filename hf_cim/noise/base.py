@@ -28,7 +28,6 @@ or a pickle.
 from __future__ import annotations
 
 import dataclasses
-import math
 import threading
 import typing
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import rng
+from ..validation import check_range  # re-exported: ``hf_cim.noise.check_range`` is the name the docs give users
 
 __all__ = [
     "NoiseContext",
@@ -113,31 +113,6 @@ class NoiseContext:
     def rand_like(self, t: torch.Tensor) -> torch.Tensor:
         """Uniform [0, 1) noise shaped like ``t``, drawn from the layer's generator."""
         return torch.rand(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
-
-
-def check_range(
-    owner: str,
-    field: str,
-    value: Any,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-) -> None:
-    """Raise a ``ValueError`` naming ``owner.field`` unless ``value`` is a finite number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: `{field}` must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
-        raise ValueError(f"{owner}: `{field}` must be finite, got {value!r}")
-    lo_ok = low is None or (value >= low if low_inclusive else value > low)
-    hi_ok = high is None or (value <= high if high_inclusive else value < high)
-    if not (lo_ok and hi_ok):
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        lb = "[" if low_inclusive and low is not None else "("
-        hb = "]" if high_inclusive and high is not None else ")"
-        raise ValueError(f"{owner}: `{field}` must be in {lb}{lo}, {hi}{hb}, got {value!r}")
 
 
 def _is_int_annotation(annotation: Any) -> bool:
