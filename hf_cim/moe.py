@@ -47,10 +47,6 @@ from torch.autograd.function import once_differentiable
 
 from .layers import AnalogLayerMixin, checkpoint_replay, derive_seed
 from .noise.base import NoiseContext, NoiseModel
-from .noise.faults import StuckAtFaults
-from .noise.gaussian import GaussianWeightNoise, LogNormalNoise
-from .noise.pcm import PCMNoise
-from .noise.reram import ReRAMNoise
 from .ste import lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, program_weights
 
@@ -109,22 +105,11 @@ def experts_support(module: nn.Module) -> str | None:
 
 def rowwise_program(noise: list[NoiseModel], ctx: NoiseContext) -> bool:
     """Whether every ``program`` hook of ``noise`` treats each output channel on its own, so that programming the
-    ``(experts·out, in)`` stack of several experts in one call is programming each expert: the catalogue's
-    element-wise and per-channel models. Others (``gaussian_weight`` with ``per_channel=False``, ``pcm`` with global
-    drift compensation at ``t_inference > 0``, any custom model) are run per expert."""
-    for model in noise:
-        if not model.has_hook("program"):
-            continue
-        kind = type(model)
-        if kind is GaussianWeightNoise:
-            ok = model.per_channel
-        elif kind is PCMNoise:
-            ok = not (model.drift and model.drift_compensation and ctx.t_inference > 0.0)
-        else:
-            ok = kind in (LogNormalNoise, StuckAtFaults, ReRAMNoise)
-        if not ok:
-            return False
-    return True
+    ``(experts·out, in)`` stack of several experts in one call is programming each expert. Each model declares it
+    (:meth:`NoiseModel.rowwise`): the catalogue's element-wise and per-channel models do; ``gaussian_weight`` with
+    ``per_channel=False``, ``pcm`` with global drift compensation at ``t_inference > 0`` and any model that does not
+    declare it are run per expert."""
+    return all(model.rowwise("program", ctx) for model in noise if model.has_hook("program"))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -258,6 +259,85 @@ def test_batched_programming_is_per_expert_programming():
     ctx.level = 1.0
     w_prog, _ = experts._program_experts(w, None, ctx, differentiable=False)  # per expert, no error
     assert w_prog.shape == w.shape
+
+
+# -- stacking is a capability a model declares ---------------------------------------------------------------------
+@dataclass
+class MyLogNormal(hf_cim.NoiseModel):
+    """A user's own lognormal programming noise (no subclass of the built-ins): element-wise, declared rowwise."""
+
+    std: float = 0.1
+
+    def rowwise(self, hook, ctx):
+        return hook == "program"
+
+    def program(self, w, ctx):
+        return w * ctx.randn_like(w).mul_(self.std * ctx.level).clamp_(-20.0, 20.0).exp_()
+
+
+@dataclass
+class MyLogNormalUndeclared(MyLogNormal):
+    """The same hook without the declaration: programmed one expert at a time."""
+
+    rowwise = hf_cim.NoiseModel.rowwise
+
+
+@dataclass
+class MyGaussian(hf_cim.NoiseModel):
+    """A user's additive Gaussian programming noise: declaring ``additive_gaussian`` makes it rowwise too."""
+
+    std: float = 0.05
+
+    def additive_gaussian(self, hook):
+        return self.std if hook == "program" else None
+
+    def program(self, w, ctx):
+        return w + (self.std * ctx.level) * ctx.randn_like(w)
+
+
+@pytest.fixture
+def user_models():
+    from hf_cim.noise.base import _REGISTRY
+
+    classes = {
+        "my_lognormal": MyLogNormal,
+        "my_lognormal_undeclared": MyLogNormalUndeclared,
+        "my_gaussian": MyGaussian,
+    }
+    for name, cls in classes.items():
+        hf_cim.register_noise_model(name, cls)
+    yield classes
+    for name in classes:
+        _REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize("gradient", ["ste", "full"])
+def test_a_user_model_declaring_rowwise_takes_the_builtins_path(user_models, gradient):
+    """Same capability, same path, same numbers: a user's model that declares :meth:`NoiseModel.rowwise` (or
+    ``additive_gaussian``) is programmed over the stacked experts like the built-in it copies, giving its loss and
+    gradients bit for bit; without the declaration it is programmed per expert (other draws)."""
+    from hf_cim.moe import rowwise_program
+    from hf_cim.noise import GaussianWeightNoise, LogNormalNoise, NoiseContext
+
+    ctx = NoiseContext(generator=None)
+    assert rowwise_program([MyLogNormal(), MyGaussian()], ctx)
+    assert not rowwise_program([MyLogNormal(), MyLogNormalUndeclared()], ctx)
+    ids = _ids()
+    runs = {}
+    for label, noise in [
+        ("lognormal", [LogNormalNoise(0.1)]),
+        ("mine", [MyLogNormal(0.1)]),
+        ("undeclared", [MyLogNormalUndeclared(0.1)]),
+        ("gaussian", [GaussianWeightNoise(0.05)]),
+        ("my_gaussian", [MyGaussian(0.05)]),
+    ]:
+        model = hf_cim.patch_model(tiny_mixtral(), _config(noise=noise, gradient=gradient))
+        loss, grads = _grads(model, ids)
+        runs[label] = [loss, *grads.values()]
+    for builtin, mine in [("lognormal", "mine"), ("gaussian", "my_gaussian")]:
+        assert len(runs[builtin]) == len(runs[mine]) > 1
+        assert all(torch.equal(a, b) for a, b in zip(runs[builtin], runs[mine])), (builtin, mine)
+    assert not torch.equal(runs["lognormal"][0], runs["undeclared"][0])
 
 
 def test_save_and_reload_round_trip(tmp_path):

@@ -19,7 +19,9 @@ differentiate any hook. All randomness must come from ``ctx.generator`` (best th
 
 Fusion is a capability a model declares, not something the tile simulation guesses from its type: a model whose
 ``program`` or ``output`` hook is exactly additive Gaussian noise says so with :meth:`NoiseModel.additive_gaussian`,
-and the no-grad backend may then draw that noise inside its fused kernel (same key, same numbers).
+and the no-grad backend may then draw that noise inside its fused kernel (same key, same numbers). Likewise a model
+whose hook acts on each output channel on its own says so with :meth:`NoiseModel.rowwise`, and the MoE experts of one
+projection are then programmed in one call.
 
 Models serialise as ``{"name": ..., **fields}`` and are rebuilt only through the registry, never from an import path
 or a pickle.
@@ -186,6 +188,21 @@ class NoiseModel:
         key and the same numbers. A subclass that changes the hook must override this as well.
         """
         return None
+
+    def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        """Stacking capability: whether this model's ``hook`` treats each output channel (a row of the ``(out, in)``
+        weights) on its own, so that running it once on the rows of several matrices stacked along ``out`` is running
+        it on each matrix (the same distribution per row; not the same draws). hf_cim asks it for ``"program"``:
+        :mod:`hf_cim.moe` programs the experts of one projection in one call when every ``program`` hook is
+        rowwise, and one expert at a time otherwise. ``ctx`` is the context the hook would get (a model may depend on
+        ``ctx.t_inference``).
+
+        Default: True exactly when the hook is additive Gaussian (:meth:`additive_gaussian`): element-wise noise of
+        one ``std`` in the normalized units, which are per channel. Override it for other element-wise or
+        per-channel hooks; a hook that reads statistics of the whole matrix (its abs-max, a mean over rows) must
+        answer False. A subclass that changes the hook must override this as well.
+        """
+        return self.additive_gaussian(hook) is not None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}

@@ -41,6 +41,10 @@ class StuckAtFaults(NoiseModel):
         if self.p_off + self.p_on > 1.0:
             raise ValueError(f"StuckAtFaults: `p_off` + `p_on` must be <= 1, got {self.p_off} + {self.p_on}")
 
+    def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        # Element-wise: one draw per device.
+        return hook == "program" and type(self).program is StuckAtFaults.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         p_off = min(1.0, self.p_off * ctx.level)
         p_on = min(1.0 - p_off, self.p_on * ctx.level)

@@ -133,6 +133,10 @@ class LogNormalNoise(NoiseModel):
         if not isinstance(self.mean_corrected, bool):
             raise TypeError(f"LogNormalNoise: `mean_corrected` must be a bool, got {self.mean_corrected!r}")
 
+    def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        # Element-wise: each weight gets its own factor.
+        return hook == "program" and type(self).program is LogNormalNoise.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level
         if sigma == 0.0:

@@ -115,6 +115,11 @@ class PCMNoise(NoiseModel):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"PCMNoise: `{name}` must be a bool, got {getattr(self, name)!r}")
 
+    def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        # Element-wise, except the global drift compensation (a mean over all rows), which only acts when t > 0.
+        compensated = self.drift and self.drift_compensation and ctx.t_inference > 0.0
+        return hook == "program" and type(self).program is PCMNoise.program and not compensated
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         g = to_pair(w)  # (2, out, in) targets ĝ
         xi_prog = ctx.randn_like(g)

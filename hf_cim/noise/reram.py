@@ -62,6 +62,10 @@ class ReRAMNoise(NoiseModel):
         if self.clip_max is not None:
             check_range("ReRAMNoise", "clip_max", self.clip_max, 1.0, None)
 
+    def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        # Element-wise: sigma depends on each device's own conductance.
+        return hook == "program" and type(self).program is ReRAMNoise.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         s = ctx.level * self.scale
         if s == 0.0:
