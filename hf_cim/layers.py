@@ -114,10 +114,6 @@ class AnalogLayerMixin:
     hf_cim_level = _forward_to_state("level", "The runtime noise level (``hf_cim_state.level``).")
     hf_cim_disabled = _forward_to_state("disabled", "The exact digital forward is on (``hf_cim_state.disabled``).")
     hf_cim_t_inference = _forward_to_state("t_inference", "Seconds since programming (``hf_cim_state.t_inference``).")
-    # The private names outside code used before the state object (kept while tests and users move to the state).
-    _hf_cim_seed = _forward_to_state("seed", "Deprecated: ``hf_cim_state.seed``.")
-    _hf_cim_generator = _forward_to_state("generator", "Deprecated: ``hf_cim_state.generator``.")
-    _hf_cim_chip = _forward_to_state("chip", "Deprecated: ``hf_cim_state.chip``.")
 
     # -- set-up ---------------------------------------------------------------------------------------------------
     def _hf_cim_init(self, name: str, config: AnalogNoiseConfig) -> None:
@@ -178,7 +174,7 @@ class AnalogLayerMixin:
         ctx = self._noise_context(device, generator=gen)
         cfg = self.hf_cim_config
         with torch.no_grad():
-            self._hf_cim_chip = program_weights(weight.float(), TileSpec.from_config(cfg), ctx, cfg.noise)
+            self.hf_cim_state.chip = program_weights(weight.float(), TileSpec.from_config(cfg), ctx, cfg.noise)
 
     def clear_program(self) -> None:
         """Forget the programmed chip: evaluation draws the static noise anew at every forward again."""

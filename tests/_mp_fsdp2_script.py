@@ -90,7 +90,7 @@ def chip_eval(model) -> dict:
     with torch.no_grad():
         chip = model(input_ids=ids, labels=ids)
     programmed = {
-        name: float(layer._hf_cim_chip[0].double().sum()) for name, layer in hf_cim.patch.analog_layers(model)
+        name: float(layer.hf_cim_state.chip[0].double().sum()) for name, layer in hf_cim.patch.analog_layers(model)
     }
     return {
         "clean_logits": clean.logits,

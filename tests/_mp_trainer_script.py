@@ -62,7 +62,7 @@ def main(out_dir: str) -> None:
 
     # The same chip on every rank: each rank evaluates its shard of the data on the same devices.
     hf_cim.program_chip(model, 7)
-    chip = dict(hf_cim.patch.analog_layers(model))["transformer.h.0.mlp.c_fc"]._hf_cim_chip[0]
+    chip = dict(hf_cim.patch.analog_layers(model))["transformer.h.0.mlp.c_fc"].hf_cim_state.chip[0]
     chip_sum = float(chip.double().sum())
     hf_cim.clear_chip(model)
     result = evaluate_robustness(

@@ -53,7 +53,7 @@ def test_gradient_alignment_leaves_the_model_untouched():
     layers = [m for _, m in hf_cim.patch.analog_layers(model)]
     model(**probe).loss.backward()  # creates the generators and some .grad to keep
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    gens = [m._hf_cim_generator for m in layers]
+    gens = [m.hf_cim_state.generator for m in layers]
     gen_states = [g.get_state() for g in gens]
     configs = [m.hf_cim_config for m in layers]
     cpu_rng = torch.get_rng_state()
@@ -61,7 +61,7 @@ def test_gradient_alignment_leaves_the_model_untouched():
     gradient_alignment(model, probe)
 
     assert all(m.training for m in model.modules())
-    assert all(m._hf_cim_generator is g for m, g in zip(layers, gens))
+    assert all(m.hf_cim_state.generator is g for m, g in zip(layers, gens))
     assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, gen_states))
     assert all(m.hf_cim_config is c for m, c in zip(layers, configs))
     assert all(torch.equal(p.grad, grads[n]) for n, p in model.named_parameters())

@@ -106,7 +106,7 @@ def test_state_is_restored_and_noise_in_eval_off_is_overridden():
     x = X[:4]
     _ = model(x)  # create the training noise streams
     layers = [m for _, m in hf_cim.patch.analog_layers(model)]
-    gens = [(m._hf_cim_generator, m._hf_cim_generator.get_state()) for m in layers]
+    gens = [(m.hf_cim_state.generator, m.hf_cim_state.generator.get_state()) for m in layers]
     cfg = hf_cim.patch.get_config(model)
 
     res = evaluate_robustness(model, fn, "mse", seeds=2, levels=(1.0,), t_inference=(10.0,), progress=False)
@@ -115,7 +115,7 @@ def test_state_is_restored_and_noise_in_eval_off_is_overridden():
     assert all(m.training for m in model.modules())
     assert all(m.hf_cim_config is cfg and m.hf_cim_level == 0.7 for m in layers)
     assert all(not m.is_programmed and m.hf_cim_t_inference == 0.0 for m in layers)
-    assert all(m._hf_cim_generator is g and torch.equal(g.get_state(), s) for m, (g, s) in zip(layers, gens))
+    assert all(m.hf_cim_state.generator is g and torch.equal(g.get_state(), s) for m, (g, s) in zip(layers, gens))
     model.eval()
     with hf_cim.noise_disabled(model):
         digital = model(x)
@@ -125,10 +125,10 @@ def test_state_is_restored_and_noise_in_eval_off_is_overridden():
 def test_a_programmed_chip_is_kept(program_only):
     model, fn = program_only
     hf_cim.program_chip(model, 9, 5.0)
-    chips = [m._hf_cim_chip for _, m in hf_cim.patch.analog_layers(model)]
+    chips = [m.hf_cim_state.chip for _, m in hf_cim.patch.analog_layers(model)]
     evaluate_robustness(model, fn, "mse", seeds=2, progress=False)
     assert all(
-        m._hf_cim_chip is c and m.hf_cim_t_inference == 5.0
+        m.hf_cim_state.chip is c and m.hf_cim_t_inference == 5.0
         for (_, m), c in zip(hf_cim.patch.analog_layers(model), chips)
     )
 

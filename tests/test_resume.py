@@ -189,7 +189,7 @@ def test_bad_noise_state_is_refused_before_the_model_changes(tmp_path, change, m
     assert err.match(match)
     # nothing was applied: levels, seeds and generators as patched
     assert all(
-        lay.hf_cim_level == 1.0 and lay._hf_cim_seed == 3 and lay._hf_cim_generator is None
+        lay.hf_cim_level == 1.0 and lay.hf_cim_state.seed == 3 and lay.hf_cim_state.generator is None
         for _, lay in hf_cim.patch.analog_layers(model)
     )
 

@@ -47,6 +47,8 @@ def test_every_patched_layer_holds_one_state_and_the_old_attributes_forward_to_i
     assert layer.hf_cim_level == 0.25
     loose = [k for k in vars(layer) if k.startswith(("hf_cim_", "_hf_cim_")) and k != STATE_ATTR]
     assert not loose  # everything is in the state object
+    # the private names outside code used before the state object are gone: seed, generator and chip are read there
+    assert not any(hasattr(layer, f"_hf_cim_{f}") for f in ("seed", "generator", "chip"))
     assert "hf_cim_state" not in repr(state) and "generator" not in repr(state)  # a short repr: no tensors
 
 
