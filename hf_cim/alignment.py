@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers import derive_seed, process_rank
 from .patch import analog_layers
+from .rng import process_rank, seeded_generator
 from .state import preserve_analog_state
 
 __all__ = ["gradient_alignment"]
@@ -89,9 +89,7 @@ def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0
                         if mode == "ste"
                         else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
                     )
-                    gen = torch.Generator(device=device)
-                    gen.manual_seed(derive_seed(seed, state.name, rank, "probe"))
-                    state.generator = gen
+                    state.generator = seeded_generator(device, seed, state.name, rank, "probe")
                 with torch.enable_grad():
                     loss = _loss_of(model(**inputs))
                     grads[mode] = list(torch.autograd.grad(loss, [p for _, p in params], allow_unused=True))

@@ -28,10 +28,10 @@ from transformers.trainer_callback import TrainerCallback
 
 from .alignment import gradient_alignment
 from .distributed import all_gather_floats, world
-from .layers import derive_seed
 from .memory import MemoryTracker, StepMeter
 from .patch import set_noise_level
 from .resume import NoiseStateCallback
+from .rng import derive_seed
 from .validation import check_range
 
 __all__ = [

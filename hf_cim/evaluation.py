@@ -22,8 +22,8 @@ from typing import Any
 from torch import nn
 
 from .chip import program_chip
-from .layers import process_rank
 from .patch import analog_layers, get_config, noise_disabled, reseed, set_noise_level
+from .rng import process_rank
 from .state import preserve_analog_state
 from .validation import check_number_list
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import hashlib
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -26,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import AnalogNoiseConfig
 from .noise.base import NoiseContext
+from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
 from .ste import analog_forward, lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, program_weights
@@ -38,23 +37,8 @@ __all__ = [
     "NoisyConv2d",
     "NoisyLinear",
     "checkpoint_replay",
-    "derive_seed",
-    "process_rank",
     "register_analog_layer",
 ]
-
-
-def process_rank() -> int:
-    """This process's rank in a distributed run (0 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
-
-
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from ``seed`` and any labels (layer name, rank, chip...), stable across runs and platforms."""
-    text = "\x1f".join([str(seed), *map(str, parts)])
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 @contextlib.contextmanager
@@ -139,8 +123,7 @@ class AnalogLayerMixin:
             return state.replay_generator
         gen = state.generator
         if gen is None or gen.device != device:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(derive_seed(state.seed, state.name, process_rank()))
+            gen = layer_generator(device, state.seed, state.name)
             state.generator = gen
         return gen
 
@@ -168,8 +151,7 @@ class AnalogLayerMixin:
             weight = weight.full_tensor()
         weight = self.weight_oi(weight)
         device = weight.device
-        gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
+        gen = chip_generator(device, seed, self.hf_cim_name)
         self.hf_cim_t_inference = float(t_inference)
         ctx = self._noise_context(device, generator=gen)
         cfg = self.hf_cim_config

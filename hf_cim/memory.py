@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .distributed import all_gather_floats, world
-from .layers import process_rank
+from .rng import process_rank
 
 __all__ = ["MemoryTracker", "StepMeter"]
 

@@ -45,8 +45,9 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import AnalogLayerMixin, checkpoint_replay, derive_seed
+from .layers import AnalogLayerMixin, checkpoint_replay
 from .noise.base import NoiseContext, NoiseModel
+from .rng import chip_generator
 from .ste import lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, program_weights
 
@@ -249,8 +250,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                     weight = weight.full_tensor()
                 w_oi = self._w_oi(weight)
                 if gen is None:
-                    gen = torch.Generator(device=weight.device)
-                    gen.manual_seed(derive_seed(seed, self.hf_cim_name, "chip"))
+                    gen = chip_generator(weight.device, seed, self.hf_cim_name)
                 ctx = self._proj_context(name, weight.device, w_oi.shape[-1], generator=gen)
                 chip[name] = self._program_experts(w_oi, None, ctx, differentiable=False)
         self.hf_cim_state.chip = chip

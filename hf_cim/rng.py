@@ -29,13 +29,39 @@ operation by operation in float32; it agrees to one ulp (torch's vectorized CPU 
 :class:`Sampler` is the interface a noise model draws through (``NoiseContext.sampler``): this module's is the
 torch reference; :mod:`hf_cim.kernels` hands the tile simulation's contexts a subclass that computes the same
 numbers in fused kernels. Noise models never import the kernels.
+
+Seeds are derived here and nowhere else (:func:`derive_seed`, :func:`process_rank`, :func:`seeded_generator`). The
+streams of the library, each a ``torch.Generator`` (or a ``random.Random``) seeded from a hash of its labels:
+
+* a layer's training noise: ``(config seed, layer name, process rank)`` (:func:`layer_generator`): every rank draws
+  its own noise, every run with the same seed the same;
+* a programmed chip: ``(chip seed, layer name, "chip")`` (:func:`chip_generator`): the same devices on every rank;
+* the gradient-alignment probe: ``(seed, layer name, rank, "probe")`` (:mod:`hf_cim.alignment`);
+* the sampled noise level of a step: ``(seed, "noise_level", step)`` (:class:`hf_cim.callbacks.NoiseLevelCallback`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import torch
 
-__all__ = ["REFERENCE", "Sampler", "add_randn_", "add_scaled_randn_", "counters_like", "gaussian", "new_key", "randn"]
+__all__ = [
+    "REFERENCE",
+    "Sampler",
+    "add_randn_",
+    "add_scaled_randn_",
+    "chip_generator",
+    "counters_like",
+    "derive_seed",
+    "gaussian",
+    "layer_generator",
+    "new_key",
+    "process_rank",
+    "randn",
+    "seeded_generator",
+]
 
 # Float constants are written as literals inside the functions below, not as module globals: torch.compile turns a
 # global float into a graph input (a scalar tensor built at every call), a literal into a constant of the kernel.
@@ -186,3 +212,35 @@ class Sampler:
 
 #: The torch reference sampler: what a :class:`hf_cim.noise.NoiseContext` without a backend's sampler uses.
 REFERENCE = Sampler()
+
+
+# -- seeds ----------------------------------------------------------------------------------------------------------
+def process_rank() -> int:
+    """This process's rank in a distributed run: the process group's, else ``$RANK`` (set by torchrun before the
+    group exists), else 0."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and any labels (layer name, rank, chip...), stable across runs and platforms."""
+    text = "\x1f".join([str(seed), *map(str, parts)])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(device: torch.device | str, seed: int, *parts: object) -> torch.Generator:
+    """A new ``torch.Generator`` on ``device`` seeded with :func:`derive_seed` ``(seed, *parts)``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, *parts))
+    return gen
+
+
+def layer_generator(device: torch.device | str, seed: int, name: str) -> torch.Generator:
+    """The training noise stream of layer ``name``: from the config seed, the name and this process's rank."""
+    return seeded_generator(device, seed, name, process_rank())
+
+
+def chip_generator(device: torch.device | str, seed: int, name: str) -> torch.Generator:
+    """The draws that program layer ``name`` of chip ``seed``: the same on every rank and whatever ran before."""
+    return seeded_generator(device, seed, name, "chip")

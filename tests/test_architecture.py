@@ -122,3 +122,14 @@ def test_lower_floors_never_import_the_upper_ones():
 def test_leaf_helpers_import_nothing_of_hf_cim():
     graph = _graph()
     assert {m: sorted(graph[m]) for m in LEAVES if graph[m]} == {}
+
+
+def test_seeds_are_derived_in_rng_only():
+    """One place derives seeds and reads the rank (issue 14): every other module asks hf_cim.rng for its streams."""
+    offenders = {
+        _module(path): [s for s in ("manual_seed(", "def derive_seed", "def process_rank") if s in text]
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name != "rng.py" and (text := path.read_text())
+    }
+    assert {m: found for m, found in offenders.items() if found} == {}
+    assert "hf_cim.layers" not in _graph()["hf_cim.memory"]  # the memory tracker needs the rank, not the layers

@@ -7,7 +7,8 @@ from torch import nn
 
 import hf_cim
 from hf_cim import AnalogNoiseConfig
-from hf_cim.layers import NoisyConv1D, NoisyConv2d, NoisyLinear, derive_seed
+from hf_cim.layers import NoisyConv1D, NoisyConv2d, NoisyLinear
+from hf_cim.rng import derive_seed
 
 NOISE = [{"name": "gaussian_weight", "std": 0.05}, {"name": "output_noise", "std": 0.1}]
 

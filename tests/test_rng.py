@@ -97,3 +97,18 @@ def test_reference_sampler_runs_the_reference_of_a_fused_stage():
     y = torch.ones(3)
     out = rng.REFERENCE.run("ir_drop_", lambda t, a: t.sub_(a), y, torch.full((3,), 0.25))
     assert out is y and torch.equal(y, torch.full((3,), 0.75))
+
+
+def test_seeds_are_derived_in_one_place_and_never_change(monkeypatch):
+    """derive_seed is pinned (a change would change every run's noise); the named streams are its labels."""
+    assert rng.derive_seed(0, "a", 0) == 3825309258858513310
+    assert rng.derive_seed(7, "transformer.h.0.mlp.c_fc", "chip") == 5983971561300202727
+    assert rng.derive_seed(0, "a", 0) != rng.derive_seed(0, "a", 1) != rng.derive_seed(0, "b", 1)
+    monkeypatch.setenv("RANK", "3")
+    assert rng.process_rank() == 3
+
+    expected = torch.Generator().manual_seed(rng.derive_seed(5, "fc", 3)).get_state()
+    assert torch.equal(rng.layer_generator("cpu", 5, "fc").get_state(), expected)
+    expected = torch.Generator().manual_seed(rng.derive_seed(5, "fc", "chip")).get_state()
+    assert torch.equal(rng.chip_generator(torch.device("cpu"), 5, "fc").get_state(), expected)
+    assert torch.equal(rng.seeded_generator("cpu", 5, "fc", "chip").get_state(), expected)
