@@ -411,10 +411,6 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         fields["level"] = level
         return cls(**fields)
 
-    @property
-    def uses_noise(self) -> bool:
-        return self.level > 0.0 and len(self.noise) > 0
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):

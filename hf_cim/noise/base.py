@@ -142,7 +142,9 @@ class NoiseModel:
         name: the registry name (set by :func:`register_noise_model`).
         differentiable: whether the hooks are written in differentiable torch ops. When ``False``, the ``full``
             gradient mode passes the hooks straight through (identity gradient) instead of differentiating them.
-        static: whether ``program`` draws randomness that a programmed chip must keep fixed.
+
+    What a programmed chip keeps fixed is decided by the hook, not by an attribute: the ``program`` hook is the static
+    part (drawn once per chip by :func:`hf_cim.program_chip`), ``read`` and ``output`` are redrawn at every product.
     """
 
     name: ClassVar[str] = ""
