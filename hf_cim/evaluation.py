@@ -49,6 +49,7 @@ def robustness_markdown(
     clean_value: float | None = None,
     digits: int = 4,
     owner: str = "robustness_markdown",
+    human_times: bool = False,
 ) -> str:
     """The robustness table in Markdown: the digital baseline first (when ``clean_value`` is given), then one line
     per ``(level, t_inference)`` cell. The one renderer of the table, for :meth:`RobustnessResult.to_markdown` and the
@@ -60,12 +61,14 @@ def robustness_markdown(
         clean_value: the digital model's value of the metric, or None for no baseline line.
         digits: decimals of the metric's values.
         owner: the function named in the error.
+        human_times: drift times as ``1h`` / ``1d`` (:func:`format_time`) instead of seconds.
 
     Raises:
         ValueError: a row lacks one of the keys above.
     """
+    time_head, time_cell = ("t_inference", format_time) if human_times else ("t_inference (s)", "{:g}".format)
     lines = [
-        f"| noise level | t_inference (s) | {metric or 'metric'} (mean ± std) | min | max | chips |",
+        f"| noise level | {time_head} | {metric or 'metric'} (mean ± std) | min | max | chips |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     if clean_value is not None:
@@ -75,7 +78,7 @@ def robustness_markdown(
         if missing:
             raise ValueError(f"{owner}: a `robustness` row lacks the key(s) {sorted(missing)}: {r!r}")
         lines.append(
-            f"| {r['level']:g} | {r['t_inference']:g} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
+            f"| {r['level']:g} | {time_cell(r['t_inference'])} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
             f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
         )
     return "\n".join(lines)

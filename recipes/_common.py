@@ -22,7 +22,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_cim
-from hf_cim.evaluation import TIME_UNITS, format_time
+from hf_cim.evaluation import TIME_UNITS, format_time, robustness_markdown
 from hf_cim.hub import redact_argv, redact_secrets
 
 logger = logging.getLogger("recipes")
@@ -661,7 +661,7 @@ def measure_chips(
                 "clean": {k.removeprefix("eval_"): v for k, v in result.clean.items()},
                 "chip_seeds": list(result.seeds),
                 "robustness": result.rows,
-                "table": chip_table(result.clean_value, result.rows, f"eval_{metric}"),
+                "table": robustness_markdown(result.rows, f"eval_{metric}", result.clean_value, human_times=True),
             }
             for row in result.rows:
                 row["t_inference_label"] = format_time(row["t_inference"])
@@ -722,22 +722,6 @@ def _png_uint8_hwc(path: str) -> Any:
     if array.ndim == 2:
         array = array[:, :, None]
     return array
-
-
-def chip_table(clean: float | None, rows: list[dict[str, Any]], metric: str, digits: int = 4) -> str:
-    """The chip sweep as Markdown, the digital model first, drift times human-readable (``1d``)."""
-    lines = [
-        f"| noise level | t_inference | {metric} (mean ± std) | min | max | chips |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    if clean is not None:
-        lines.append(f"| digital | – | {clean:.{digits}f} | – | – | – |")
-    for r in rows:
-        lines.append(
-            f"| {r['level']:g} | {format_time(r['t_inference'])} | {r['mean']:.{digits}f} ± {r['std']:.{digits}f} | "
-            f"{r['min']:.{digits}f} | {r['max']:.{digits}f} | {r['n_chips']} |"
-        )
-    return "\n".join(lines)
 
 
 def save_train_outputs(trainer: transformers.Trainer, train_result: Any, num_samples: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 import hf_cim
-from hf_cim.evaluation import RobustnessResult, evaluate_robustness
+from hf_cim.evaluation import RobustnessResult, evaluate_robustness, robustness_markdown
 from hf_cim.noise import GaussianWeightNoise, OutputNoise
 
 
@@ -149,6 +149,10 @@ def test_files_round_trip_and_markdown(program_only, tmp_path):
     md = res.to_markdown().splitlines()
     assert len(md) == 2 + 1 + 4 and md[2].startswith("| digital |")
     assert md[3].startswith(f"| 1 | 0 | {res.rows[0]['mean']:.4f} ± {res.rows[0]['std']:.4f} |")
+    # the recipes' human-readable times come from the same renderer
+    human = robustness_markdown(res.rows, "mse", res.clean_value, human_times=True).splitlines()
+    assert human[0].startswith("| noise level | t_inference | mse") and human[2:4] == md[2:4]
+    assert human[4].startswith(f"| 1 | 1min | {res.rows[1]['mean']:.4f}") and md[4].startswith("| 1 | 60 |")
 
 
 @pytest.mark.parametrize(
