@@ -94,3 +94,50 @@ def noise_config():
     return AnalogNoiseConfig(
         noise=[GaussianWeightNoise(std=0.03), OutputNoise(std=0.05)], seed=4, exclude_modules=["classifier"]
     )
+
+
+LAYER_KINDS = ("linear", "conv1d", "conv2d")
+
+
+def record_hook_inputs(kind, noise, tile_size, model_cls, seed=0):
+    """What ``model_cls.output`` receives when one patched layer runs on LLM-like data: a list of ``(y, x, w)``.
+
+    The layer (``nn.Linear`` 384→96, GPT-2's ``Conv1D`` 384→96 on GELU inputs, ``nn.Conv2d`` 16→32 3×3: 144 rows)
+    has weights ``N(0, 0.02²)`` with 1 % outliers ×8 and inputs with a few outlier features ×25 (as in LLM
+    activations), under the ``pcm`` preset's converters with ``tile_size`` rows per tile and ``noise``.
+    """
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    import hf_cim
+
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        layer, x = nn.Linear(384, 96), torch.randn(4, 32, 384, generator=gen)
+    elif kind == "conv1d":
+        layer, x = Conv1D(96, 384), torch.nn.functional.gelu(torch.randn(4, 32, 384, generator=gen))
+    else:
+        layer, x = nn.Conv2d(16, 32, 3, padding=1), torch.randn(2, 16, 12, 12, generator=gen)
+    with torch.no_grad():
+        w = torch.randn(layer.weight.shape, generator=gen) * 0.02
+        outliers = torch.rand(w.shape, generator=gen) < 0.01
+        layer.weight.copy_(torch.where(outliers, w * 8, w))
+    feature_dim = 1 if kind == "conv2d" else -1
+    index = [slice(None)] * x.dim()
+    index[feature_dim] = torch.tensor([5, 11]) if kind == "conv2d" else torch.tensor([5, 77, 300])
+    x[tuple(index)] *= 25
+    hf_cim.patch_model(layer, hf_cim.get_preset("pcm", 1.0, tile_size=tile_size, noise=noise, seed=seed))
+    seen = []
+    original = model_cls.output
+
+    def recording(self, y, x, w, ctx):
+        seen.append((y.clone(), x.clone(), w.clone()))
+        return original(self, y, x, w, ctx)
+
+    model_cls.output = recording
+    try:
+        with torch.no_grad():
+            layer.train()(x)
+    finally:
+        model_cls.output = original
+    return seen

@@ -4,8 +4,16 @@ import math
 
 import pytest
 import torch
+from helpers import LAYER_KINDS, record_hook_inputs
 
-from hf_cim.noise import GaussianWeightNoise, LogNormalNoise, NoiseContext, OutputNoise, ReadNoise
+from hf_cim.noise import (
+    GaussianWeightNoise,
+    LogNormalNoise,
+    NoiseContext,
+    OutputNoise,
+    ReadNoise,
+    noise_model_from_dict,
+)
 
 
 def ctx(seed=0, level=1.0, **kw):
@@ -148,3 +156,45 @@ def test_lognormal_stays_finite_at_the_top_of_its_ranges(mean_corrected):
     ratio = (out / w)[w != 0]
     bound = math.exp(LogNormalNoise.MAX_LOG_FACTOR)
     assert ratio.max().item() <= bound * (1 + 1e-6) and ratio.min().item() >= (1 - 1e-6) / bound
+
+
+@pytest.mark.parametrize("tile_size", [128, 512], ids=["tiles128", "tiles512"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_read_noise_bf16_spread_within_1_percent_of_float32_per_output(kind, tile_size):
+    # The bound of ``spread_dtype="bfloat16"`` (the default), on the inputs and tiles a real layer hands the hook.
+    seen = record_hook_inputs(kind, [ReadNoise(), OutputNoise()], tile_size, ReadNoise)
+    assert len(seen) == 1
+    _, x, w = seen[0]
+    exact = ReadNoise(spread_dtype="float32").variance(x, w)
+    fast = ReadNoise().variance(x, w)
+    assert (exact.shape[0] > 1) == (tile_size == 128)  # several tiles, and one
+    assert torch.equal(fast == 0, exact == 0)  # a token of zeros has no spread either way
+    nonzero = exact > 0
+    assert nonzero.float().mean() > 0.9
+    rel = (fast[nonzero] / exact[nonzero]).sqrt() - 1  # the spread is σ·sqrt(variance)
+    assert rel.abs().max().item() < 0.01
+    assert ((fast[nonzero] / exact[nonzero]) - 1).abs().max().item() < 0.012  # the variance: (1 + 2^-8)^3 − 1
+
+
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_read_noise_spread_dtype_leaves_signal_and_draws_unchanged(kind):
+    # Same seed: the hook sees the same product y, and the noise it adds differs only by the spread (same ξ).
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        seen = record_hook_inputs(kind, [ReadNoise(std=0.05, spread_dtype=dtype)], 128, ReadNoise)
+        y, x, w = seen[0]
+        model = ReadNoise(std=0.05, spread_dtype=dtype)
+        noise = model.output(y.clone(), x, w, ctx(seed=3)) - y
+        outs[dtype] = (y, noise, model.variance(x, w).sqrt())
+    assert torch.equal(outs["float32"][0], outs["bfloat16"][0])
+    xi = outs["float32"][1] / outs["float32"][2]
+    xi_fast = outs["bfloat16"][1] / outs["bfloat16"][2]
+    ok = outs["float32"][2] > 1e-6
+    torch.testing.assert_close(xi_fast[ok], xi[ok], rtol=1e-4, atol=1e-4)
+
+
+def test_read_noise_spread_dtype_is_checked_and_round_trips():
+    with pytest.raises(ValueError, match=r"`spread_dtype` must be one of .*got 'float16'"):
+        ReadNoise(spread_dtype="float16")
+    model = ReadNoise(spread_dtype="float32")
+    assert noise_model_from_dict(model.to_dict()) == model

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from helpers import LAYER_KINDS, record_hook_inputs
 
-from hf_cim.noise import IRDrop, NoiseContext
+from hf_cim.noise import IRDrop, NoiseContext, OutputNoise, noise_model_from_dict
 from hf_cim.noise.ir_drop import ir_drop_position_weights
 
 
@@ -41,7 +42,7 @@ def reference(y, x, w, s, gamma, mean=False):
 @pytest.mark.parametrize("mean", [False, True], ids=["exact", "mean"])
 def test_matches_the_formula(mean):
     x, w, y = data(rows=8, tokens=3, out=4)
-    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact")
+    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact", current_dtype="float32")
     got = model.output(y.clone(), x, w, ctx(level=1.5))
     torch.testing.assert_close(got.double(), reference(y, x, w, 3.0, 50.0, mean), rtol=1e-5, atol=1e-6)
 
@@ -103,3 +104,41 @@ def test_invalid_fields():
         IRDrop(column_current="solver")
     with pytest.raises(ValueError, match="`g_ratio`"):
         IRDrop(g_ratio=0.0)
+
+
+def _correction(model, x, w, s=1.0):
+    a, y_pos = model.terms(x, w, s)
+    return a, a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
+
+
+@pytest.mark.parametrize("tile_size", [128, 256, 512], ids=["tiles128", "tiles256", "tiles512"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_bf16_column_current_keeps_the_correction_within_1_percent_per_output(kind, tile_size):
+    # ``current_dtype="bfloat16"`` (the default) on what a real layer hands the hook: LLM-like inputs with outlier
+    # features, weights with outliers, 1 to 3 tiles, the presets' γ; and at a strong IR-drop (γ / 100).
+    for g_ratio in (5.7e5, 5.7e3):
+        for seed in range(3):
+            seen = record_hook_inputs(kind, [IRDrop(g_ratio=g_ratio), OutputNoise()], tile_size, IRDrop, seed=seed)
+            _, x, w = seen[0]
+            a32, exact = _correction(IRDrop(g_ratio=g_ratio, current_dtype="float32"), x, w)
+            a16, fast = _correction(IRDrop(g_ratio=g_ratio), x, w)
+            assert torch.equal(a16 == 0, a32 == 0)
+            nonzero = exact != 0
+            assert nonzero.float().mean() > 0.9
+            assert ((a16[nonzero] / a32[nonzero]) - 1).abs().max().item() < 0.012  # (1 + 2^-8)^3 − 1
+            assert ((fast[nonzero] / exact[nonzero]) - 1).abs().max().item() < 0.01
+            assert torch.equal(fast == 0, exact == 0)
+
+
+def test_current_dtype_leaves_the_signal_and_the_position_product_unchanged():
+    _, x, w = record_hook_inputs("linear", [IRDrop(), OutputNoise()], 128, IRDrop)[0]
+    exact, fast = IRDrop(current_dtype="float32"), IRDrop()
+    assert torch.equal(exact.terms(x, w, 1.0)[1], fast.terms(x, w, 1.0)[1])
+    assert not torch.equal(exact.terms(x, w, 1.0)[0], fast.terms(x, w, 1.0)[0])
+
+
+def test_current_dtype_is_checked_and_round_trips():
+    with pytest.raises(ValueError, match=r"`current_dtype` must be one of .*got 'half'"):
+        IRDrop(current_dtype="half")
+    model = IRDrop(current_dtype="float32")
+    assert noise_model_from_dict(model.to_dict()) == model

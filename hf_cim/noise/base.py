@@ -41,15 +41,47 @@ from .. import rng
 from ..validation import check_range  # re-exported: ``hf_cim.noise.check_range`` is the name the docs give users
 
 __all__ = [
+    "SPREAD_DTYPES",
     "NoiseContext",
     "NoiseModel",
     "check_range",
+    "check_spread_dtype",
     "get_noise_model_class",
     "integral_floats_to_ints",
     "list_noise_models",
     "noise_model_from_dict",
     "register_noise_model",
+    "spread_bmm",
 ]
+
+#: Precisions a model may compute a second-order term in (a noise spread, an IR-drop correction): never the signal.
+SPREAD_DTYPES = ("bfloat16", "float32")
+
+
+def spread_bmm(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``torch.bmm(a, b)`` for a term that sets a noise spread or a small correction, not the signal.
+
+    ``dtype="float32"`` is the reference: the plain product. ``"bfloat16"`` rounds both operands to bfloat16 (8
+    significant bits: relative error <= u = 2^-8 each), multiplies with float32 accumulation (oneDNN on the CPU,
+    cuBLAS on CUDA) and returns float32; the result itself is rounded to bfloat16 on the way (torch's CPU GEMM has no
+    float32 output for bfloat16 inputs). For a sum of non-negative terms the result is therefore within
+    ``(1 + u)^3 − 1 < 1.2 %`` of the float32 one for every output, whatever the data, and its square root within
+    0.6 %; the errors of the operands mostly average out over the rows (observed <= 0.85 % and 0.45 % on LLM-like
+    data with outlier features). A signed sum has no such relative bound where it cancels: keep those float32. On
+    CPUs with AMX or AVX512-BF16 this product costs about a fifth of the float32 one; on CPUs without bfloat16
+    instructions it may cost more (choose ``"float32"`` there). Inputs that are not float32 (float64 in tests) are
+    multiplied as they are.
+    """
+    if dtype == "float32" or a.dtype != torch.float32:
+        return torch.bmm(a, b)
+    return torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16)).to(torch.float32)
+
+
+def check_spread_dtype(owner: str, field: str, value: Any) -> None:
+    """Raise ``ValueError`` naming the field unless ``value`` is one of :data:`SPREAD_DTYPES`."""
+    if value not in SPREAD_DTYPES:
+        raise ValueError(f"{owner}: `{field}` must be one of {SPREAD_DTYPES}, got {value!r}")
+
 
 _REGISTRY: dict[str, type[NoiseModel]] = {}
 _assignment = threading.local()

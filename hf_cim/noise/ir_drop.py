@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, check_range, check_spread_dtype, register_noise_model, spread_bmm
 
 __all__ = ["COLUMN_CURRENT_MODES", "IRDrop", "ir_drop_position_weights"]
 
@@ -53,17 +53,30 @@ class IRDrop(NoiseModel):
     one of the two extra matrix products.
 
     Cost: two extra matrix products per tile (``|x|·|W|ᵀ`` and ``(x·p)·Wᵀ``); one with ``column_current="mean"``.
+    The first only sizes the correction: its terms are non-negative, so by default (``current_dtype="bfloat16"``)
+    it runs as a bfloat16 product with float32 accumulation (:func:`hf_cim.noise.base.spread_bmm`, about a fifth of
+    the float32 cost on CPUs with bfloat16 instructions) and ``a_i`` stays within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of
+    the float32 value for every output whatever the data (observed <= 0.75 % on LLM-like data with outlier
+    features); ``c_i``, hence the correction, follows ``a_i`` with no larger relative error (``(dc/da)·a/c`` lies in
+    (0.7, 1] for ``a <= 1``; ``a <= n²/γ < 0.5`` at the presets' tiles).
+    ``tests/test_noise_ir_drop.py`` holds the correction within 1 % of float32's, relative, per output, on Linear,
+    Conv1D and Conv2d layers with 1 to 3 tiles. The second product, ``Σ_j W_ij·x_j·p_j``, is a signed sum shaped
+    like the signal: it can cancel to about zero, where no relative bound holds for a rounded product, so it stays
+    float32. ``current_dtype="float32"`` is the exact reference.
 
     Args:
         scale: IR-drop strength ``s`` (dimensionless, >= 0); aihwkit's training preset uses 1.0.
         g_ratio: ``γ``, the ratio of the wire-segment conductance to ``g_max`` (> 0). Default 5.7·10⁵ (aihwkit's
             ``ir_drop_g_ratio`` default).
         column_current: ``"exact"`` (one matrix product) or ``"mean"`` (rank-one estimate, see above).
+        current_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the column
+            current product ``Σ_j |W_ij|·|x_j|`` (see above).
     """
 
     scale: float = 1.0
     g_ratio: float = 5.7e5
     column_current: str = "exact"
+    current_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         check_range("IRDrop", "scale", self.scale, 0.0, 1000.0)
@@ -72,25 +85,31 @@ class IRDrop(NoiseModel):
             raise ValueError(
                 f"IRDrop: `column_current` must be one of {COLUMN_CURRENT_MODES}, got {self.column_current!r}"
             )
+        check_spread_dtype("IRDrop", "current_dtype", self.current_dtype)
 
     def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         s = ctx.level * self.scale
         if s == 0.0:
             return y
-        rows = x.shape[-1]
         grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
+        a, y_pos = self.terms(x, w, s)
+        if grad:
+            return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
+        return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
+
+    def terms(self, x: torch.Tensor, w: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, s·Σ_j W_ij·x_j·p_j)`` per tile, token and output (``(tiles, T, out)`` each), the exact column current
+        in ``current_dtype``; the correction is ``a·(0.05a² − 0.2a + 0.5)`` times the second."""
+        rows = x.shape[-1]
         pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)
         w_t = w.transpose(1, 2)
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
         if self.column_current == "exact":
-            a = torch.bmm(x_abs, w_t.abs())  # (tiles, T, out)
+            a = spread_bmm(x_abs, w_t.abs(), self.current_dtype)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        y_pos = torch.bmm(x * (pos * s), w_t)  # s·Σ_j W_ij·x_j·p_j
-        if grad:
-            return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
-        return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
+        return a, torch.bmm(x * (pos * s), w_t)  # a signed sum: float32 (see the class docstring)
 
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
