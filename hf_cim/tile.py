@@ -4,7 +4,8 @@ Split in two stages so that a programmed chip can keep its static part:
 
 * :func:`program_weights`: quantize the weights per output channel and run the noise models' ``program`` hooks
   (what the devices store). Training calls it at every forward; :func:`hf_cim.program_chip` once per chip.
-* :func:`analog_matmul`: ``read`` hooks, DAC, the per-tile products (one batched matmul, no Python loop over tiles),
+* :func:`analog_matmul`: ``read`` hooks, DAC, the per-tile products (one batched matmul, no Python loop over tiles;
+  a partly used last tile in a second product over its real rows only),
   ``output`` hooks, ADC per tile (and per input slice), digital recombination, rescale, bias.
 
 Both take a :class:`TileSpec` (the converters and the tiling, nothing else of the config). Everything runs in float32
@@ -181,6 +182,27 @@ def _tile(x: torch.Tensor, w: torch.Tensor, rows: int | None) -> tuple[torch.Ten
     return x_t, w_t
 
 
+def _tiled_product(x: torch.Tensor, w: torch.Tensor, rows: int | None) -> torch.Tensor:
+    """``(tiles, T, out)``: each tile's partial sums ``x_tile @ w_tileᵀ``, the last tile over its real rows only.
+
+    The numbers are those of :func:`_tile`'s zero-padded tiles (the padded rows add exact zeros; the same values bit
+    for bit with the CPU's BLAS, ``tests/test_tile.py``), without the padded rows' multiply-adds: a 384-wide input on
+    256-row tiles no longer costs a 512-wide product.
+    """
+    k = x.shape[-1]
+    if rows is None or k <= rows or k % rows == 0:
+        x_t, w_t = _tile(x, w, rows)
+        return torch.bmm(x_t, w_t.transpose(1, 2))
+    n_full = k // rows
+    y = x.new_empty(n_full + 1, x.shape[0], w.shape[0])
+    split = n_full * rows
+    x_full = x[:, :split].reshape(x.shape[0], n_full, rows).transpose(0, 1)
+    w_full = w[:, :split].reshape(w.shape[0], n_full, rows).transpose(0, 1)
+    torch.bmm(x_full, w_full.transpose(1, 2), out=y[:n_full])
+    torch.mm(x[:, split:], w[:, split:].t(), out=y[n_full])
+    return y
+
+
 def analog_matmul(
     x: torch.Tensor,
     w_prog: torch.Tensor,
@@ -258,12 +280,18 @@ def analog_matmul(
         shares = [s / qmax for s in slice_weights]
         in_scale = 1.0
     else:
-        x_t, w_t = _tile(x_n, w, spec.tile_size)
-        n_tiles = x_t.shape[0]
+        x_t = w_t = None
+        if output_models or differentiable:
+            # The hooks see whole crossbars: a partly used last tile is a full-size array whose extra rows carry no
+            # input and no conductance (IR-drop's row count and positions are the physical array's).
+            x_t, w_t = _tile(x_n, w, spec.tile_size)
         shares = [1.0]
+    if differentiable or spec.input_slice_bits is not None:
+        y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out); times in_scale: normalized units
+    else:
+        y = _tiled_product(x_n, w, spec.tile_size)  # the same partial sums, without the padded rows' work
+    n_tiles = y.shape[0] // len(shares)
     recombine = _recombine_weights(tuple(shares), n_tiles, x.device)
-
-    y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out); times in_scale: normalized units
 
     for model in output_models:
         y = _run_hook(model, model.output, differentiable, y, x_t, w_t, ctx)

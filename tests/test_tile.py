@@ -200,3 +200,40 @@ def test_the_tile_hands_its_backend_sampler_to_the_hooks():
     own = NoiseContext(generator=torch.Generator().manual_seed(0), sampler=rng.REFERENCE)
     program_weights(torch.randn(4, 5), AnalogNoiseConfig(), own, [Spy()])
     assert seen[-1] is rng.REFERENCE  # a caller's choice is kept
+
+
+@pytest.mark.parametrize(("k", "rows"), [(384, 256), (700, 40), (384, 128), (100, 512)], ids=str)
+def test_partial_last_tile_skips_the_padded_rows_with_the_same_partial_sums(k, rows):
+    from hf_cim.tile import _tile, _tiled_product
+
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(64, k, generator=gen), torch.randn(96, k, generator=gen)
+    x_t, w_t = _tile(x, w, rows)
+    padded = torch.bmm(x_t, w_t.transpose(1, 2))
+    got = _tiled_product(x, w, rows)
+    assert got.shape == padded.shape
+    if (k, rows) == (384, 256):  # GPT-2's width on the rram preset's tiles: bit for bit with this CPU's BLAS
+        assert torch.equal(got, padded)
+    torch.testing.assert_close(got, padded, rtol=1e-6, atol=1e-5)
+
+
+def test_hooks_see_whole_crossbars_when_the_last_tile_is_partly_used():
+    # Physics: a partly used last tile is a full-size array whose extra rows carry no input and no conductance, so
+    # IR-drop's row count and row positions are the array's (not those of a smaller array).
+    from hf_cim.noise import IRDrop
+
+    seen = []
+
+    @dataclass
+    class Spy(IRDrop):
+        def output(self, y, x, w, ctx):
+            seen.append(x.shape)
+            return super().output(y, x, w, ctx)
+
+    cfg = AnalogNoiseConfig(tile_size=256, noise=[IRDrop()])
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(8, 384, generator=gen), torch.randn(16, 384, generator=gen) * 0.05
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(0), level=1.0)
+    w_prog, scale = program_weights(w, cfg, ctx, cfg.noise)
+    analog_matmul(x, w_prog, scale, None, cfg, ctx, [Spy()])
+    assert seen == [torch.Size([2, 8, 256])]
