@@ -15,7 +15,8 @@ Modes (``--modes``, comma-separated):
 * ``ste_prog``: ``ste`` with the input gradient through the programmed weights (``backward_weights="programmed"``).
 * ``ste_hw`` / ``ste_detach_hw``: both levers (the library's hardware-aware STE), in either STE form.
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
-  fine-tuning of a digitally trained model, same total budget and schedule).
+  fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
+  share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table.
 
 Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
 ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
@@ -95,11 +96,22 @@ class Condition:
         return f"{self.preset} L{self.level:g}" + (f" @{human_time(self.t)}" if self.t else "")
 
 
+_FT = re.compile(r"ft(\d{1,2})?_(.+)")
+
+
+def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
+    """``(digital share of the steps, base mode)``: ``ft_ste_hw`` -> (``digital_fraction``, ``ste_hw``),
+    ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``)."""
+    found = _FT.fullmatch(mode)
+    share, base = (0.0, mode) if found is None else (
+        digital_fraction if found.group(1) is None else int(found.group(1)) / 100, found.group(2))
+    if base not in BASE_MODES or (found is not None and BASE_MODES[base] is None):
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode> and ft<NN>_<mode>")
+    return share, base
+
+
 def mode_config(mode: str, train: Condition, seed: int, exclude: list[str] | None) -> hf_cim.AnalogNoiseConfig | None:
-    base = mode[3:] if mode.startswith("ft_") else mode
-    if base not in BASE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)} and ft_<mode>")
-    fields = BASE_MODES[base]
+    fields = BASE_MODES[split_mode(mode, 0.0)[1]]
     if fields is None:
         return None
     return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude, **fields)
@@ -348,7 +360,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    digital_steps = int(args.digital_fraction * args.steps) if mode.startswith("ft_") else 0
+    digital_steps = int(split_mode(mode, args.digital_fraction)[0] * args.steps)
     model.train()
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0

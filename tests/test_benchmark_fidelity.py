@@ -24,6 +24,15 @@ def test_conditions_and_times():
         fidelity.mode_config("ste_magic", c, 0, None)
 
 
+def test_fine_tuning_modes_name_their_digital_share():
+    assert fidelity.split_mode("ste_hw", 0.75) == (0.0, "ste_hw")
+    assert fidelity.split_mode("ft_ste_hw", 0.75) == (0.75, "ste_hw")
+    assert fidelity.split_mode("ft50_full", 0.75) == (0.5, "full")
+    for bad in ("ft_digital", "ft5x_ste", "ft123_ste", "ft_"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            fidelity.split_mode(bad, 0.75)
+
+
 def test_paired_runs_same_init_and_chips(tmp_path):
     out = tmp_path / "fid"
     argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw,ft_ste_hw", "--seeds", "0,1",
