@@ -110,11 +110,25 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     return share, base
 
 
-def mode_config(mode: str, train: Condition, seed: int, exclude: list[str] | None) -> hf_cim.AnalogNoiseConfig | None:
+def mode_config(
+    mode: str, train: Condition, seed: int, exclude: list[str] | None, input_quant: str = "per_token"
+) -> hf_cim.AnalogNoiseConfig | None:
     fields = BASE_MODES[split_mode(mode, 0.0)[1]]
     if fields is None:
         return None
-    return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude, **fields)
+    return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude,
+                             input_quant=input_quant, **fields)  # fmt: skip
+
+
+#: Seed of the batches every model's static DAC ranges are calibrated on before it is measured (same for all).
+CALIBRATION_SEED = 10_000
+
+
+def calibrate(setting, model: nn.Module, batches, alpha: float) -> None:
+    """Static DAC ranges (``--input_quant static``) of ``model`` from ``batches``, through the setting's loss."""
+    from hf_cim.calibration import calibrate_input_ranges
+
+    calibrate_input_ranges(model, batches, alpha=alpha, forward=setting.loss)
 
 
 # --------------------------------------------------------------------------------------------------------- settings
@@ -343,7 +357,8 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     train_cond = Condition.parse(args.train)
     torch.manual_seed(seed)  # same initial weights for every mode of this seed
     model = setting.model()
-    cfg = mode_config(mode, train_cond, seed, args.exclude)
+    cfg = mode_config(mode, train_cond, seed, args.exclude, args.input_quant)
+    static = cfg is not None and args.input_quant == "static"
     if cfg is not None:
         hf_cim.patch_model(model, cfg)
         hf_cim.set_drift_time(model, train_cond.t)  # --train preset:level@time: drift in the training loop
@@ -374,6 +389,8 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
                               "grad_norm_ratio": found["grad_norm_ratio"]})  # fmt: skip
             model.train()
         t0 = time.perf_counter()
+        if static and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
+            calibrate(setting, model, [batch], args.input_alpha)  # the ranges follow the inputs as weights move
         if cfg is not None and step < digital_steps:
             with hf_cim.noise_disabled(model):
                 loss = setting.loss(model, batch)
@@ -398,13 +415,18 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     return model, info
 
 
-def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, exclude) -> dict:
-    """The clean metrics, and each condition's metrics on chips 0..chips-1 (same chips for every model)."""
+def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, exclude, args=None) -> dict:
+    """The clean metrics, and each condition's metrics on chips 0..chips-1 (same chips for every model). With
+    ``--input_quant static`` every model's DAC ranges are calibrated on the same batches first."""
+    input_quant = getattr(args, "input_quant", "per_token")
     model.eval()
     out = {"clean": setting.evaluate(model), "chips": {}}
     for cond in conditions:
-        cfg = hf_cim.get_preset(cond.preset, level=cond.level, exclude_modules=exclude)
+        cfg = hf_cim.get_preset(cond.preset, level=cond.level, exclude_modules=exclude, input_quant=input_quant)
         hf_cim.patch_model(model, cfg)
+        if input_quant == "static":
+            calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)),
+                      args.input_alpha)  # fmt: skip
         model.eval()
         per_chip = []
         for chip in range(chips):
@@ -558,9 +580,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--alignment_every", type=int, default=0,
                    help="STE modes: cosine of their gradient with full's every N steps (0: off).")  # fmt: skip
+    p.add_argument("--input_quant", choices=("per_token", "static"), default="per_token",
+                   help="DAC range of every config, trained and measured: the presets' dynamic per-token abs-max, "
+                        "or static ranges calibrated from data (alpha x the inputs' std).")  # fmt: skip
+    p.add_argument("--input_alpha", type=float, default=3.0, help="static DAC: range in input standard deviations.")
+    p.add_argument("--calibrate_every", type=int, default=50,
+                   help="static DAC: noise-aware training recalibrates the ranges every N steps, on the batch.")
+    p.add_argument("--calibration_batches", type=int, default=4,
+                   help="static DAC: training batches (a fixed seed, the same for every model) calibrated on "
+                        "before measuring.")  # fmt: skip
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     args.exclude = args.exclude.split(",") if args.exclude else None
+    if args.calibrate_every < 1 or args.calibration_batches < 1:
+        p.error("--calibrate_every and --calibration_batches must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
@@ -568,12 +601,15 @@ def main(argv: list[str] | None = None) -> dict:
     conditions = [Condition.parse(c) for c in args.eval.split(",")]
     labels = [c.label for c in conditions]
     for mode in modes:
-        mode_config(mode, Condition.parse(args.train), 0, args.exclude)  # fail early on a bad mode
+        mode_config(mode, Condition.parse(args.train), 0, args.exclude, args.input_quant)  # fail early on a bad mode
     setting = SETTINGS[args.setting](args)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
+    if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
+        key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
+                        calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip
     if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
         key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
     runs = {}
@@ -588,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
             t0 = time.perf_counter()
             model, info = train(setting, mode, seed, args)
-            result = measure(setting, model, conditions, args.chips, args.exclude)
+            result = measure(setting, model, conditions, args.chips, args.exclude, args)
             result["info"] = info
             runs[(mode, seed)] = result
             with open(path, "w") as f:
@@ -601,7 +637,9 @@ def main(argv: list[str] | None = None) -> dict:
     table = summarize(runs, modes, seeds, labels, setting.metric, setting.lower_is_better)
     cmd = "python benchmarks/fidelity.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"### {args.setting} ({setting.name}), trained for "
-              f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips\n\n"
+              f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips"
+              + (f", static DAC ranges ({args.input_alpha:g} σ)" if args.input_quant == "static" else "")
+              + "\n\n"
               f"`{cmd}` at commit {_commit()}, torch {torch.__version__}, {platform.machine()}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip
     text = markdown(table, labels, setting.metric, header)

@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
 BACKWARD_WEIGHTS = ("clean", "programmed")
-INPUT_QUANT_MODES = ("per_token", "per_tensor")
+INPUT_QUANT_MODES = ("per_token", "per_tensor", "static")
+#: Largest calibrated input range ``input_ranges`` accepts (layer units; float32 stays exact far beyond).
+MAX_INPUT_RANGE = 1e12
 #: Range of ``out_bound`` (normalized units). A tile's partial sum is at most its row count (<= 65536), so a larger
 #: bound never clips; far below one full-scale product (1) the ADC only saturates. Outside, the ADC step or its
 #: inverse overflows float32 (``1e308``, ``1e-30``) and outputs turn inf/NaN.
@@ -238,8 +240,15 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             autograd through the whole simulation (rounding passes straight through): the baseline.
         input_bits: DAC resolution in bits, in [2, 16]; ``None`` turns the DAC off (inputs stay float but are
             still normalized to the DAC range). 8 bits give the integer levels -127…127.
-        input_quant: DAC range: ``"per_token"`` (dynamic abs-max of each input vector) or ``"per_tensor"``
-            (dynamic abs-max of the whole input).
+        input_quant: DAC range: ``"per_token"`` (dynamic abs-max of each input vector), ``"per_tensor"``
+            (dynamic abs-max of the whole input) or ``"static"``: a fixed range per layer, calibrated from data
+            (``input_ranges``, :func:`hf_cim.calibration.calibrate_input_ranges`), beyond which inputs clip, as a
+            chip's DAC with a set full scale does (aihwkit's presets: ``noise_management=CONSTANT`` with input
+            ranges). The dynamic modes are optimistic: they re-measure every input vector's abs-max, which a
+            chip does not do for free.
+        input_ranges: ``"static"`` only: ``{layer name: range}`` in the layer's input units (finite, > 0), the DAC's
+            full scale of each layer. Written by :func:`hf_cim.calibration.calibrate_input_ranges`, saved with the
+            config (``config.json`` / ``hf_cim_config.json``), so a reloaded checkpoint uses the same ranges.
         weight_bits: weight resolution in bits, in [2, 16], per output channel (abs-max); ``None`` = float weights.
         output_bits: ADC resolution in bits, in [2, 24]; ``None`` turns the ADC off (no clipping, no rounding).
         out_bound: ADC clipping range ``b_out`` in normalized units, in [1e-3, 1e6]: each tile's partial sum is
@@ -285,7 +294,8 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
 
     gradient: str = field(default="ste", metadata={"help": "Gradient mode: ste, ste_detach or full."})
     input_bits: int | None = field(default=8, metadata={"help": "DAC bits in [2, 16], None = off."})
-    input_quant: str = field(default="per_token", metadata={"help": "DAC range: per_token or per_tensor."})
+    input_quant: str = field(default="per_token", metadata={"help": "DAC range: per_token, per_tensor or static."})
+    input_ranges: Any = field(default=None, metadata={"help": "static DAC: {layer name: range}, calibrated."})
     weight_bits: int | None = field(default=8, metadata={"help": "Weight bits in [2, 16], None = float weights."})
     output_bits: int | None = field(default=8, metadata={"help": "ADC bits in [2, 24], None = off."})
     out_bound: float = field(default=10.0, metadata={"help": "ADC clipping range (normalized units, > 0)."})
@@ -314,6 +324,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"AnalogNoiseConfig: `input_quant` must be one of {INPUT_QUANT_MODES}, got {self.input_quant!r}"
             )
+        self.input_ranges = self._check_input_ranges(self.input_ranges, self.input_quant)
         check_range("AnalogNoiseConfig", "out_bound", self.out_bound, MIN_OUT_BOUND, MAX_OUT_BOUND)
         self.out_bound = float(self.out_bound)
         if self.tile_size is not None:
@@ -352,6 +363,29 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
                 "`gradient='full'` autograd already differentiates the ADC clip and the programmed weights: leave them "
                 "at False / 'clean'"
             )
+
+    @staticmethod
+    def _check_input_ranges(ranges: Any, input_quant: str) -> dict[str, float] | None:
+        if ranges is None:
+            return None
+        if input_quant != "static":
+            raise ValueError(
+                "AnalogNoiseConfig: `input_ranges` are the static DAC's ranges; they need `input_quant='static'` "
+                f"(got {input_quant!r}): set input_ranges=None with a dynamic DAC"
+            )
+        if not isinstance(ranges, dict):
+            raise TypeError(
+                f"AnalogNoiseConfig: `input_ranges` must be a dict {{layer name: range}} or None, got "
+                f"{type(ranges).__name__}"
+            )
+        out: dict[str, float] = {}
+        for name, value in ranges.items():
+            if not isinstance(name, str):
+                raise TypeError(f"AnalogNoiseConfig: `input_ranges` keys must be layer names (str), got {name!r}")
+            check_range("AnalogNoiseConfig", f"input_ranges[{name!r}]", value, 0.0, MAX_INPUT_RANGE,
+                        low_inclusive=False)  # fmt: skip
+            out[name] = float(value)
+        return out
 
     @staticmethod
     def _normalize_noise(noise: Any) -> list[NoiseModel]:

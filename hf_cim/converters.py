@@ -22,6 +22,7 @@ __all__ = [
     "adc_levels",
     "adc_tiles",
     "dac",
+    "dac_pass_mask",
     "epilogue",
     "quantize_input",
     "quantize_weight",
@@ -44,13 +45,22 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return round_ste(t) if t.requires_grad else torch.round(t)
 
 
-def dac(x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def dac(
+    x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool, static_range: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DAC: ``x_int = clip(round(x · qmax / absmax), ±qmax)`` of ``x`` ``(tokens, in)``; returns ``(x_int, absmax)``.
 
     ``absmax`` is the dynamic abs-max, ``(tokens, 1)`` per token or ``(1, 1)`` for the whole tensor, floored at
     ``1e-12`` (an all-zero token, an empty batch); it is detached: the DAC range is a calibration, not something
     gradients flow through. ``quantize=False`` (no DAC) only scales. ``x ≈ x_int · absmax / qmax``.
+
+    ``static_range`` (a calibrated full scale, ``input_quant="static"``): ``absmax`` is that ``(1, 1)`` constant and
+    inputs beyond it clip to ``±qmax`` (also without quantization): :func:`dac_pass_mask` says where.
     """
+    if static_range is not None:
+        absmax = torch.full((1, 1), float(static_range), dtype=x.dtype, device=x.device)
+        x_int = x * (qmax / absmax)
+        return torch.clamp(_round(x_int) if quantize else x_int, -qmax, qmax), absmax
     with torch.no_grad():
         if per_token:
             absmax = x.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
@@ -61,6 +71,13 @@ def dac(x: torch.Tensor, qmax: float, *, per_token: bool, quantize: bool) -> tup
         # Dividing by the abs-max can give qmax·(1 + ε); clipping keeps the level count at 2^bits − 1.
         x_int = torch.clamp(_round(x_int), -qmax, qmax)
     return x_int, absmax
+
+
+def dac_pass_mask(x: torch.Tensor, qmax: float, static_range: float, *, quantize: bool) -> torch.Tensor:
+    """Where a static-range :func:`dac` passes a gradient (its clip does not saturate), elementwise on ``x`` in any
+    layout: the same float32 ``x · qmax/absmax`` and the same test as the clamp's, so it equals ``full``'s mask."""
+    scaled = x.float() * (qmax / torch.tensor(float(static_range), dtype=torch.float32, device=x.device))
+    return (torch.round(scaled) if quantize else scaled).abs() <= qmax
 
 
 def quantize_input(x: torch.Tensor, bits: int | None, mode: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
 from .ste import analog_forward, lever_surrogate, lever_vjp
+from .converters import dac_pass_mask
 from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [
@@ -183,13 +184,15 @@ class AnalogLayerMixin:
         aux: dict[str, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """The analog product. ``aux`` (STE modes), when given, receives what the STE backward needs:
-        ``"mask"`` (the ADC's pass mask per tile, or None) and ``"weight"`` (the programmed weights in the layer's
-        units, ``(out, in)``), as the config's ``mask_saturated`` / ``backward_weights`` ask."""
+        ``"mask"`` (the ADC's pass mask per tile, or None), ``"input_mask"`` (a static DAC's pass mask, in ``x``'s
+        layout) and ``"weight"`` (the programmed weights in the layer's units, ``(out, in)``), as the config's
+        ``mask_saturated`` / ``backward_weights`` ask."""
         out_dtype = self.forward_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x2d = self.to_rows(x).float()
             cfg = self.hf_cim_config
             spec = TileSpec.from_config(cfg)
+            input_range = self.input_range() if spec.static_range else None
             ctx = self._noise_context(x.device)
             if self.hf_cim_state.chip is not None and not self.training:
                 w_prog, w_scale = self.hf_cim_state.chip
@@ -201,18 +204,39 @@ class AnalogLayerMixin:
                 if cfg.backward_weights == "programmed":
                     aux["weight"] = w_prog * w_scale
                 saturation = [] if cfg.mask_saturated else None
+                if cfg.mask_saturated and input_range is not None:
+                    aux["input_mask"] = dac_pass_mask(
+                        x, spec.input_qmax, input_range, quantize=spec.input_bits is not None
+                    )
             y2d = analog_matmul(
-                x2d, w_prog, w_scale, bias, spec, ctx, cfg.noise, differentiable=differentiable, saturation=saturation
-            )
+                x2d, w_prog, w_scale, bias, spec, ctx, cfg.noise, differentiable=differentiable,
+                saturation=saturation, input_range=input_range,
+            )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]
             return self.from_rows(y2d, x).to(out_dtype)
+
+    def input_range(self) -> float:
+        """This layer's calibrated DAC full scale (``input_quant="static"``), from the config's ``input_ranges``.
+
+        Raises:
+            ValueError: the config has no range for this layer (not calibrated yet).
+        """
+        cfg = self.hf_cim_config
+        found = (cfg.input_ranges or {}).get(self.hf_cim_name)
+        if found is None:
+            raise ValueError(
+                f"layer {self.hf_cim_name!r}: input_quant='static' needs its DAC range in the config's "
+                "`input_ranges`; calibrate them first: hf_cim.calibration.calibrate_input_ranges(model, batches)"
+            )
+        return found
 
     @property
     def ste_levers(self) -> bool:
         """Whether the STE backward differs from the plain layer's (a saturation mask or programmed weights)."""
         cfg = self.hf_cim_config
-        return (cfg.mask_saturated and cfg.output_bits is not None) or cfg.backward_weights == "programmed"
+        clips = cfg.output_bits is not None or cfg.input_quant == "static"
+        return (cfg.mask_saturated and clips) or cfg.backward_weights == "programmed"
 
     # -- the STE backward with its levers -------------------------------------------------------------------------
     def ste_backward(
@@ -225,10 +249,18 @@ class AnalogLayerMixin:
         need_x: bool,
         need_w: bool,
         dtype: torch.dtype,
+        input_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``∂L/∂x = (g⊙m)·W_b``, ``∂L/∂W = (g⊙m)ᵀ·x`` per crossbar tile: ``m`` the ADC's pass mask of that tile
-        (all ones without ``mask``), ``W_b`` the programmed weights ``w_prog`` or the clean ones. With neither lever
-        it is exactly the plain layer's backward."""
+        """``∂L/∂x = m_in⊙((g⊙m)·W_b)``, ``∂L/∂W = (g⊙m)ᵀ·x`` per crossbar tile: ``m`` the ADC's pass mask of that
+        tile (all ones without ``mask``), ``W_b`` the programmed weights ``w_prog`` or the clean ones, ``m_in`` a
+        static DAC's pass mask (``input_mask``, in ``x``'s layout). With no lever it is exactly the plain layer's
+        backward."""
+        grad_x, grad_w = self._lever_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
+        if input_mask is not None and grad_x is not None:
+            grad_x = grad_x * input_mask  # bool promotes to grad_x's dtype
+        return grad_x, grad_w
+
+    def _lever_backward(self, x, weight, grad, mask, w_prog, need_x, need_w, dtype):
         if mask is not None and mask.shape[0] > 1:
             return self._tiled_ste_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
         if mask is not None:

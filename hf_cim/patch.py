@@ -216,6 +216,7 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
         raise TypeError(f"patch_model: `model` must be a torch.nn.Module, got {type(model).__name__}")
     config.validate()  # fields are checked on assignment; this also sees noise models changed in place
     selected = _select(model, config)
+    _check_static_ranges(config, selected)
     for name, module in selected:
         module.__class__ = _noisy_class(module)
         module._hf_cim_init(name, config)
@@ -228,6 +229,25 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
         model.add_model_tags(list(MODEL_TAGS))
         model.__dict__[_TAGS_ATTR] = new_tags
     return model
+
+
+def _check_static_ranges(config: AnalogNoiseConfig, selected: list[tuple[str, nn.Module]]) -> None:
+    """A static DAC: only dense layers (one range each), and every calibrated range names a selected layer."""
+    if config.input_quant != "static":
+        return
+    experts = [n for n, m in selected if type(m) not in LAYER_MAP]
+    if experts:
+        raise ValueError(
+            f"patch_model: input_quant='static' has one DAC range per dense layer; MoE experts ({experts[0]!r}"
+            f"{' ...' if len(experts) > 1 else ''}) take a dynamic DAC: exclude them or use input_quant='per_token'"
+        )
+    names = {n for n, _ in selected}
+    stray = sorted(set(config.input_ranges or {}) - names)
+    if stray:
+        raise ValueError(
+            f"patch_model: `input_ranges` names {len(stray)} layer(s) this config does not patch, e.g. {stray[0]!r}; "
+            "ranges belong to the model they were calibrated on"
+        )
 
 
 def _hf_config(model: nn.Module):

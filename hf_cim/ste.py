@@ -109,7 +109,7 @@ class AnalogSTEFunction(torch.autograd.Function):
         if aux is None:
             ctx.save_for_backward(x, weight)
         else:
-            ctx.save_for_backward(x, weight, aux.get("mask"), aux.get("weight"))
+            ctx.save_for_backward(x, weight, aux.get("mask"), aux.get("weight"), aux.get("input_mask"))
         return y
 
     @staticmethod
@@ -121,9 +121,9 @@ class AnalogSTEFunction(torch.autograd.Function):
             x, weight = saved
             grad_x, grad_w = ctx.layer.clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
         else:
-            x, weight, mask, w_prog = saved
+            x, weight, mask, w_prog, input_mask = saved
             grad_x, grad_w = ctx.layer.ste_backward(
-                x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype
+                x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype, input_mask
             )
         grad_b = None
         if ctx.has_bias and need_b:
@@ -161,5 +161,8 @@ def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
     aux: dict[str, torch.Tensor | None] = {}
     with torch.no_grad():
         y_noisy = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+    input_mask = aux.get("input_mask")
+    if input_mask is not None:  # a static DAC clipped these inputs: no gradient to them (the values are x's)
+        x = torch.where(input_mask, x, x.detach())
     y_s = layer.ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"))
     return y_s + (y_noisy - y_s).detach()

@@ -42,6 +42,7 @@ class TileSpec:
         input_bits: DAC bits or None (no DAC).
         input_qmax: largest DAC level ``2^(bits−1) − 1`` (1 without a DAC).
         per_token: the DAC's abs-max per token (else per tensor).
+        static_range: the DAC has a calibrated full scale per layer (``input_quant="static"``), not an abs-max.
         weight_qmax: largest weight level, or None for float weights.
         output_bits: ADC bits or None (no ADC).
         adc_step: the ADC step ``Δ_out`` in normalized units (1 without an ADC).
@@ -53,6 +54,7 @@ class TileSpec:
     input_bits: int | None
     input_qmax: float
     per_token: bool
+    static_range: bool
     weight_qmax: float | None
     output_bits: int | None
     adc_step: float
@@ -86,6 +88,7 @@ def _spec(input_bits, input_quant, weight_bits, output_bits, step, tile_size, in
         input_bits=input_bits,
         input_qmax=1.0 if input_bits is None else float(2 ** (input_bits - 1) - 1),
         per_token=input_quant == "per_token",
+        static_range=input_quant == "static",
         weight_qmax=None if weight_bits is None else float(2 ** (weight_bits - 1) - 1),
         output_bits=output_bits,
         adc_step=step,
@@ -213,6 +216,7 @@ def analog_matmul(
     noise: Sequence[NoiseModel],
     differentiable: bool = False,
     saturation: list[torch.Tensor] | None = None,
+    input_range: float | None = None,
 ) -> torch.Tensor:
     """The analog product ``y ≈ x @ Wᵀ + b`` of float32 ``x`` (``(T, in)``) with programmed weights.
 
@@ -229,6 +233,8 @@ def analog_matmul(
             inputs of ``round`` that ``full``'s clamp passes a gradient for); with input slicing, the least
             significant slice's (the one ``full`` routes the gradient through). Measured after the ``output``
             hooks, before a fused trailing output noise.
+        input_range: the layer's calibrated DAC full scale (``spec.static_range``; required then, unused
+            otherwise): inputs beyond it clip.
 
     Returns:
         ``(tokens, out)`` float32 outputs in the layer's units.
@@ -245,7 +251,11 @@ def analog_matmul(
 
     qmax = spec.input_qmax
     quantize = spec.input_bits is not None
-    if inplace:
+    if spec.static_range:
+        if input_range is None:
+            raise ValueError("analog_matmul: a static-range DAC (input_quant='static') needs the layer's input_range")
+        x_n, x_absmax = converters.dac(x, qmax, per_token=False, quantize=quantize, static_range=input_range)
+    elif inplace:
         x_n, x_absmax = kernels.dac(x, qmax, spec.per_token, quantize)
     else:
         x_n, absmax = converters.dac(x, qmax, per_token=spec.per_token, quantize=quantize)

@@ -5,6 +5,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 pytest.importorskip("sklearn")
@@ -54,6 +55,35 @@ def test_paired_runs_same_init_and_chips(tmp_path):
     stamps = {f: os.path.getmtime(out / "runs" / f) for f in runs}
     assert json.dumps(fidelity.main(argv)) == json.dumps(table)
     assert stamps == {f: os.path.getmtime(out / "runs" / f) for f in runs}
+
+
+def test_static_dac_runs_calibrate_every_model_on_the_same_batches(tmp_path, monkeypatch):
+    """--input_quant static: noise-aware training recalibrates its ranges; before measuring, every model (digital
+    included) is calibrated on the same fixed batches; the header says so."""
+    from hf_cim import calibration
+
+    seen = []
+    real = calibration.calibrate_input_ranges
+
+    def spy(model, batches, **kw):
+        batches = list(batches)
+        seen.append([b.clone() for b in batches])
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(calibration, "calibrate_input_ranges", spy)
+    out = tmp_path / "fid"
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "1",
+            "--steps", "4", "--batch_size", "8", "--eval", "pcm:1", "--input_quant", "static", "--calibrate_every", "2",
+            "--calibration_batches", "2", "--out", str(out), "--threads", "1"]  # fmt: skip
+    table = fidelity.main(argv)
+    assert set(table) == {"digital", "ste_hw"}
+    # ste_hw: steps 0 and 2 in training, then before measuring; digital: before measuring only.
+    assert len(seen) == 4
+    measured = [b for b in seen if len(b) == 2]
+    assert len(measured) == 2 and all(torch.equal(x, y) for x, y in zip(*measured))
+    assert "static DAC ranges (3 σ)" in (out / "fidelity.md").read_text()
+    with pytest.raises(SystemExit):
+        fidelity.main(argv[:-4] + ["--calibrate_every", "0", "--out", str(out)])
 
 
 def _tiny_glue(tmp_path):

@@ -95,6 +95,16 @@ def test_experts_are_patched_listed_and_keep_their_parameters():
     assert all(p is params[n] for n, p in model.named_parameters())
 
 
+def test_static_dac_refuses_experts_at_patch_time():
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match="MoE experts"):
+        hf_cim.patch_model(model, _config(input_quant="static"))
+    assert not list(hf_cim.patch.analog_layers(model))  # nothing changed
+    experts = [n for n, _ in _experts(model)]
+    hf_cim.patch_model(model, _config(input_quant="static", exclude_modules=experts))  # the dense layers only
+    assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
+
+
 def test_noise_disabled_is_the_plain_model_and_noise_is_seeded():
     plain = tiny_mixtral().eval()
     a, b = copy.deepcopy(plain), copy.deepcopy(plain)

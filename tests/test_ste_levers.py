@@ -152,3 +152,48 @@ def test_full_mode_rejects_the_levers():
         AnalogNoiseConfig(backward_weights="noisy")
     cfg = AnalogNoiseConfig(mask_saturated=True, backward_weights="programmed")
     assert AnalogNoiseConfig.from_json_string(cfg.to_json_string()) == cfg
+
+
+def _static(plain, x, gradient, alpha=1.0, **fields):
+    """A copy of ``plain`` patched with a static DAC calibrated to ``alpha`` std of ``x``."""
+    from hf_cim.calibration import calibrate_input_ranges
+
+    layer = _patched(plain, gradient=gradient, input_quant="static", **fields)
+    calibrate_input_ranges(layer, [x], alpha=alpha)
+    return layer
+
+
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_dac_clip_mask_equals_full_and_first_principles(kind, tile):
+    """A static DAC clips inputs beyond its range: ``full`` differentiates that clamp (zero gradient there); the
+    hardware-aware STE gives the same input gradient from its pass mask, which is ``|round(x·q/r)| <= q``."""
+    plain, x = _layer(kind)
+    fields = dict(noise=[], out_bound=1.0, tile_size=tile)
+    full = _static(plain, x, "full", **fields)
+    hw = _static(plain, x, "ste", mask_saturated=True, backward_weights="programmed", **fields)
+    r = hf_cim.patch.get_config(hw).input_ranges[""]
+    assert r == pytest.approx(x.std(correction=0).item(), rel=1e-5)  # alpha = 1: one std
+    clipped = torch.round(x * (127 / r)).abs() > 127
+    assert 0.2 < clipped.float().mean() < 0.5  # the range really clips inputs
+    g = torch.randn_like(plain(x))
+    y_full, gx_full, _, _ = _grads(full, x, g)
+    y_hw, gx_hw, _, _ = _grads(hw, x, g)
+    torch.testing.assert_close(y_hw, y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_hw, gx_full, rtol=1e-4, atol=1e-5)
+    assert torch.all(gx_hw[clipped] == 0) and torch.count_nonzero(gx_hw[~clipped]) > 0.9 * (~clipped).sum()
+    # Without the mask lever the clipped inputs get the clean gradient (the STE of the paper).
+    plain_ste = _static(plain, x, "ste", **fields)
+    assert torch.count_nonzero(_grads(plain_ste, x, g)[1][clipped]) > 0.9 * clipped.sum()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_dac_ste_and_ste_detach_agree(kind):
+    plain, x = _layer(kind)
+    fields = dict(noise=[{"name": "output_noise", "std": 0.1}], out_bound=1.0, tile_size=16, seed=5,
+                  mask_saturated=True, backward_weights="programmed")  # fmt: skip
+    g = torch.randn_like(plain(x))
+    a = _grads(_static(plain, x, "ste", **fields), x, g)
+    b = _grads(_static(plain, x, "ste_detach", **fields), x, g)
+    for ta, tb in zip(a, b):
+        torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
