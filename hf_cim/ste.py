@@ -59,11 +59,24 @@ def lever_vjp(
         return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
     n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
     g_t = g.unsqueeze(0) * mask  # (tiles, n, out)
+    # Full tiles in one batched product, a partly used last tile over its real rows only (no zero-padded work).
+    n_full = k // tile_rows
+    split = n_full * tile_rows
     gx = gw = None
     if need_x:
-        gx = torch.bmm(g_t, _tiles(w_x, n_tiles, tile_rows)).transpose(0, 1).reshape(n, -1)[:, :k]
+        gx = g.new_empty(n, k)
+        if n_full:
+            full = torch.bmm(g_t[:n_full], w_x[:, :split].reshape(out, n_full, tile_rows).transpose(0, 1))
+            gx[:, :split] = full.transpose(0, 1).reshape(n, split)
+        if split < k:
+            gx[:, split:] = g_t[n_full] @ w_x[:, split:]
     if need_w:
-        gw = torch.bmm(g_t.transpose(1, 2), _tiles(x, n_tiles, tile_rows)).transpose(0, 1).reshape(out, -1)[:, :k]
+        gw = g.new_empty(out, k)
+        if n_full:
+            full = torch.bmm(g_t[:n_full].transpose(1, 2), x[:, :split].reshape(n, n_full, tile_rows).transpose(0, 1))
+            gw[:, :split] = full.transpose(0, 1).reshape(out, split)
+        if split < k:
+            gw[:, split:] = g_t[n_full].t() @ x[:, split:]
     return gx, gw
 
 
