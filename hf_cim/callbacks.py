@@ -27,6 +27,7 @@ from typing import Any
 from transformers.trainer_callback import TrainerCallback
 
 from .alignment import gradient_alignment
+from .calibration import calibrate_input_ranges, default_forward
 from .distributed import all_gather_floats, world
 from .memory import MemoryTracker, StepMeter
 from .patch import set_noise_level
@@ -36,6 +37,7 @@ from .validation import check_range
 
 __all__ = [
     "GradientAlignmentCallback",
+    "InputRangeCallback",
     "MemoryTracker",
     "NoiseLevelCallback",
     "NoiseStateCallback",
@@ -356,3 +358,52 @@ class NoiseLevelCallback(_LoggingCallback):
         mean = sum(self._levels) / len(self._levels)
         self._levels = []
         return {"noise_level": round(mean, 6)}
+
+
+class InputRangeCallback(TrainerCallback):
+    """Keeps a static DAC's ranges (``input_quant="static"``) calibrated while ``Trainer`` trains.
+
+    Calibrates on ``batches`` (:func:`hf_cim.calibration.calibrate_input_ranges`) when training begins and after
+    every ``every`` optimizer steps, so the ranges follow the inputs' statistics as the weights move, and once more
+    when training ends (the ranges the saved model is measured and reloaded with). The batches are fixed: the same
+    weights give the same ranges, on every rank of a distributed run when every rank is handed the same batches
+    (DDP keeps the weights equal).
+
+    Args:
+        batches: calibration inputs, e.g. a few collated training batches (moved to the model's device here).
+        every: optimizer steps between calibrations (int >= 1).
+        alpha: range in standard deviations of each layer's inputs (in [0.1, 1000]).
+        forward: how a batch runs through the model (default: ``model(**batch)`` for a dict).
+    """
+
+    def __init__(self, batches: list[Any], every: int = 50, alpha: float = 3.0, forward=default_forward) -> None:
+        super().__init__()
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"InputRangeCallback: `every` must be an int >= 1, got {every!r}")
+        check_range("InputRangeCallback", "alpha", alpha, 0.1, 1000.0)
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError("InputRangeCallback: `batches` is empty: give at least one calibration batch")
+        self.every = every
+        self.alpha = float(alpha)
+        self.forward = forward
+
+    def _calibrate(self, model: Any) -> None:
+        device = next(model.parameters()).device
+
+        def to(batch: Any) -> Any:
+            if isinstance(batch, Mapping):
+                return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+            return batch.to(device) if hasattr(batch, "to") else batch
+
+        calibrate_input_ranges(model, [to(b) for b in self.batches], alpha=self.alpha, forward=self.forward)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._calibrate(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._calibrate(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._calibrate(model)

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import lm_samples, patched_gpt2, stack_batch
+from helpers import lm_samples, patched_gpt2, stack_batch, tiny_gpt2, tiny_training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_cim
@@ -290,3 +290,33 @@ def test_warns_when_a_callback_ends_up_behind_an_integration(tmp_path, caplog):
     msgs = [r.getMessage() for r in caplog.records]
     assert any("NoiseLevelCallback was not added with hf_cim.callbacks.add_callbacks" in m for m in msgs)
     assert any("['tensorboard']" in m for m in msgs)
+
+
+def test_input_range_callback_keeps_static_ranges_calibrated(tmp_path):
+    from transformers import Trainer, default_data_collator
+
+    from hf_cim.calibration import calibrate_input_ranges
+    from hf_cim.callbacks import InputRangeCallback
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.get_preset("pcm", input_quant="static", seed=0))
+    samples = lm_samples(16)
+    calib = [default_data_collator(samples[:4])]
+    seen = []
+
+    class Spy(InputRangeCallback):
+        def _calibrate(self, model):
+            super()._calibrate(model)
+            seen.append(dict(hf_cim.patch.get_config(model).input_ranges))
+
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=4), train_dataset=samples,
+                      callbacks=[Spy(calib, every=2)])  # fmt: skip
+    trainer.train()
+    assert len(seen) == 4  # train begin, steps 2 and 4, train end
+    assert seen[0] != seen[1]  # the weights moved, the ranges followed
+    final = dict(hf_cim.patch.get_config(model).input_ranges)
+    assert final == seen[-1] == calibrate_input_ranges(model, calib)  # deterministic: same weights, same ranges
+    with pytest.raises(ValueError, match="every"):
+        InputRangeCallback(calib, every=0)
+    with pytest.raises(ValueError, match="empty"):
+        InputRangeCallback([])
