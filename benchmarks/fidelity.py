@@ -380,6 +380,8 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
     for step, batch in enumerate(setting.batches(seed, args.steps)):
+        if static and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
+            calibrate(setting, model, [batch], args.input_alpha)  # the ranges follow the inputs as weights move
         if probe_every and (step % probe_every == 0 or step == args.steps - 1) and step >= digital_steps:
             from hf_cim.callbacks import gradient_alignment
 
@@ -389,8 +391,6 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
                               "grad_norm_ratio": found["grad_norm_ratio"]})  # fmt: skip
             model.train()
         t0 = time.perf_counter()
-        if static and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
-            calibrate(setting, model, [batch], args.input_alpha)  # the ranges follow the inputs as weights move
         if cfg is not None and step < digital_steps:
             with hf_cim.noise_disabled(model):
                 loss = setting.loss(model, batch)

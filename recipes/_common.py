@@ -14,6 +14,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +31,7 @@ logger = logging.getLogger("recipes")
 
 GRADIENT_CHOICES = ("ste", "ste_detach", "full", "none")
 BACKWARD_WEIGHTS_CHOICES = ("clean", "programmed")
+INPUT_QUANT_CHOICES = ("per_token", "per_tensor", "static")
 # The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
 # differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
 STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed"}
@@ -91,6 +94,28 @@ class AnalogArguments:
             "for --gradient ste/ste_detach/none; always clean with --gradient full (overridden)."
         },
     )
+    input_quant: str | None = field(
+        default=None,
+        metadata={
+            "help": "DAC range: per_token or per_tensor (dynamic abs-max; the presets' per_token by default) or "
+            "static: one range per layer calibrated from training data (--input_range_alpha standard deviations of "
+            "its inputs), recalibrated every --calibrate_every steps while training and before the chips are "
+            "measured; inputs beyond it clip, as a chip's DAC with a set full scale."
+        },
+    )
+    input_range_alpha: float = field(
+        default=3.0, metadata={"help": "--input_quant static: the range in standard deviations of a layer's inputs."}
+    )
+    calibrate_every: int = field(
+        default=50, metadata={"help": "--input_quant static: optimizer steps between recalibrations in training."}
+    )
+    calibration_samples: int = field(
+        default=64,
+        metadata={
+            "help": "--input_quant static: the first N training examples (validation examples without --do_train) "
+            "the ranges are calibrated on."
+        },
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -141,6 +166,15 @@ class AnalogArguments:
         if self.digital_baseline and self.eval_chips == 0:
             raise ValueError(
                 "`--digital_baseline` compares the two models on simulated chips: set `--eval_chips` >= 1"
+            )
+        if self.input_quant is not None and self.input_quant not in INPUT_QUANT_CHOICES:
+            raise ValueError(f"`--input_quant` must be one of {INPUT_QUANT_CHOICES}, got {self.input_quant!r}")
+        if not 0.1 <= self.input_range_alpha <= 1000.0:
+            raise ValueError(f"`--input_range_alpha` must be in [0.1, 1000], got {self.input_range_alpha}")
+        if self.calibrate_every < 1 or self.calibration_samples < 1:
+            raise ValueError(
+                f"`--calibrate_every` and `--calibration_samples` must be >= 1, got {self.calibrate_every} and "
+                f"{self.calibration_samples}"
             )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
         self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
@@ -507,7 +541,58 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
         "mask_saturated": args.mask_saturated,
         "backward_weights": args.backward_weights,
     }
+    if args.input_quant is not None:
+        overrides["input_quant"] = args.input_quant
     return hf_cim.AnalogNoiseConfig.from_preset(args.preset, level=args.level, **overrides)
+
+
+# -- static DAC ranges ------------------------------------------------------------------------------------------------
+def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: AnalogArguments) -> list[Any]:
+    """The batches a static DAC is calibrated on: the first ``--calibration_samples`` examples of ``dataset``, in
+    order, collated as the trainer's evaluation batches (the same on every rank). Empty for a dynamic DAC."""
+    if args.input_quant != "static" or dataset is None:
+        return []
+    subset = dataset.select(range(min(args.calibration_samples, len(dataset))))
+    loader = trainer.get_eval_dataloader(subset)
+    return [{k: v for k, v in batch.items()} for batch in loader]
+
+
+def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], args: AnalogArguments) -> None:
+    """A noise-aware model with a static DAC: :class:`hf_cim.callbacks.InputRangeCallback` keeps its ranges
+    calibrated on ``batches`` while it trains."""
+    config = hf_cim.patch.get_config(trainer.model)
+    if config is None or config.input_quant != "static":
+        return
+    from hf_cim.callbacks import InputRangeCallback
+
+    trainer.add_callback(InputRangeCallback(batches, every=args.calibrate_every, alpha=args.input_range_alpha))
+
+
+@contextmanager
+def measured_as_chip(
+    model: torch.nn.Module, noise_config: hf_cim.AnalogNoiseConfig, calibration: list[Any], alpha: float
+) -> Iterator[torch.nn.Module]:
+    """``model`` as its chips are measured: an analog model as it is; a digital one patched with ``noise_config`` for
+    the block and unpatched after. A static DAC gets the digital model's own ranges, calibrated on ``calibration``
+    (on a copy of the config: the noise-aware model's ranges stay its own)."""
+    if hf_cim.patch.get_config(model) is not None:
+        yield model
+        return
+    static = noise_config.input_quant == "static"
+    config = noise_config.replace(input_ranges=None) if static else noise_config
+    hf_cim.patch_model(model, config)
+    try:
+        if static:
+            from hf_cim.calibration import calibrate_input_ranges
+
+            if not calibration:
+                raise ValueError("a static DAC (--input_quant static) needs calibration data: none was given")
+            device = next(model.parameters()).device
+            batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in calibration]
+            calibrate_input_ranges(model, batches, alpha=alpha)
+        yield model
+    finally:
+        hf_cim.unpatch_model(model)
 
 
 def run_mode(training_args: TrainingArguments, args: AnalogArguments) -> None:
@@ -621,20 +706,18 @@ def measure_chips(
     args: AnalogArguments,
     eval_sets: dict[str, Any],
     metric: str,
+    calibration: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Clean digital metrics and the sweep over ``args.eval_chips`` simulated chips for every evaluation set.
 
     ``metric`` is the key without prefix (``"f1"``, ``"loss"``). A model trained with ``--gradient none`` is patched
-    with ``noise_config`` for the sweep and unpatched after. Tables and plots go to ``output_dir/robustness_<set>/``.
+    with ``noise_config`` for the sweep and unpatched after (:func:`measured_as_chip`; a static DAC calibrated on
+    ``calibration``). Tables and plots go to ``output_dir/robustness_<set>/``.
     """
     from hf_cim.evaluation import evaluate_robustness
 
-    model = trainer.model
-    patched_here = hf_cim.patch.get_config(model) is None
-    if patched_here:
-        hf_cim.patch_model(model, noise_config)
     out: dict[str, Any] = {}
-    try:
+    with measured_as_chip(trainer.model, noise_config, calibration or [], args.input_range_alpha) as model:
         for name, dataset in eval_sets.items():
             if args.eval_chips == 0:
                 with hf_cim.noise_disabled(model):
@@ -666,9 +749,6 @@ def measure_chips(
             for row in result.rows:
                 row["t_inference_label"] = format_time(row["t_inference"])
             logger.info("%s on %d simulated chips:\n%s", name, args.eval_chips, out[name]["table"])
-    finally:
-        if patched_here:
-            hf_cim.unpatch_model(model)
     return out
 
 
@@ -761,15 +841,17 @@ def save_eval_outputs(trainer: transformers.Trainer, metrics: dict[str, Any]) ->
 
 
 def predict_digital_and_chip(
-    trainer: transformers.Trainer, dataset: Any, noise_config: hf_cim.AnalogNoiseConfig, t_inference: float
+    trainer: transformers.Trainer,
+    dataset: Any,
+    noise_config: hf_cim.AnalogNoiseConfig,
+    t_inference: float,
+    calibration: list[Any] | None = None,
+    alpha: float = 3.0,
 ) -> tuple[Any, Any]:
     """``--do_predict``: the predictions (logits) of the digital model and of simulated chip 0 (``noise_config`` at its
-    level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after."""
-    model = trainer.model
-    patched_here = hf_cim.patch.get_config(model) is None
-    if patched_here:
-        hf_cim.patch_model(model, noise_config)
-    try:
+    level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after
+    (:func:`measured_as_chip`)."""
+    with measured_as_chip(trainer.model, noise_config, calibration or [], alpha) as model:
         with hf_cim.noise_disabled(model):
             digital = trainer.predict(dataset, metric_key_prefix="predict").predictions
         model.eval()
@@ -778,9 +860,6 @@ def predict_digital_and_chip(
             chip = trainer.predict(dataset, metric_key_prefix="predict").predictions
         finally:
             hf_cim.clear_chip(model)
-    finally:
-        if patched_here:
-            hf_cim.unpatch_model(model)
     return digital, chip
 
 
@@ -800,6 +879,7 @@ def train_digital_baseline(
     eval_sets: dict[str, Any],
     metric: str,
     tokens_per_sample: int | None = None,
+    calibration: list[Any] | None = None,
 ) -> tuple[transformers.Trainer, dict[str, Any]]:
     """Train the digital twin of the noise-aware run and measure it on the same simulated chips.
 
@@ -834,7 +914,7 @@ def train_digital_baseline(
     add_recipe_callbacks(twin, tokens_per_sample=tokens_per_sample)
     train_result = twin.train()
     twin.save_model()
-    evals = measure_chips(twin, noise_config, args, eval_sets, metric)
+    evals = measure_chips(twin, noise_config, args, eval_sets, metric, calibration)  # its own ranges, same data
     return twin, {
         "output_dir": twin_args.output_dir,
         "train": train_result.metrics,

@@ -33,8 +33,10 @@ import numpy as np
 from _common import (
     AnalogArguments,
     RowLocator,
+    add_range_calibration,
     add_recipe_callbacks,
     build_noise_config,
+    calibration_batches,
     card_and_push,
     card_kwargs,
     command_line,
@@ -741,6 +743,8 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=compute_metrics,
     )
     add_recipe_callbacks(trainer)
+    calibration = calibration_batches(trainer, train if train is not None else eval_sets.get(primary), analog_args)
+    add_range_calibration(trainer, calibration, analog_args)  # static DAC only
     results: dict = {
         "recipe": "run_glue",
         "command": command_line(argv, __file__),
@@ -774,14 +778,19 @@ def main(argv: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
         results["train"] = save_train_outputs(trainer, train_result, len(train))
+        results["analog"]["config"] = noise_config.to_dict()  # with a static DAC: the ranges calibrated in training
     if training_args.do_eval:
-        results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key)
+        results["eval"] = measure_chips(trainer, noise_config, analog_args, eval_sets, metric_key, calibration)
         samples = {name: len(ds) for name, ds in eval_sets.items()}
         save_eval_outputs(trainer, eval_metrics(results["eval"], primary, metric_key, samples))
     if training_args.do_predict:
-        results["predict"] = write_predictions(trainer, test, spec, data_args.task_name, noise_config, analog_args)
+        results["predict"] = write_predictions(
+            trainer, test, spec, data_args.task_name, noise_config, analog_args, calibration
+        )
     if initial_model is not None:  # every GLUE metric (accuracy, F1, Matthews, Pearson) is higher-is-better
-        _, baseline = train_digital_baseline(trainer, initial_model, noise_config, analog_args, eval_sets, metric_key)
+        _, baseline = train_digital_baseline(
+            trainer, initial_model, noise_config, analog_args, eval_sets, metric_key, calibration=calibration
+        )
         results["digital_baseline"] = baseline
         results["comparison"] = compare_with_baseline(
             results["eval"], baseline["eval"], metric_key, greater_is_better=True
@@ -799,12 +808,16 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def write_predictions(trainer, test, spec: LabelSpec, task_name: str | None, noise_config, analog_args) -> dict:
+def write_predictions(
+    trainer, test, spec: LabelSpec, task_name: str | None, noise_config, analog_args, calibration=()
+) -> dict:
     """``predict_results_<task>.txt`` (``predict_results.txt`` without a GLUE task) as transformers' run_glue.py
     (``index``, ``prediction``: the label name, or the score for regression) with a ``prediction_chip_0`` column: the same examples on simulated chip 0 (the measured noise
     config at its level, drifted to the last ``--eval_t_inference``)."""
     t = max(analog_args.t_inference)
-    digital, chip = predict_digital_and_chip(trainer, test, noise_config, t)
+    digital, chip = predict_digital_and_chip(
+        trainer, test, noise_config, t, list(calibration), analog_args.input_range_alpha
+    )
 
     def labels(logits):
         logits = logits[0] if isinstance(logits, tuple) else logits

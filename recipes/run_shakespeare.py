@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from _common import (
     AnalogArguments,
     RowLocator,
+    add_range_calibration,
     add_recipe_callbacks,
     build_noise_config,
+    calibration_batches,
     card_and_push,
     card_kwargs,
     command_line,
@@ -44,6 +46,7 @@ from _common import (
     load_data_file,
     load_named_dataset,
     measure_chips,
+    measured_as_chip,
     parse_args,
     prepare_model,
     run_mode,
@@ -312,9 +315,12 @@ def add_perplexity(evals: dict) -> None:
             row["perplexity_mean"] = sum(row["perplexity"]) / len(row["perplexity"])
 
 
-def generate(model, tokenizer, data_args: DataArguments, noise_config, t_inference: float) -> dict[str, str]:
+def generate(
+    model, tokenizer, data_args: DataArguments, noise_config, t_inference: float, calibration=(), alpha: float = 3.0
+) -> dict[str, str]:
     """``--do_predict``: greedy continuations of ``--predict_prompt`` by the digital model and by simulated chip 0
-    (the measured noise config at its level, drifted to the last ``--eval_t_inference``)."""
+    (the measured noise config at its level, drifted to the last ``--eval_t_inference``; a static DAC calibrated on
+    ``calibration`` for a digital model)."""
     import torch
 
     model.eval()
@@ -325,11 +331,8 @@ def generate(model, tokenizer, data_args: DataArguments, noise_config, t_inferen
         "do_sample": False,
         "pad_token_id": tokenizer.eos_token_id,
     }
-    patched_here = hf_cim.patch.get_config(model) is None
-    if patched_here:
-        hf_cim.patch_model(model, noise_config)
     out = {}
-    try:
+    with measured_as_chip(model, noise_config, calibration, alpha):
         with torch.no_grad():
             with hf_cim.noise_disabled(model):
                 out["digital"] = tokenizer.decode(model.generate(ids, **kwargs)[0])
@@ -340,9 +343,6 @@ def generate(model, tokenizer, data_args: DataArguments, noise_config, t_inferen
                 )
             finally:
                 hf_cim.clear_chip(model)
-    finally:
-        if patched_here:
-            hf_cim.unpatch_model(model)
     return out
 
 
@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
     )
     add_recipe_callbacks(trainer, tokens_per_sample=data_args.block_size)
+    calibration = calibration_batches(trainer, train if train is not None else valid, analog_args)  # static DAC only
+    add_range_calibration(trainer, calibration, analog_args)
     results: dict = {
         "recipe": "run_shakespeare",
         "command": command_line(argv, __file__),
@@ -477,8 +479,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=checkpoint)
         trainer.save_model()  # config.json carries the noise config (quantization_config) for an analog model
         results["train"] = save_train_outputs(trainer, train_result, len(train))
+        results["analog"]["config"] = noise_config.to_dict()  # with a static DAC: the ranges calibrated in training
     if training_args.do_eval:
-        evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss")
+        evals = measure_chips(trainer, noise_config, analog_args, {"validation": valid}, "loss", calibration)
         add_perplexity(evals)
         results["eval"] = evals
         val = evals["validation"]
@@ -496,14 +499,18 @@ def main(argv: list[str] | None = None) -> dict:
         metrics["perplexity"] = val["clean"]["perplexity"]  # transformers' run_clm.py key
         save_eval_outputs(trainer, metrics)
     if training_args.do_predict:
-        results["predict"] = generate(model, tokenizer, data_args, noise_config, max(analog_args.t_inference))
+        results["predict"] = generate(
+            model, tokenizer, data_args, noise_config, max(analog_args.t_inference), calibration,
+            analog_args.input_range_alpha,
+        )  # fmt: skip
         if trainer.is_world_process_zero():
             with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:
                 f.writelines(f"## {k}\n{v}\n\n" for k, v in results["predict"].items())
     if initial_model is not None:
         _, baseline = train_digital_baseline(
-            trainer, initial_model, noise_config, analog_args, {"validation": valid}, "loss", data_args.block_size
-        )
+            trainer, initial_model, noise_config, analog_args, {"validation": valid}, "loss", data_args.block_size,
+            calibration,
+        )  # fmt: skip
         add_perplexity(baseline["eval"])
         results["digital_baseline"] = baseline
         results["comparison"] = compare_with_baseline(results["eval"], baseline["eval"], "loss")

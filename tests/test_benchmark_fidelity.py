@@ -74,7 +74,7 @@ def test_static_dac_runs_calibrate_every_model_on_the_same_batches(tmp_path, mon
     out = tmp_path / "fid"
     argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "1",
             "--steps", "4", "--batch_size", "8", "--eval", "pcm:1", "--input_quant", "static", "--calibrate_every", "2",
-            "--calibration_batches", "2", "--out", str(out), "--threads", "1"]  # fmt: skip
+            "--calibration_batches", "2", "--alignment_every", "2", "--out", str(out), "--threads", "1"]  # fmt: skip
     table = fidelity.main(argv)
     assert set(table) == {"digital", "ste_hw"}
     # ste_hw: steps 0 and 2 in training, then before measuring; digital: before measuring only.

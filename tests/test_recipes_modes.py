@@ -216,3 +216,29 @@ def test_glue_do_eval_alone_and_do_predict_on_an_unlabelled_test_file(bert_dir, 
             ["--task_name", "rte", "--model_name_or_path", bert_dir, "--validation_file", dev, "--do_train"]
             + ["--output_dir", str(tmp_path / "o"), "--report_to", "none"]
         )
+
+
+def test_glue_static_dac_eval_and_predict_calibrate_a_digital_model(bert_dir, tmp_path):
+    """--input_quant static on a digital model (eval and predict only): the ranges are calibrated on the first
+    --calibration_samples validation examples (no training data); the same run twice gives the same chips."""
+    dev = write_glue_tsv(tmp_path / "dev.tsv", "rte", 12, seed=1)
+    test = tmp_path / "test.tsv"
+    rows = [line.rsplit("\t", 1)[0] for line in open(dev, encoding="utf-8").read().splitlines()]
+    test.write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    def run(out):
+        return run_glue.main(
+            ["--task_name", "rte", "--model_name_or_path", bert_dir, "--validation_file", dev, "--test_file",
+             str(test), "--output_dir", str(out), "--do_eval", "--do_predict", "--eval_chips", "2", "--eval_levels",
+             "1", "--preset", "pcm", "--input_quant", "static", "--calibration_samples", "8", "--report_to", "none",
+             "--dataloader_pin_memory", "false"]  # fmt: skip
+        )
+
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    assert a["analog"]["config"]["input_quant"] == "static"
+    assert a["eval"]["validation"]["robustness"][0]["values"] == b["eval"]["validation"]["robustness"][0]["values"]
+    lines = (tmp_path / "a" / "predict_results_rte.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction\tprediction_chip_0" and len(lines) == 13
+    with pytest.raises(ValueError, match="--input_quant"):
+        run_glue.main(["--task_name", "rte", "--model_name_or_path", bert_dir, "--validation_file", dev,
+                       "--output_dir", str(tmp_path / "c"), "--input_quant", "dynamic"])  # fmt: skip

@@ -340,3 +340,33 @@ def test_ste_levers_reach_the_noise_config(tmp_path):
     assert (res["analog"]["mask_saturated"], res["analog"]["backward_weights"]) == (False, "programmed")
     cfg = hf_cim.patch.get_config(AutoModelForCausalLM.from_pretrained(out))
     assert (cfg.mask_saturated, cfg.backward_weights) == (False, "programmed")
+
+
+def test_static_dac_calibrates_each_model_on_the_training_data(tmp_path):
+    """--input_quant static: the noise-aware model keeps its ranges calibrated while it trains (saved in
+    config.json: the calibration of its final weights on the first --calibration_samples training blocks); the
+    digital twin is measured with its own ranges from the same blocks, as an independent digital run is."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_cim
+    from hf_cim.calibration import calibrate_input_ranges
+
+    path, text = write_text(tmp_path / "input.txt", n_chars=6000)
+    out = tmp_path / "out"
+    common = ["--max_steps", "4", "--preset", "pcm", "--input_quant", "static", "--calibrate_every", "2",
+              "--calibration_samples", "8"]  # fmt: skip
+    res = run_shakespeare.main(clm_args(path, out, *common, "--gradient", "ste", "--digital_baseline", "true"))
+    assert res["analog"]["config"]["input_quant"] == "static"
+    back = AutoModelForCausalLM.from_pretrained(out)
+    saved = hf_cim.patch.get_config(back).input_ranges
+    assert set(saved) == {n for n, _ in hf_cim.patch.analog_layers(back)}
+    tok = AutoTokenizer.from_pretrained(out)
+    cut = int(len(text) * 0.9)
+    ids = torch.tensor(run_shakespeare.blocks(tok(text[:cut])["input_ids"], 32)["input_ids"][:8])
+    assert calibrate_input_ranges(back, [{"input_ids": ids, "labels": ids}]) == pytest.approx(saved, rel=1e-5)
+
+    ref = run_shakespeare.main(clm_args(path, tmp_path / "ref", *common, "--gradient", "none"))
+    twin_rows = res["digital_baseline"]["eval"]["validation"]["robustness"]
+    for rr, rd in zip(ref["eval"]["validation"]["robustness"], twin_rows, strict=True):
+        assert rr["values"] == pytest.approx(rd["values"], rel=1e-6)
