@@ -141,3 +141,19 @@ def record_hook_inputs(kind, noise, tile_size, model_cls, seed=0):
     finally:
         model_cls.output = original
     return seen
+
+
+def train_lm_steps(model, ids, steps=8, lr=3e-3, before_step=None):
+    """``steps`` AdamW steps of a causal LM on the fixed batch ``ids``; ``before_step(step)`` runs first at each.
+    Returns the losses."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gpt2
+from helpers import tiny_gpt2, train_lm_steps
 from torch import nn
 
 import hf_cim
@@ -103,16 +103,12 @@ def test_ranges_travel_with_the_checkpoint(tmp_path):
 def test_static_ranges_train_a_gpt2_with_recalibration():
     model = tiny_gpt2()
     hf_cim.patch_model(model, hf_cim.get_preset("pcm", input_quant="static", seed=0))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for step in range(8):
+
+    def recalibrate(step):
         if step % 4 == 0:
             calibrate_input_ranges(model, [ids], forward=lambda m, b: m(input_ids=b))
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+
+    losses = train_lm_steps(model, ids, before_step=recalibrate)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3

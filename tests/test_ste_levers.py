@@ -128,19 +128,12 @@ def test_ste_and_ste_detach_agree_with_levers(kind, tile, levers):
 
 
 def test_levers_train_a_gpt2():
-    from helpers import tiny_gpt2
+    from helpers import tiny_gpt2, train_lm_steps
 
     model = tiny_gpt2()
     hf_cim.patch_model(model, hf_cim.get_preset("pcm", mask_saturated=True, backward_weights="programmed", seed=0))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_lm_steps(model, ids)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3
 
