@@ -99,6 +99,38 @@ def test_level_scales_and_level_zero_is_identity():
     assert torch.equal(model.output(y.clone(), x, w, ctx(0.0)), y)
 
 
+def test_a_layer_narrower_than_the_array_is_the_zero_padded_full_array():
+    """A 40-input layer on a 64-row array uses rows 0..39 of it: its IR-drop is that of the full array with zero
+    inputs and conductances on rows 40..63 (the wire is the array's), as for the padded last tile of a wider layer;
+    and a whole layer patched with tile_size 64 gives exactly that."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import hf_cim
+
+    x, w, y = data(40)
+    narrow = NoiseContext(generator=torch.Generator().manual_seed(0), level=1.0, tile_rows=64)
+    model = IRDrop(g_ratio=300.0, current_dtype="float32")
+    got = model.output(y.clone(), x, w, narrow)
+    padded = model.output(y.clone(), F.pad(x, (0, 24)), F.pad(w, (0, 24)), ctx())
+    torch.testing.assert_close(got, padded, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(got, model.output(y.clone(), x, w, ctx()), rtol=1e-4)  # not a 40-row array
+
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 12, bias=False)
+    wide = nn.Linear(64, 12, bias=False)
+    with torch.no_grad():
+        wide.weight.zero_()
+        wide.weight[:, :40] = layer.weight
+    cfg = dict(noise=[IRDrop(g_ratio=300.0, current_dtype="float32")], input_bits=None, weight_bits=None,
+               output_bits=None, input_quant="per_tensor")  # fmt: skip
+    hf_cim.patch_model(layer, hf_cim.AnalogNoiseConfig(tile_size=64, **cfg))
+    hf_cim.patch_model(wide, hf_cim.AnalogNoiseConfig(tile_size=64, **cfg))
+    inp = torch.randn(8, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inp), wide(F.pad(inp, (0, 24))), rtol=1e-5, atol=1e-6)
+
+
 def test_invalid_fields():
     with pytest.raises(ValueError, match="`column_current`"):
         IRDrop(column_current="solver")

@@ -92,16 +92,24 @@ class IRDrop(NoiseModel):
         if s == 0.0:
             return y
         grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
-        a, y_pos = self.terms(x, w, s)
+        a, y_pos = self.terms(x, w, s, ctx.tile_rows)
         if grad:
             return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
         return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
 
-    def terms(self, x: torch.Tensor, w: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(
+        self, x: torch.Tensor, w: torch.Tensor, s: float, array_rows: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, s·Σ_j W_ij·x_j·p_j)`` per tile, token and output (``(tiles, T, out)`` each), the exact column current
-        in ``current_dtype``; the correction is ``a·(0.05a² − 0.2a + 0.5)`` times the second."""
-        rows = x.shape[-1]
-        pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)
+        in ``current_dtype``; the correction is ``a·(0.05a² − 0.2a + 0.5)`` times the second.
+
+        ``array_rows`` (``ctx.tile_rows``): the rows ``n`` of the physical array. A layer narrower than the array
+        uses its first ``k < n`` rows, next to the read-out: the wire is still ``n`` rows long, so ``n`` and the
+        positions ``j/n`` are the array's, exactly as for the zero-padded last tile of a wider layer. None or
+        smaller than ``x``'s width: ``x``'s width."""
+        used = x.shape[-1]
+        rows = max(used, array_rows or 0)
+        pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)[:used]
         w_t = w.transpose(1, 2)
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
