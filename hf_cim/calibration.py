@@ -83,7 +83,8 @@ def calibrate_input_ranges(
 
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(name)) for name, layer in layers]
+    # Keyed by the layer's own name (a peft model's base layers under their bare names, as patch_model names them).
+    handles = [layer.register_forward_pre_hook(record(layer.hf_cim_name)) for _, layer in layers]
     was_training = model.training
     n_batches = 0
     try:

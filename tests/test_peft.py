@@ -180,3 +180,18 @@ def test_adapter_folder_reloads_analog_with_load_peft(tmp_path):
     (tmp_path / "adapter" / "hf_cim_config.json").unlink()
     with pytest.raises(ValueError, match="no noise config"):
         hf_cim.peft_utils.load_peft(tmp_path / "adapter")
+
+
+def test_static_dac_ranges_calibrate_through_a_peft_model():
+    """Ranges are keyed by the base layers' bare names (the names patch_model gives them), so a peft model patched
+    with a static DAC calibrates and runs."""
+    from hf_cim.calibration import calibrate_input_ranges
+
+    build, targets, exclude, fifo = CASES["gpt2"]
+    model = get_peft_model(build(), _lora(targets, fifo))
+    hf_cim.patch_model(model, AnalogNoiseConfig(input_quant="static", seed=2, exclude_modules=exclude))
+    x = _inputs()
+    ranges = calibrate_input_ranges(model, [x], forward=lambda m, b: m(input_ids=b))
+    names = {layer.hf_cim_name for _, layer in hf_cim.patch.analog_layers(model)}
+    assert set(ranges) == names and not any(n.startswith("base_model") for n in names)
+    assert torch.isfinite(_logits(model, x)).all()
