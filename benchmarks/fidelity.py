@@ -17,6 +17,8 @@ Modes (``--modes``, comma-separated):
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
   fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
   share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table.
+* ``<mode>_clip``: the mode with its weights clipped to ``--clip_sigmas`` standard deviations of their output
+  channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 
 Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
 ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
@@ -105,15 +107,17 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     found = _FT.fullmatch(mode)
     share, base = (0.0, mode) if found is None else (
         digital_fraction if found.group(1) is None else int(found.group(1)) / 100, found.group(2))
-    if base not in BASE_MODES or (found is not None and BASE_MODES[base] is None):
-        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode> and ft<NN>_<mode>")
+    core = base.removesuffix("_clip")
+    if core not in BASE_MODES or (BASE_MODES[core] is None and (found is not None or core != base)):
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode> and "
+                         "<mode>_clip")  # fmt: skip
     return share, base
 
 
 def mode_config(
     mode: str, train: Condition, seed: int, exclude: list[str] | None, input_quant: str = "per_token"
 ) -> hf_cim.AnalogNoiseConfig | None:
-    fields = BASE_MODES[split_mode(mode, 0.0)[1]]
+    fields = BASE_MODES[split_mode(mode, 0.0)[1].removesuffix("_clip")]
     if fields is None:
         return None
     return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude,
@@ -375,7 +379,9 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    digital_steps = int(split_mode(mode, args.digital_fraction)[0] * args.steps)
+    share, base = split_mode(mode, args.digital_fraction)
+    digital_steps = int(share * args.steps)
+    clip = base.endswith("_clip")
     model.train()
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
@@ -400,6 +406,10 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if clip and step >= digital_steps:
+            from hf_cim.clipping import clip_weights_
+
+            clip_weights_(model, args.clip_sigmas)
         sched.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
@@ -580,6 +590,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--alignment_every", type=int, default=0,
                    help="STE modes: cosine of their gradient with full's every N steps (0: off).")  # fmt: skip
+    p.add_argument("--clip_sigmas", type=float, default=2.5,
+                   help="<mode>_clip modes: weights clipped to this many std of their output channel per step.")
     p.add_argument("--input_quant", choices=("per_token", "static"), default="per_token",
                    help="DAC range of every config, trained and measured: the presets' dynamic per-token abs-max, "
                         "or static ranges calibrated from data (alpha x the inputs' std).")  # fmt: skip
@@ -607,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict:
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
+    if any(m.endswith("_clip") for m in modes):  # (only then: earlier cached runs stay valid)
+        key_args.update(clip_sigmas=args.clip_sigmas)
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
                         calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip

@@ -28,6 +28,7 @@ from transformers.trainer_callback import TrainerCallback
 
 from .alignment import gradient_alignment
 from .calibration import calibrate_input_ranges, default_forward
+from .clipping import clip_weights_
 from .distributed import all_gather_floats, world
 from .memory import MemoryTracker, StepMeter
 from .patch import set_noise_level
@@ -42,6 +43,7 @@ __all__ = [
     "NoiseLevelCallback",
     "NoiseStateCallback",
     "PeakMemoryCallback",
+    "WeightClipCallback",
     "add_callbacks",
     "gradient_alignment",
 ]
@@ -407,3 +409,21 @@ class InputRangeCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._calibrate(model)
+
+
+class WeightClipCallback(TrainerCallback):
+    """Clips every patched layer's weights to ``sigmas`` standard deviations of their output channel after each
+    optimizer step (:func:`hf_cim.clipping.clip_weights_`): outliers would squeeze the rest of the channel into a
+    small part of the conductance range. Every rank clips the same (equal) weights the same way.
+
+    Args:
+        sigmas: the bound in standard deviations, in [0.5, 100] (aihwkit's hardware-aware training: 2.5–3.5).
+    """
+
+    def __init__(self, sigmas: float = 2.5) -> None:
+        super().__init__()
+        check_range("WeightClipCallback", "sigmas", sigmas, 0.5, 100.0)
+        self.sigmas = float(sigmas)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        clip_weights_(model, self.sigmas)

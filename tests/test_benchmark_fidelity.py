@@ -29,18 +29,20 @@ def test_fine_tuning_modes_name_their_digital_share():
     assert fidelity.split_mode("ste_hw", 0.75) == (0.0, "ste_hw")
     assert fidelity.split_mode("ft_ste_hw", 0.75) == (0.75, "ste_hw")
     assert fidelity.split_mode("ft50_full", 0.75) == (0.5, "full")
-    for bad in ("ft_digital", "ft5x_ste", "ft123_ste", "ft_"):
+    assert fidelity.split_mode("ste_hw_clip", 0.75) == (0.0, "ste_hw_clip")
+    assert fidelity.split_mode("ft_ste_hw_clip", 0.75) == (0.75, "ste_hw_clip")
+    for bad in ("ft_digital", "ft5x_ste", "ft123_ste", "ft_", "digital_clip", "magic_clip"):
         with pytest.raises(ValueError, match="unknown mode"):
             fidelity.split_mode(bad, 0.75)
 
 
 def test_paired_runs_same_init_and_chips(tmp_path):
     out = tmp_path / "fid"
-    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw,ft_ste_hw", "--seeds", "0,1",
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw,ft_ste_hw_clip", "--seeds", "0,1",
             "--chips", "2", "--steps", "6", "--batch_size", "8", "--eval", "pcm:1,pcm_drift:1@1h", "--out", str(out),
             "--threads", "1"]  # fmt: skip
     table = fidelity.main(argv)
-    assert set(table) == {"digital", "ste_hw", "ft_ste_hw"}
+    assert set(table) == {"digital", "ste_hw", "ft_ste_hw_clip"}
     runs = {f: json.load(open(out / "runs" / f)) for f in os.listdir(out / "runs")}
     assert len(runs) == 6
     d0 = runs["digital_seed0.json"]["result"]

@@ -320,3 +320,32 @@ def test_input_range_callback_keeps_static_ranges_calibrated(tmp_path):
         InputRangeCallback(calib, every=0)
     with pytest.raises(ValueError, match="empty"):
         InputRangeCallback([])
+
+
+def test_weight_clip_callback_clips_after_every_step(tmp_path):
+    from transformers import Trainer
+
+    from hf_cim.callbacks import WeightClipCallback
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(noise=[], seed=0))
+    steps = []
+
+    class Spy(WeightClipCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            layers = [layer for _, layer in hf_cim.patch.analog_layers(model)]
+            expected = []
+            for layer in layers:  # the weights the optimizer left, clamped to 1.5 std of their channel
+                w = layer.weight_oi(layer.weight.detach()).clone()
+                bound = 1.5 * w.std(dim=1, keepdim=True, correction=0)
+                expected.append((torch.maximum(torch.minimum(w, bound), -bound), bool((w.abs() > bound).any())))
+            super().on_step_end(args, state, control, model=model, **kwargs)
+            steps.append(all(torch.equal(layer.weight_oi(layer.weight.detach()), e) for layer, (e, _) in
+                             zip(layers, expected)) and any(c for _, c in expected))  # fmt: skip
+
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=3, learning_rate=0.05),
+                      train_dataset=lm_samples(16), callbacks=[Spy(1.5)])  # fmt: skip
+    trainer.train()
+    assert steps == [True, True, True]  # clipped every step, and something to clip each time
+    with pytest.raises(ValueError, match="sigmas"):
+        WeightClipCallback(0.0)
