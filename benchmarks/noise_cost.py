@@ -11,7 +11,8 @@ within each round (``_harness.py``):
    (``step_time.py``: 6 layers, 384 wide, 6 heads, seq 256, batch 8, vocabulary 50257, tied LM head, every
    linear-like layer patched), plain vs ``ste`` (a bare ``AnalogNoiseConfig()``) and every preset of
    :mod:`hf_cim.presets` at ``level = 1`` with ``gradient="ste"``; then each physical preset with its second-order
-   products in float32 (``ReadNoise(spread_dtype="float32")``, ``IRDrop(current_dtype="float32")``: the exact
+   products in float32 (``ReadNoise(spread_dtype="float32")``, ``IRDrop(current_dtype="float32",
+   position_dtype="float32")``: the exact
    reference the bfloat16 defaults are held against), ``pcm`` with ``IRDrop(column_current="mean")`` and ``pcm``
    with its read noise drawn once per product on the weights (``ReadNoise(draw="batch")``); each also with the tied
    LM head kept digital (``exclude_modules=["lm_head"]``; ``--head``), because the 384×50257 head does about 65 % of
@@ -84,7 +85,7 @@ LAYER_VARIANTS = {
     "reram": [ReRAMNoise()],
     "stuck_at": [StuckAtFaults()],
     "ir_drop": [IRDrop()],
-    "ir_drop (float32 current)": [IRDrop(current_dtype="float32")],
+    "ir_drop (float32 products)": [IRDrop(current_dtype="float32", position_dtype="float32")],
     "thermal": [ThermalNoise()],
 }
 
@@ -139,7 +140,7 @@ def _exact(noise: list) -> list:
         if isinstance(model, ReadNoise):
             model = dataclasses.replace(model, spread_dtype="float32")
         elif isinstance(model, IRDrop):
-            model = dataclasses.replace(model, current_dtype="float32")
+            model = dataclasses.replace(model, current_dtype="float32", position_dtype="float32")
         out.append(model)
     return out
 

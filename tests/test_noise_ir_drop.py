@@ -42,7 +42,8 @@ def reference(y, x, w, s, gamma, mean=False):
 @pytest.mark.parametrize("mean", [False, True], ids=["exact", "mean"])
 def test_matches_the_formula(mean):
     x, w, y = data(rows=8, tokens=3, out=4)
-    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact", current_dtype="float32")
+    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact", current_dtype="float32",
+                   position_dtype="float32")
     got = model.output(y.clone(), x, w, ctx(level=1.5))
     torch.testing.assert_close(got.double(), reference(y, x, w, 3.0, 50.0, mean), rtol=1e-5, atol=1e-6)
 
@@ -152,8 +153,8 @@ def test_bf16_column_current_keeps_the_correction_within_1_percent_per_output(ki
         for seed in range(3):
             seen = record_hook_inputs(kind, [IRDrop(g_ratio=g_ratio), OutputNoise()], tile_size, IRDrop, seed=seed)
             _, x, w = seen[0]
-            a32, exact = _correction(IRDrop(g_ratio=g_ratio, current_dtype="float32"), x, w)
-            a16, fast = _correction(IRDrop(g_ratio=g_ratio), x, w)
+            a32, exact = _correction(IRDrop(g_ratio=g_ratio, current_dtype="float32", position_dtype="float32"), x, w)
+            a16, fast = _correction(IRDrop(g_ratio=g_ratio, position_dtype="float32"), x, w)
             assert torch.equal(a16 == 0, a32 == 0)
             nonzero = exact != 0
             assert nonzero.float().mean() > 0.9
@@ -162,9 +163,31 @@ def test_bf16_column_current_keeps_the_correction_within_1_percent_per_output(ki
             assert torch.equal(fast == 0, exact == 0)
 
 
+@pytest.mark.parametrize("tile_size", [128, 512], ids=["tiles128", "tiles512"])
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_bf16_position_product_is_within_1_percent_of_its_terms_size_per_output(kind, tile_size):
+    """``position_dtype="bfloat16"``: the signed product ``Σ_j W_ij·x_j·p_j`` is within (1 + 2^-8)^3 − 1 of
+    ``Σ_j |W_ij·x_j·p_j|`` for every output (the bound of a rounded dot product), and so is the correction."""
+    for g_ratio in (5.7e5, 5.7e3):
+        for seed in range(3):
+            seen = record_hook_inputs(kind, [IRDrop(g_ratio=g_ratio), OutputNoise()], tile_size, IRDrop, seed=seed)
+            _, x, w = seen[0]
+            exact = IRDrop(g_ratio=g_ratio, position_dtype="float32")
+            fast = IRDrop(g_ratio=g_ratio)
+            a, pos32 = exact.terms(x, w, 1.0)
+            a16, pos16 = fast.terms(x, w, 1.0)
+            assert torch.equal(a, a16)  # the column current is not touched by this field
+            p = ir_drop_position_weights(x.shape[-1])
+            size = torch.bmm((x * p).abs(), w.abs().transpose(1, 2))
+            nonzero = size > 0
+            assert ((pos16 - pos32).abs()[nonzero] / size[nonzero]).max().item() < 0.012
+            c = a * (0.05 * a * a - 0.2 * a + 0.5)
+            assert ((c * (pos16 - pos32)).norm() / (c * pos32).norm()).item() < 0.01  # the correction, in norm
+
+
 def test_current_dtype_leaves_the_signal_and_the_position_product_unchanged():
     _, x, w = record_hook_inputs("linear", [IRDrop(), OutputNoise()], 128, IRDrop)[0]
-    exact, fast = IRDrop(current_dtype="float32"), IRDrop()
+    exact, fast = IRDrop(current_dtype="float32"), IRDrop(current_dtype="bfloat16")
     assert torch.equal(exact.terms(x, w, 1.0)[1], fast.terms(x, w, 1.0)[1])
     assert not torch.equal(exact.terms(x, w, 1.0)[0], fast.terms(x, w, 1.0)[0])
 
@@ -174,3 +197,9 @@ def test_current_dtype_is_checked_and_round_trips():
         IRDrop(current_dtype="half")
     model = IRDrop(current_dtype="float32")
     assert noise_model_from_dict(model.to_dict()) == model
+    with pytest.raises(ValueError, match=r"`position_dtype` must be one of .*got 'half'"):
+        IRDrop(position_dtype="half")
+    model = IRDrop(position_dtype="float32")
+    assert noise_model_from_dict(model.to_dict()) == model
+    old = {k: v for k, v in model.to_dict().items() if k != "position_dtype"}  # saved before the field existed
+    assert noise_model_from_dict(old).position_dtype == "bfloat16"

@@ -61,8 +61,12 @@ class IRDrop(NoiseModel):
     (0.7, 1] for ``a <= 1``; ``a <= n²/γ < 0.5`` at the presets' tiles).
     ``tests/test_noise_ir_drop.py`` holds the correction within 1 % of float32's, relative, per output, on Linear,
     Conv1D and Conv2d layers with 1 to 3 tiles. The second product, ``Σ_j W_ij·x_j·p_j``, is a signed sum shaped
-    like the signal: it can cancel to about zero, where no relative bound holds for a rounded product, so it stays
-    float32. ``current_dtype="float32"`` is the exact reference.
+    like the signal: it can cancel to about zero, where no bound relative to its value holds for a rounded product.
+    By default (``position_dtype="bfloat16"``) it also runs as a bfloat16 product, with the bound a rounded dot
+    product does have: within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of ``Σ_j |W_ij·x_j·p_j|``, the size of its terms, for every
+    output (observed <= 0.6 %, and 0.3 % of the correction in norm). The correction itself is about 10⁻³ of the
+    signal at the presets' γ, so this moves an output by ~10⁻⁵ of its size, far below the output noise.
+    ``current_dtype="float32"`` and ``position_dtype="float32"`` are the exact reference.
 
     Args:
         scale: IR-drop strength ``s`` (dimensionless, >= 0); aihwkit's training preset uses 1.0.
@@ -71,12 +75,15 @@ class IRDrop(NoiseModel):
         column_current: ``"exact"`` (one matrix product) or ``"mean"`` (rank-one estimate, see above).
         current_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the column
             current product ``Σ_j |W_ij|·|x_j|`` (see above).
+        position_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the
+            position-weighted product ``Σ_j W_ij·x_j·p_j`` (see above).
     """
 
     scale: float = 1.0
     g_ratio: float = 5.7e5
     column_current: str = "exact"
     current_dtype: str = "bfloat16"
+    position_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         check_range("IRDrop", "scale", self.scale, 0.0, 1000.0)
@@ -86,6 +93,7 @@ class IRDrop(NoiseModel):
                 f"IRDrop: `column_current` must be one of {COLUMN_CURRENT_MODES}, got {self.column_current!r}"
             )
         check_spread_dtype("IRDrop", "current_dtype", self.current_dtype)
+        check_spread_dtype("IRDrop", "position_dtype", self.position_dtype)
 
     def output(self, y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         s = ctx.level * self.scale
@@ -117,7 +125,7 @@ class IRDrop(NoiseModel):
             a = spread_bmm(x_abs, w_t.abs(), self.current_dtype)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        return a, torch.bmm(x * (pos * s), w_t)  # a signed sum: float32 (see the class docstring)
+        return a, spread_bmm(x * (pos * s), w_t, self.position_dtype)  # bounded by its terms' size (class doc)
 
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
