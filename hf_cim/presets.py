@@ -11,7 +11,9 @@ quantization). ``AnalogNoiseConfig(noise="pcm")`` takes a preset's noise models 
                 paper's lognormal levels 1.0 / 2.0 / 3.0 are ``level=1.0/2.0/3.0``, i.e. σ = 0.1 / 0.2 / 0.3
                 (a multiplicative spread of about ±10 / 20 / 30 % at one standard deviation).
 ``"pcm"``       close to aihwkit's ``StandardHWATrainingPreset``: 8-bit DAC and ADC (``out_bound`` 10), float
-                weights, 512-row tiles, PCM-shaped read noise 0.0175, IR-drop (scale 1), output noise 0.04.
+                weights, 512-row tiles, PCM-shaped read noise 0.0175, IR-drop (scale 1), output noise 0.04. Its
+                DAC range is dynamic per token; aihwkit's preset uses static ranges from data:
+                ``input_quant="static"`` (:mod:`hf_cim.calibration`) is that DAC.
 ``"pcm_drift"`` the ``"pcm"`` converters and tiles with the statistical PCM device model (programming noise,
                 drift with global compensation, 1/f read noise; Nandakumar 2019), IR-drop and output noise
                 0.04: for evaluation over time with :func:`hf_cim.program_chip` and ``t_inference``.
