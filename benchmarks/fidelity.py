@@ -105,8 +105,11 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     """``(digital share of the steps, base mode)``: ``ft_ste_hw`` -> (``digital_fraction``, ``ste_hw``),
     ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``)."""
     found = _FT.fullmatch(mode)
-    share, base = (0.0, mode) if found is None else (
-        digital_fraction if found.group(1) is None else int(found.group(1)) / 100, found.group(2))
+    share, base = (
+        (0.0, mode)
+        if found is None
+        else (digital_fraction if found.group(1) is None else int(found.group(1)) / 100, found.group(2))
+    )
     core = base.removesuffix("_clip")
     if core not in BASE_MODES or (BASE_MODES[core] is None and (found is not None or core != base)):
         raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode> and "
@@ -590,14 +593,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--alignment_every", type=int, default=0,
                    help="STE modes: cosine of their gradient with full's every N steps (0: off).")  # fmt: skip
-    p.add_argument("--clip_sigmas", type=float, default=2.5,
-                   help="<mode>_clip modes: weights clipped to this many std of their output channel per step.")
+    p.add_argument(
+        "--clip_sigmas",
+        type=float,
+        default=2.5,
+        help="<mode>_clip modes: weights clipped to this many std of their output channel per step.",
+    )
     p.add_argument("--input_quant", choices=("per_token", "static"), default="per_token",
                    help="DAC range of every config, trained and measured: the presets' dynamic per-token abs-max, "
                         "or static ranges calibrated from data (alpha x the inputs' std).")  # fmt: skip
     p.add_argument("--input_alpha", type=float, default=3.0, help="static DAC: range in input standard deviations.")
-    p.add_argument("--calibrate_every", type=int, default=50,
-                   help="static DAC: noise-aware training recalibrates the ranges every N steps, on the batch.")
+    p.add_argument(
+        "--calibrate_every",
+        type=int,
+        default=50,
+        help="static DAC: noise-aware training recalibrates the ranges every N steps, on the batch.",
+    )
     p.add_argument("--calibration_batches", type=int, default=4,
                    help="static DAC: training batches (a fixed seed, the same for every model) calibrated on "
                         "before measuring.")  # fmt: skip

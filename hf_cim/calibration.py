@@ -22,7 +22,7 @@ from torch import nn
 from .patch import analog_layers, get_config, noise_disabled
 from .validation import check_range
 
-__all__ = ["calibrate_input_ranges", "default_forward"]
+__all__ = ["batch_to", "calibrate_input_ranges", "default_forward"]
 
 #: Range of ``alpha``: below 0.1 σ nearly every input clips; beyond 1000 σ the 8-bit grid is coarser than the data.
 MIN_ALPHA, MAX_ALPHA = 0.1, 1000.0
@@ -36,6 +36,13 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def batch_to(batch: Any, device: torch.device) -> Any:
+    """A calibration batch on ``device``: each tensor of a mapping, or the tensor itself (other values as they are)."""
+    if isinstance(batch, Mapping):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return batch.to(device) if hasattr(batch, "to") else batch
 
 
 def calibrate_input_ranges(

@@ -27,7 +27,7 @@ from typing import Any
 from transformers.trainer_callback import TrainerCallback
 
 from .alignment import gradient_alignment
-from .calibration import calibrate_input_ranges, default_forward
+from .calibration import batch_to, calibrate_input_ranges, default_forward
 from .clipping import clip_weights_
 from .distributed import all_gather_floats, world
 from .memory import MemoryTracker, StepMeter
@@ -392,13 +392,8 @@ class InputRangeCallback(TrainerCallback):
 
     def _calibrate(self, model: Any) -> None:
         device = next(model.parameters()).device
-
-        def to(batch: Any) -> Any:
-            if isinstance(batch, Mapping):
-                return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-            return batch.to(device) if hasattr(batch, "to") else batch
-
-        calibrate_input_ranges(model, [to(b) for b in self.batches], alpha=self.alpha, forward=self.forward)
+        batches = [batch_to(b, device) for b in self.batches]
+        calibrate_input_ranges(model, batches, alpha=self.alpha, forward=self.forward)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._calibrate(model)

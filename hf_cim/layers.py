@@ -23,11 +23,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AnalogNoiseConfig
+from .converters import dac_pass_mask
 from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
 from .ste import analog_forward, lever_surrogate, lever_vjp
-from .converters import dac_pass_mask
 from .tile import TileSpec, analog_matmul, program_weights
 
 __all__ = [

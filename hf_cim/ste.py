@@ -57,7 +57,7 @@ def lever_vjp(
         if mask is not None:
             g = g * mask[0]  # bool promotes to g's dtype: no float copy of the mask
         return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
-    n_tiles, k, n, out = mask.shape[0], x.shape[1], x.shape[0], w.shape[0]
+    k, n, out = x.shape[1], x.shape[0], w.shape[0]
     g_t = g.unsqueeze(0) * mask  # (tiles, n, out)
     # Full tiles in one batched product, a partly used last tile over its real rows only (no zero-padded work).
     n_full = k // tile_rows

@@ -553,8 +553,7 @@ def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: Analo
     if args.input_quant != "static" or dataset is None:
         return []
     subset = dataset.select(range(min(args.calibration_samples, len(dataset))))
-    loader = trainer.get_eval_dataloader(subset)
-    return [{k: v for k, v in batch.items()} for batch in loader]
+    return list(trainer.get_eval_dataloader(subset))
 
 
 def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], args: AnalogArguments) -> None:
@@ -583,13 +582,12 @@ def measured_as_chip(
     hf_cim.patch_model(model, config)
     try:
         if static:
-            from hf_cim.calibration import calibrate_input_ranges
+            from hf_cim.calibration import batch_to, calibrate_input_ranges
 
             if not calibration:
                 raise ValueError("a static DAC (--input_quant static) needs calibration data: none was given")
             device = next(model.parameters()).device
-            batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in calibration]
-            calibrate_input_ranges(model, batches, alpha=alpha)
+            calibrate_input_ranges(model, [batch_to(b, device) for b in calibration], alpha=alpha)
         yield model
     finally:
         hf_cim.unpatch_model(model)

@@ -157,3 +157,12 @@ def train_lm_steps(model, ids, steps=8, lr=3e-3, before_step=None):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def layer_grads(layer, x, g):
+    """``(y, ∂x, ∂W, ∂b)`` of one forward of ``layer`` on a fresh copy of ``x`` and a backward of ``g``."""
+    x = x.clone().requires_grad_()
+    layer.zero_grad()
+    y = layer(x)
+    y.backward(g)
+    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from helpers import layer_grads
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
@@ -50,24 +51,16 @@ def _layer(kind):
     return nn.Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 12, 12)
 
 
-def _grads(layer, x, g):
-    x = x.clone().requires_grad_()
-    layer.zero_grad()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
-
-
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 def test_ste_gradient_is_the_clean_gradient_and_ste_detach_agrees(kind):
     plain, x = _layer(kind)
     plain, x = plain.to(DEVICE), x.to(DEVICE)
     g = torch.randn_like(plain(x))
-    ref = _grads(plain, x, g)
+    ref = layer_grads(plain, x, g)
     outs = {}
     for mode in ("ste", "ste_detach"):
         noisy = hf_cim.patch_model(copy.deepcopy(plain), hf_cim.AnalogNoiseConfig(gradient=mode, noise=NOISE))
-        outs[mode] = _grads(noisy, x, g)
+        outs[mode] = layer_grads(noisy, x, g)
         err = max((a - b).abs().max().item() / (b.abs().max().item() + 1e-12) for a, b in zip(outs[mode][1:], ref[1:]))
         assert err < 1e-4, f"{kind} {mode}: gradient differs from the clean one, max rel err {err:.2e}"
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(outs["ste"], outs["ste_detach"]))

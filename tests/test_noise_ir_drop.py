@@ -42,8 +42,13 @@ def reference(y, x, w, s, gamma, mean=False):
 @pytest.mark.parametrize("mean", [False, True], ids=["exact", "mean"])
 def test_matches_the_formula(mean):
     x, w, y = data(rows=8, tokens=3, out=4)
-    model = IRDrop(scale=2.0, g_ratio=50.0, column_current="mean" if mean else "exact", current_dtype="float32",
-                   position_dtype="float32")
+    model = IRDrop(
+        scale=2.0,
+        g_ratio=50.0,
+        column_current="mean" if mean else "exact",
+        current_dtype="float32",
+        position_dtype="float32",
+    )
     got = model.output(y.clone(), x, w, ctx(level=1.5))
     torch.testing.assert_close(got.double(), reference(y, x, w, 3.0, 50.0, mean), rtol=1e-5, atol=1e-6)
 

@@ -228,10 +228,34 @@ def test_glue_static_dac_eval_and_predict_calibrate_a_digital_model(bert_dir, tm
 
     def run(out):
         return run_glue.main(
-            ["--task_name", "rte", "--model_name_or_path", bert_dir, "--validation_file", dev, "--test_file",
-             str(test), "--output_dir", str(out), "--do_eval", "--do_predict", "--eval_chips", "2", "--eval_levels",
-             "1", "--preset", "pcm", "--input_quant", "static", "--calibration_samples", "8", "--report_to", "none",
-             "--dataloader_pin_memory", "false"]  # fmt: skip
+            [
+                "--task_name",
+                "rte",
+                "--model_name_or_path",
+                bert_dir,
+                "--validation_file",
+                dev,
+                "--test_file",
+                str(test),
+                "--output_dir",
+                str(out),
+                "--do_eval",
+                "--do_predict",
+                "--eval_chips",
+                "2",
+                "--eval_levels",
+                "1",
+                "--preset",
+                "pcm",
+                "--input_quant",
+                "static",
+                "--calibration_samples",
+                "8",
+                "--report_to",
+                "none",
+                "--dataloader_pin_memory",
+                "false",
+            ]  # fmt: skip
         )
 
     a, b = run(tmp_path / "a"), run(tmp_path / "b")

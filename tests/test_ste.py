@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+from helpers import layer_grads
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -20,14 +21,6 @@ def _layer(kind):
     return nn.Conv2d(4, 6, 3, stride=2, padding=1), torch.randn(2, 4, 9, 9)
 
 
-def _grads(layer, x, g):
-    x = x.clone().requires_grad_()
-    layer.zero_grad()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
-
-
 KINDS = ["linear", "conv1d", "conv2d"]
 
 
@@ -38,8 +31,8 @@ def test_ste_gradients_equal_the_clean_layer(kind, mode):
     noisy = copy.deepcopy(plain)
     hf_cim.patch_model(noisy, AnalogNoiseConfig(gradient=mode, noise=NOISE, tile_size=16))
     g = torch.randn_like(plain(x))
-    y_plain, gx, gw, gb = _grads(plain, x, g)
-    y_noisy, nx, nw, nb = _grads(noisy, x, g)
+    y_plain, gx, gw, gb = layer_grads(plain, x, g)
+    y_noisy, nx, nw, nb = layer_grads(noisy, x, g)
     assert not torch.allclose(y_noisy, y_plain, atol=1e-3)  # the forward really is noisy
     torch.testing.assert_close(nx, gx, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(nw, gw, rtol=1e-5, atol=1e-6)
@@ -50,7 +43,7 @@ def test_linear_gradient_formula():
     layer, x = _layer("linear")
     hf_cim.patch_model(layer, AnalogNoiseConfig(noise=NOISE))
     g = torch.randn(3, 5, 24)
-    _, gx, gw, gb = _grads(layer, x, g)
+    _, gx, gw, gb = layer_grads(layer, x, g)
     torch.testing.assert_close(gx, g @ layer.weight.detach())
     torch.testing.assert_close(gw, g.reshape(-1, 24).T @ x.reshape(-1, 40), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb, g.sum((0, 1)))
@@ -64,8 +57,8 @@ def test_ste_and_ste_detach_agree_for_the_same_seed(kind):
     hf_cim.patch_model(b, AnalogNoiseConfig(gradient="ste_detach", noise=NOISE, seed=7))
     g = torch.randn_like(base(x))
     for _ in range(2):  # the noise streams advance identically
-        ya, *ga = _grads(a, x, g)
-        yb, *gb = _grads(b, x, g)
+        ya, *ga = layer_grads(a, x, g)
+        yb, *gb = layer_grads(b, x, g)
         torch.testing.assert_close(ya, yb, rtol=1e-6, atol=1e-6)
         for u, v in zip(ga, gb):
             torch.testing.assert_close(u, v)
@@ -78,8 +71,8 @@ def test_full_gradient_differs_but_is_aligned(kind):
     hf_cim.patch_model(ste, AnalogNoiseConfig(gradient="ste", noise=NOISE, seed=3))
     hf_cim.patch_model(full, AnalogNoiseConfig(gradient="full", noise=NOISE, seed=3))
     g = torch.randn_like(base(x))
-    ys, _, ws, _ = _grads(ste, x, g)
-    yf, _, wf, _ = _grads(full, x, g)
+    ys, _, ws, _ = layer_grads(ste, x, g)
+    yf, _, wf, _ = layer_grads(full, x, g)
     torch.testing.assert_close(ys, yf, rtol=1e-4, atol=1e-4)  # same noise, same forward
     assert not torch.allclose(ws, wf, atol=1e-4)
     cos = torch.nn.functional.cosine_similarity(ws.flatten(), wf.flatten(), dim=0)

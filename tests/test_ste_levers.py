@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from helpers import layer_grads
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -22,14 +23,6 @@ def _layer(kind):
     if kind == "conv1d":
         return Conv1D(24, 40), 3 * torch.randn(3, 5, 40)
     return nn.Conv2d(5, 6, 3, stride=2, padding=1), 3 * torch.randn(2, 5, 9, 9)  # 45 crossbar rows
-
-
-def _grads(layer, x, g):
-    x = x.clone().requires_grad_()
-    layer.zero_grad()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone()
 
 
 def _patched(plain, **fields):
@@ -65,7 +58,7 @@ def test_mask_matches_first_principles_and_gradients_follow_it(kind, tile):
     mask = _reference_mask(layer, x, cfg)
     assert 0.05 < (~mask).float().mean() < 0.6  # the bound really clips a part of the outputs
     g = torch.randn_like(plain(x))
-    _, gx, gw, gb = _grads(layer, x, g)
+    _, gx, gw, gb = layer_grads(layer, x, g)
     # Reference: per tile, the plain layer's VJP of the masked upstream gradient.
     g_rows = layer.grad_rows(g)
     rows, w = layer.to_rows(x), layer.weight_oi(plain.weight.detach())
@@ -87,12 +80,12 @@ def test_hardware_aware_ste_input_gradient_equals_full_without_noise(kind, tile)
     full = _patched(plain, gradient="full", **fields)
     hw = _patched(plain, gradient="ste", mask_saturated=True, backward_weights="programmed", **fields)
     g = torch.randn_like(plain(x))
-    y_full, gx_full, _, _ = _grads(full, x, g)
-    y_hw, gx_hw, _, _ = _grads(hw, x, g)
+    y_full, gx_full, _, _ = layer_grads(full, x, g)
+    y_hw, gx_hw, _, _ = layer_grads(hw, x, g)
     torch.testing.assert_close(y_hw, y_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_hw, gx_full, rtol=1e-4, atol=1e-5)
     plain_ste = _patched(plain, gradient="ste", **fields)
-    assert not torch.allclose(_grads(plain_ste, x, g)[1], gx_full, atol=1e-3)  # the levers do change it
+    assert not torch.allclose(layer_grads(plain_ste, x, g)[1], gx_full, atol=1e-3)  # the levers do change it
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,11 +97,11 @@ def test_programmed_weights_input_gradient_equals_full_under_lognormal_noise(kin
     prog = _patched(plain, gradient="ste", noise="paper", level=3.0, output_bits=None, tile_size=None, seed=3,
                     backward_weights="programmed")  # fmt: skip
     g = torch.randn_like(plain(x))
-    y_full, gx_full, _, _ = _grads(full, x, g)
-    y_prog, gx_prog, gw_prog, _ = _grads(prog, x, g)
+    y_full, gx_full, _, _ = layer_grads(full, x, g)
+    y_prog, gx_prog, gw_prog, _ = layer_grads(prog, x, g)
     torch.testing.assert_close(y_prog, y_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_prog, gx_full, rtol=1e-4, atol=1e-5)
-    _, _, gw_plain, _ = _grads(plain, x, g)
+    _, _, gw_plain, _ = layer_grads(plain, x, g)
     torch.testing.assert_close(gw_prog, gw_plain, rtol=1e-5, atol=1e-5)  # the weight gradient stays clean
 
 
@@ -121,8 +114,8 @@ def test_ste_and_ste_detach_agree_with_levers(kind, tile, levers):
     plain, x = _layer(kind)
     noise = [{"name": "gaussian_weight", "std": 0.05}, {"name": "output_noise", "std": 0.1}]
     fields = dict(noise=noise, out_bound=1.0, tile_size=tile, seed=5, **levers)
-    a = _grads(_patched(plain, gradient="ste", **fields), x, g := torch.randn_like(plain(x)))
-    b = _grads(_patched(plain, gradient="ste_detach", **fields), x, g)
+    a = layer_grads(_patched(plain, gradient="ste", **fields), x, g := torch.randn_like(plain(x)))
+    b = layer_grads(_patched(plain, gradient="ste_detach", **fields), x, g)
     for ta, tb in zip(a, b):
         torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
 
@@ -170,14 +163,14 @@ def test_static_dac_clip_mask_equals_full_and_first_principles(kind, tile):
     clipped = torch.round(x * (127 / r)).abs() > 127
     assert 0.2 < clipped.float().mean() < 0.5  # the range really clips inputs
     g = torch.randn_like(plain(x))
-    y_full, gx_full, _, _ = _grads(full, x, g)
-    y_hw, gx_hw, _, _ = _grads(hw, x, g)
+    y_full, gx_full, _, _ = layer_grads(full, x, g)
+    y_hw, gx_hw, _, _ = layer_grads(hw, x, g)
     torch.testing.assert_close(y_hw, y_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gx_hw, gx_full, rtol=1e-4, atol=1e-5)
     assert torch.all(gx_hw[clipped] == 0) and torch.count_nonzero(gx_hw[~clipped]) > 0.9 * (~clipped).sum()
     # Without the mask lever the clipped inputs get the clean gradient (the STE of the paper).
     plain_ste = _static(plain, x, "ste", **fields)
-    assert torch.count_nonzero(_grads(plain_ste, x, g)[1][clipped]) > 0.9 * clipped.sum()
+    assert torch.count_nonzero(layer_grads(plain_ste, x, g)[1][clipped]) > 0.9 * clipped.sum()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -186,7 +179,7 @@ def test_static_dac_ste_and_ste_detach_agree(kind):
     fields = dict(noise=[{"name": "output_noise", "std": 0.1}], out_bound=1.0, tile_size=16, seed=5,
                   mask_saturated=True, backward_weights="programmed")  # fmt: skip
     g = torch.randn_like(plain(x))
-    a = _grads(_static(plain, x, "ste", **fields), x, g)
-    b = _grads(_static(plain, x, "ste_detach", **fields), x, g)
+    a = layer_grads(_static(plain, x, "ste", **fields), x, g)
+    b = layer_grads(_static(plain, x, "ste_detach", **fields), x, g)
     for ta, tb in zip(a, b):
         torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
