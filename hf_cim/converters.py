@@ -58,7 +58,7 @@ def dac(
     inputs beyond it clip to ``±qmax`` (also without quantization): :func:`dac_pass_mask` says where.
     """
     if static_range is not None:
-        absmax = torch.full((1, 1), float(static_range), dtype=x.dtype, device=x.device)
+        absmax = _static_absmax(static_range, x)
         x_int = x * (qmax / absmax)
         return torch.clamp(_round(x_int) if quantize else x_int, -qmax, qmax), absmax
     with torch.no_grad():
@@ -73,10 +73,16 @@ def dac(
     return x_int, absmax
 
 
+def _static_absmax(static_range: float, x: torch.Tensor) -> torch.Tensor:
+    """A static DAC's full scale as the ``(1, 1)`` float32 tensor both :func:`dac` and :func:`dac_pass_mask` divide
+    ``qmax`` by (the same float32 quotient, hence the same clip decisions)."""
+    return torch.full((1, 1), float(static_range), dtype=torch.float32, device=x.device)
+
+
 def dac_pass_mask(x: torch.Tensor, qmax: float, static_range: float, *, quantize: bool) -> torch.Tensor:
     """Where a static-range :func:`dac` passes a gradient (its clip does not saturate), elementwise on ``x`` in any
     layout: the same float32 ``x · qmax/absmax`` and the same test as the clamp's, so it equals ``full``'s mask."""
-    scaled = x.float() * (qmax / torch.tensor(float(static_range), dtype=torch.float32, device=x.device))
+    scaled = x.float() * (qmax / _static_absmax(static_range, x))
     return (torch.round(scaled) if quantize else scaled).abs() <= qmax
 
 
