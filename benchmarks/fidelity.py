@@ -19,6 +19,8 @@ Modes (``--modes``, comma-separated):
   share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table.
 * ``<mode>_clip``: the mode with its weights clipped to ``--clip_sigmas`` standard deviations of their output
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
+* ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
+  ``at0.5_ste_hw``, ``at2_ft_ste_hw``: training noise milder or stronger than the chip's, in one table.
 
 Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
 ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
@@ -99,11 +101,19 @@ class Condition:
 
 
 _FT = re.compile(r"ft(\d{1,2})?_(.+)")
+_AT = re.compile(r"at(\d+(?:\.\d+)?)_(.+)")
+
+
+def split_level(mode: str) -> tuple[float | None, str]:
+    """``(training level or None, the rest)``: ``at0.5_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (None, ``ste_hw``)."""
+    found = _AT.fullmatch(mode)
+    return (None, mode) if found is None else (float(found.group(1)), found.group(2))
 
 
 def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     """``(digital share of the steps, base mode)``: ``ft_ste_hw`` -> (``digital_fraction``, ``ste_hw``),
-    ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``)."""
+    ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``); an ``at<L>_`` prefix is dropped."""
+    level, mode = split_level(mode)
     found = _FT.fullmatch(mode)
     share, base = (
         (0.0, mode)
@@ -111,9 +121,11 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
         else (digital_fraction if found.group(1) is None else int(found.group(1)) / 100, found.group(2))
     )
     core = base.removesuffix("_clip")
-    if core not in BASE_MODES or (BASE_MODES[core] is None and (found is not None or core != base)):
-        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode> and "
-                         "<mode>_clip")  # fmt: skip
+    if core not in BASE_MODES or (
+        BASE_MODES[core] is None and (found is not None or core != base or level is not None)
+    ):
+        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode>, "
+                         "<mode>_clip and at<L>_<mode>")  # fmt: skip
     return share, base
 
 
@@ -123,7 +135,8 @@ def mode_config(
     fields = BASE_MODES[split_mode(mode, 0.0)[1].removesuffix("_clip")]
     if fields is None:
         return None
-    return hf_cim.get_preset(train.preset, level=train.level, seed=seed, exclude_modules=exclude,
+    level = split_level(mode)[0]
+    return hf_cim.get_preset(train.preset, level=train.level if level is None else level, seed=seed, exclude_modules=exclude,
                              input_quant=input_quant, **fields)  # fmt: skip
 
 

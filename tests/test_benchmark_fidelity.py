@@ -36,6 +36,19 @@ def test_fine_tuning_modes_name_their_digital_share():
             fidelity.split_mode(bad, 0.75)
 
 
+def test_training_level_prefix_sets_the_level_trained_at():
+    c = fidelity.Condition.parse("pcm:1")
+    assert fidelity.split_level("at0.5_ste_hw") == (0.5, "ste_hw")
+    assert fidelity.split_level("ste_hw") == (None, "ste_hw")
+    assert fidelity.split_mode("at2_ft50_ste_hw", 0.75) == (0.5, "ste_hw")
+    assert fidelity.mode_config("at0.5_ste_hw", c, 0, None).level == 0.5
+    assert fidelity.mode_config("at0_ste_hw", c, 0, None).level == 0.0
+    assert fidelity.mode_config("ste_hw", c, 0, None).level == 1.0
+    for bad in ("at0.5_digital", "atx_ste_hw", "at0.5_magic"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            fidelity.split_mode(bad, 0.75)
+
+
 def test_paired_runs_same_init_and_chips(tmp_path):
     out = tmp_path / "fid"
     argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw,ft_ste_hw_clip", "--seeds", "0,1",
