@@ -21,6 +21,9 @@ Modes (``--modes``, comma-separated):
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 * ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
   ``at0.5_ste_hw``, ``at2_ft_ste_hw``: training noise milder or stronger than the chip's, in one table.
+* ``<mode>_draws<K>``: every noise-aware step averages the gradient over ``K`` noise draws: the batch is split into
+  ``K`` equal micro-batches, each forward draws its own noise (gradient accumulation; the same examples, tokens and
+  optimizer steps), e.g. ``ste_hw_draws4``.
 
 Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
 ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
@@ -104,6 +107,19 @@ _FT = re.compile(r"ft(\d{1,2})?_(.+)")
 _AT = re.compile(r"at(\d+(?:\.\d+)?)_(.+)")
 
 
+_DRAWS = re.compile(r"(.+)_draws(\d+)")
+
+
+def split_draws(mode: str) -> tuple[int, str]:
+    """``(noise draws per step, the rest)``: ``ste_hw_draws4`` -> (4, ``ste_hw``), ``ste_hw`` -> (1, ``ste_hw``)."""
+    found = _DRAWS.fullmatch(mode)
+    if found is None:
+        return 1, mode
+    if int(found.group(2)) < 2:
+        raise ValueError(f"unknown mode {mode!r}: _draws<K> needs K >= 2")
+    return int(found.group(2)), found.group(1)
+
+
 def split_level(mode: str) -> tuple[float | None, str]:
     """``(training level or None, the rest)``: ``at0.5_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (None, ``ste_hw``)."""
     found = _AT.fullmatch(mode)
@@ -112,7 +128,10 @@ def split_level(mode: str) -> tuple[float | None, str]:
 
 def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     """``(digital share of the steps, base mode)``: ``ft_ste_hw`` -> (``digital_fraction``, ``ste_hw``),
-    ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``); an ``at<L>_`` prefix is dropped."""
+    ``ft50_ste_hw`` -> (0.5, ``ste_hw``), ``ste_hw`` -> (0.0, ``ste_hw``); an ``at<L>_`` prefix and a ``_draws<K>``
+    suffix are dropped."""
+    name = mode
+    draws, mode = split_draws(mode)
     level, mode = split_level(mode)
     found = _FT.fullmatch(mode)
     share, base = (
@@ -122,10 +141,10 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     )
     core = base.removesuffix("_clip")
     if core not in BASE_MODES or (
-        BASE_MODES[core] is None and (found is not None or core != base or level is not None)
+        BASE_MODES[core] is None and (found is not None or core != base or level is not None or draws > 1)
     ):
-        raise ValueError(f"unknown mode {mode!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode>, "
-                         "<mode>_clip and at<L>_<mode>")  # fmt: skip
+        raise ValueError(f"unknown mode {name!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode>, "
+                         "<mode>_clip, <mode>_draws<K> and at<L>_<mode>")  # fmt: skip
     return share, base
 
 
@@ -373,6 +392,16 @@ SETTINGS = {"shakespeare": Shakespeare, "digits": Digits, "glue": Glue}
 
 
 # --------------------------------------------------------------------------------------------------------- training
+def split_batch(batch, parts: int) -> list:
+    """``batch`` (a tensor, or a dict of tensors, batch first) as ``parts`` equal micro-batches."""
+    size = len(batch) if isinstance(batch, torch.Tensor) else len(next(iter(batch.values())))
+    if size % parts:
+        raise ValueError(f"a batch of {size} does not split into {parts} equal micro-batches")
+    if isinstance(batch, torch.Tensor):
+        return list(batch.chunk(parts))
+    return [{k: v.chunk(parts)[i] for k, v in batch.items()} for i in range(parts)]
+
+
 def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
     train_cond = Condition.parse(args.train)
     torch.manual_seed(seed)  # same initial weights for every mode of this seed
@@ -398,6 +427,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     share, base = split_mode(mode, args.digital_fraction)
     digital_steps = int(share * args.steps)
     clip = base.endswith("_clip")
+    draws = split_draws(mode)[0]
     model.train()
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
@@ -417,9 +447,15 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
             with hf_cim.noise_disabled(model):
                 loss = setting.loss(model, batch)
                 loss.backward()
-        else:
+        elif draws == 1:
             loss = setting.loss(model, batch)
             loss.backward()
+        else:  # one forward per micro-batch, each with its own noise draw; equal sizes, so the mean is the batch's
+            loss = 0.0
+            for part in split_batch(batch, draws):
+                part_loss = setting.loss(model, part) / draws
+                part_loss.backward()
+                loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if clip and step >= digital_steps:
@@ -638,12 +674,15 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [c.label for c in conditions]
     for mode in modes:
         mode_config(mode, Condition.parse(args.train), 0, args.exclude, args.input_quant)  # fail early on a bad mode
+        if args.batch_size % split_draws(mode)[0]:
+            p.error(f"--batch_size {args.batch_size} does not split into the {split_draws(mode)[0]} micro-batches of "
+                    f"mode {mode}")  # fmt: skip
     setting = SETTINGS[args.setting](args)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
-    if any(m.endswith("_clip") for m in modes):  # (only then: earlier cached runs stay valid)
+    if any(split_draws(m)[1].endswith("_clip") for m in modes):  # (only then: earlier cached runs stay valid)
         key_args.update(clip_sigmas=args.clip_sigmas)
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
