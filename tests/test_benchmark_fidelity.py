@@ -160,3 +160,52 @@ def test_glue_setting_trains_paired_modes(tmp_path):
     # 24 dev rows: accuracy is a multiple of 100/24
     assert all(abs(a * 24 / 100 - round(a * 24 / 100)) < 1e-9 for a in accs)
     assert "### glue (bert, SST-2)" in (out / "fidelity.md").read_text()
+
+
+def test_noise_draws_split_the_batch_into_micro_batches(tmp_path, capsys):
+    """``<mode>_draws<K>``: K forwards of equal micro-batches per step. With nothing random in the forward (level 0:
+    converters only), that is the full batch's gradient: the trained models agree; with noise they do not."""
+    assert fidelity.split_draws("ste_hw_draws4") == (4, "ste_hw")
+    assert fidelity.split_draws("ft_ste_hw_clip_draws2") == (2, "ft_ste_hw_clip")
+    assert fidelity.split_mode("ft_ste_hw_draws16", 0.75) == (0.75, "ste_hw")
+    for bad in ("digital_draws4", "ste_hw_draws1", "ste_hw_draws"):
+        with pytest.raises(ValueError, match="unknown mode"):
+            fidelity.split_mode(bad, 0.75)
+    parts = fidelity.split_batch({"a": torch.arange(6), "b": torch.arange(6) * 2}, 3)
+    assert [p["a"].tolist() for p in parts] == [[0, 1], [2, 3], [4, 5]] and parts[2]["b"].tolist() == [8, 10]
+    with pytest.raises(ValueError, match="does not split"):
+        fidelity.split_batch(torch.zeros(5, 2), 2)
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 40)
+    out = tmp_path / "fid"
+    argv = ["--setting", "shakespeare", "--train", "pcm:1", "--arch", "1x32", "--block_size", "16", "--batch_size",
+            "4", "--steps", "3", "--warmup_steps", "1", "--eval_blocks", "4", "--chips", "1", "--eval", "pcm:1",
+            "--train_file", str(text), "--threads", "1", "--out", str(out), "--modes"]  # fmt: skip
+    fidelity.main(argv + ["at0_ste_hw,at0_ste_hw_draws2,ste_hw,ste_hw_draws2"])
+    run = {m: json.load(open(out / "runs" / f"{m}_seed0.json"))["result"]
+           for m in ("at0_ste_hw", "at0_ste_hw_draws2", "ste_hw", "ste_hw_draws2")}  # fmt: skip
+    clean = {m: r["clean"]["loss"] for m, r in run.items()}
+    assert clean["at0_ste_hw_draws2"] == pytest.approx(clean["at0_ste_hw"], rel=1e-5)
+    assert clean["ste_hw_draws2"] != pytest.approx(clean["ste_hw"], rel=1e-5)
+    with pytest.raises(SystemExit):
+        fidelity.main(argv + ["ste_hw_draws2", "--batch_size", "3"])
+    assert "does not split into the 2 micro-batches" in capsys.readouterr().err
+
+
+def test_gradient_noise_splits_draw_and_batch_variance(tmp_path):
+    """benchmarks/gradient_noise.py: nothing random in the forward (level 0) -> no variance over draws and identical
+    draws; the lognormal chip -> variance over draws, and clean gradients equal whatever the draw."""
+    import gradient_noise
+
+    base = ["--setting", "digits", "--steps", "3", "--batch_size", "8", "--draws", "3", "--batches", "3",
+            "--threads", "1"]  # fmt: skip
+    still = gradient_noise.main(base + ["--train", "pcm:0"])
+    assert still["var_over_draws"] == pytest.approx(0.0, abs=1e-10)
+    assert still["cosine_two_draws"] == pytest.approx(1.0, abs=1e-5)
+    noisy = gradient_noise.main(base + ["--train", "paper:3", "--out", str(tmp_path / "g.json")])
+    assert noisy["var_over_draws"] > 1e-6 and noisy["cosine_two_draws"] < 0.9999
+    assert noisy["var_over_batches_clean"] == pytest.approx(still["var_over_batches_clean"], rel=1e-5)
+    assert json.load(open(tmp_path / "g.json"))["var_over_draws"] == noisy["var_over_draws"]
+    with pytest.raises(SystemExit):
+        gradient_noise.main(base + ["--mode", "digital"])
