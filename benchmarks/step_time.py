@@ -5,7 +5,9 @@ One training step = forward + loss + backward + ``AdamW.step`` + ``zero_grad``. 
 * ``plain``: the unpatched model;
 * ``ste``, ``ste_detach``, ``full``: ``hf_cim.patch_model(model, AnalogNoiseConfig(gradient=...))`` with the
   default noise config (every linear-like layer, the LM head / classifier included);
-* ``aihwkit_lightning``: the peer, configured like the default config (see ``peer_aihwkit_lightning.py``).
+* ``aihwkit_lightning``: the peer, configured like the default config (see ``peer_aihwkit_lightning.py``);
+* ``aihwkit`` / ``aihwkit_hwa``: IBM aihwkit 1.2.0 itself, its C++ inference tile set like the default config, and
+  its ``StandardHWATrainingPreset`` (see ``peer_aihwkit.py``; compare the latter with ``--preset pcm``).
 
 Models (random init from configs, nothing from the Hub): GPT-2 (6 layers, 384 wide, 6 heads, seq 256, batch 8,
 GPT-2's BPE vocabulary size 50257, tied LM head, causal-LM loss) and BERT (4 layers, 256 wide, 4 heads, FFN 1024,
@@ -60,11 +62,12 @@ from _harness import (  # noqa: E402
 
 logger = logging.getLogger("step_time")
 
-ALL_VARIANTS = ("plain", "ste", "ste_hw", "ste_detach", "full", "aihwkit_lightning")
+ALL_VARIANTS = ("plain", "ste", "ste_hw", "ste_detach", "full", "aihwkit_lightning", "aihwkit", "aihwkit_hwa")
 HF_CIM_VARIANTS = ("ste", "ste_detach", "full")
 #: ``ste`` with the hardware-aware backward levers (ADC saturation mask, input gradient through programmed weights).
 STE_HW = {"gradient": "ste", "mask_saturated": True, "backward_weights": "programmed"}
 PEER = "aihwkit_lightning"
+AIHWKIT = ("aihwkit", "aihwkit_hwa")
 
 
 @dataclass
@@ -189,6 +192,10 @@ def apply_variant(model: torch.nn.Module, variant: str) -> torch.nn.Module:
         from peer_aihwkit_lightning import make_peer_model
 
         return make_peer_model(model)
+    if variant in AIHWKIT:
+        from peer_aihwkit import make_aihwkit_model
+
+        return make_aihwkit_model(model, variant)
     raise ValueError(f"apply_variant: unknown variant {variant!r}; choose from {ALL_VARIANTS}")
 
 
@@ -516,6 +523,18 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             variants.remove(PEER)
             notes.append(f"Peer aihwkit-lightning NOT run: {detail} (pip install --no-deps aihwkit-lightning==2.1.0)")
+    if any(v in variants for v in AIHWKIT):
+        from peer_aihwkit import AIHWKIT_VARIANTS, aihwkit_available
+
+        ok, detail = aihwkit_available()
+        for v in AIHWKIT:
+            if v not in variants:
+                continue
+            if ok:
+                notes.append(f"Peer `{v}`: aihwkit {detail}, {AIHWKIT_VARIANTS[v]}")
+            else:
+                variants.remove(v)
+                notes.append(f"Peer `{v}` NOT run: {detail} (aihwkit builds from source: ../shared/MODELS.md)")
     specs = model_specs(args)
     names = [m for m in args.models.split(",") if m]
     bad = sorted(set(names) - set(specs))

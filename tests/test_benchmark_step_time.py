@@ -1,0 +1,34 @@
+"""benchmarks/step_time.py: the aihwkit peers are left out with a note where aihwkit is not built; when it is, the
+peer model converts every linear layer."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import peer_aihwkit  # noqa: E402
+import step_time  # noqa: E402
+
+
+def test_aihwkit_peers_without_aihwkit_are_noted_not_fatal(monkeypatch):
+    monkeypatch.setattr(peer_aihwkit, "aihwkit_available", lambda: (False, "ImportError: not built here"))
+    out = step_time.main(["--quick", "--models", "gpt2", "--variants", "plain,aihwkit,aihwkit_hwa", "--no-memory",
+                          "--widths", "", "--rounds", "1", "--steps", "1", "--warmup", "0", "--threads", "1"])  # fmt: skip
+    assert sum("NOT run: ImportError: not built here" in n for n in out["notes"]) == 2
+    assert set(out["models"]["gpt2"]["timing"]["variants"]) == {"plain"}
+    with pytest.raises(ValueError, match="unknown aihwkit variant"):
+        peer_aihwkit._rpu_config("aihwkit_magic")
+
+
+def test_aihwkit_peer_converts_every_linear_layer():
+    pytest.importorskip("aihwkit.simulator.rpu_base", reason="aihwkit (source build) not installed")
+    from aihwkit.nn import AnalogLinear
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    for variant in peer_aihwkit.AIHWKIT_VARIANTS:
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=16))
+        model = peer_aihwkit.make_aihwkit_model(model, variant)
+        # 1 block: c_attn, attn c_proj, c_fc, mlp c_proj, and the LM head
+        assert sum(isinstance(m, AnalogLinear) for m in model.modules()) == 5
