@@ -23,7 +23,7 @@ Modes (``--modes``, comma-separated):
   ``at0.5_ste_hw``, ``at2_ft_ste_hw``: training noise milder or stronger than the chip's, in one table.
 * ``<mode>_draws<K>``: every noise-aware step averages the gradient over ``K`` noise draws: the batch is split into
   ``K`` equal micro-batches, each forward draws its own noise (gradient accumulation; the same examples, tokens and
-  optimizer steps), e.g. ``ste_hw_draws4``.
+  optimizer steps), e.g. ``ste_hw_draws4``. (The digits CNN's BatchNorm then normalizes over each micro-batch.)
 
 Settings: ``shakespeare`` (char-level GPT-2 on Tiny Shakespeare; ``--arch 4x128`` is the README main job's model),
 ``digits`` (a small VGG-style Conv2d network on scikit-learn's bundled 8x8 digits images) and ``glue`` (a pretrained
@@ -105,8 +105,6 @@ class Condition:
 
 _FT = re.compile(r"ft(\d{1,2})?_(.+)")
 _AT = re.compile(r"at(\d+(?:\.\d+)?)_(.+)")
-
-
 _DRAWS = re.compile(r"(.+)_draws(\d+)")
 
 
@@ -155,8 +153,9 @@ def mode_config(
     if fields is None:
         return None
     level = split_level(mode)[0]
-    return hf_cim.get_preset(train.preset, level=train.level if level is None else level, seed=seed, exclude_modules=exclude,
-                             input_quant=input_quant, **fields)  # fmt: skip
+    level = train.level if level is None else level
+    return hf_cim.get_preset(train.preset, level=level, seed=seed, exclude_modules=exclude, input_quant=input_quant,
+                             **fields)  # fmt: skip
 
 
 #: Seed of the batches every model's static DAC ranges are calibrated on before it is measured (same for all).
