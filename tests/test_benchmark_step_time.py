@@ -12,6 +12,16 @@ import peer_aihwkit  # noqa: E402
 import step_time  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _transformers_verbosity_restored():
+    """step_time.py silences transformers' logging for its whole process; give later tests their warnings back."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(level)
+
+
 def test_aihwkit_peers_without_aihwkit_are_noted_not_fatal(monkeypatch):
     monkeypatch.setattr(peer_aihwkit, "aihwkit_available", lambda: (False, "ImportError: not built here"))
     out = step_time.main(["--quick", "--models", "gpt2", "--variants", "plain,aihwkit,aihwkit_hwa", "--no-memory",
