@@ -613,7 +613,8 @@ def _commit() -> str:
         return "unknown"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this script (also the training settings other benchmarks reuse)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setting", choices=sorted(SETTINGS), default="shakespeare")
     p.add_argument("--train", default="pcm:1",
@@ -661,6 +662,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="static DAC: training batches (a fixed seed, the same for every model) calibrated on "
                         "before measuring.")  # fmt: skip
     p.add_argument("--out", required=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = build_parser()
     args = p.parse_args(argv)
     args.exclude = args.exclude.split(",") if args.exclude else None
     if args.calibrate_every < 1 or args.calibration_batches < 1:
@@ -673,9 +679,9 @@ def main(argv: list[str] | None = None) -> dict:
     labels = [c.label for c in conditions]
     for mode in modes:
         mode_config(mode, Condition.parse(args.train), 0, args.exclude, args.input_quant)  # fail early on a bad mode
-        if args.batch_size % split_draws(mode)[0]:
-            p.error(f"--batch_size {args.batch_size} does not split into the {split_draws(mode)[0]} micro-batches of "
-                    f"mode {mode}")  # fmt: skip
+        draws = split_draws(mode)[0]
+        if args.batch_size % draws:
+            p.error(f"--batch_size {args.batch_size} does not split into the {draws} micro-batches of mode {mode}")
     setting = SETTINGS[args.setting](args)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",

@@ -82,10 +82,27 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--draws and --batches must be >= 2 (a variance needs two samples)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    full = argparse.Namespace(**vars(args), weight_decay=0.0, warmup_steps=50, optimizer="adamw",
-                              digital_fraction=0.0, exclude=None, eval_blocks=1, alignment_every=0, clip_sigmas=2.5,
-                              input_quant="per_token", task="sst2", glue_dir="../shared/data/glue",
-                              model_name_or_path=None, max_length=64)  # fmt: skip
+    # fidelity.py's training settings, its defaults for everything this script does not set (one place for them)
+    full = fidelity.build_parser().parse_args(
+        [
+            "--out",
+            "",
+            "--setting",
+            args.setting,
+            "--steps",
+            str(args.steps),
+            "--arch",
+            args.arch,
+            "--batch_size",
+            str(args.batch_size),
+            "--block_size",
+            str(args.block_size),
+            "--lr",
+            str(args.lr),
+            "--train_file",
+            args.train_file,
+        ]  # fmt: skip
+    )
     setting = fidelity.SETTINGS[args.setting](full)
     model, _ = fidelity.train(setting, "digital", args.seed, full)
     cfg = fidelity.mode_config(args.mode, fidelity.Condition.parse(args.train), args.seed, None)

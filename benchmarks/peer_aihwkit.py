@@ -15,7 +15,7 @@ Two configurations, each a variant of ``step_time.py``:
 aihwkit builds from source only (``../shared/MODELS.md``): build it in a separate environment (a venv with
 ``--system-site-packages`` sees this checkout's torch and hf_cim), never as a dependency of hf_cim. Without it the
 variants are left out with a note. GPT-2's ``Conv1D`` layers become ``nn.Linear`` first (aihwkit converts
-``nn.Linear``), and a tied LM head is re-tied after conversion, as for aihwkit-lightning.
+``nn.Linear``); the tied LM head becomes an untied analog copy (aihwkit's tiles hold the weights).
 """
 
 from __future__ import annotations
@@ -65,17 +65,10 @@ def _rpu_config(variant: str):
 
 
 def make_aihwkit_model(model: nn.Module, variant: str) -> nn.Module:
-    """Convert ``model`` for aihwkit (``variant`` in :data:`AIHWKIT_VARIANTS`): every linear layer analog, the tied
-    LM head re-tied. Returns the converted model."""
+    """Convert ``model`` for aihwkit (``variant`` in :data:`AIHWKIT_VARIANTS`): every linear layer analog. A tied LM
+    head becomes an analog layer with its own copy of the weights (aihwkit keeps them in its tiles, not in a
+    ``weight`` Parameter that could be shared with the embedding). Returns the converted model."""
     from aihwkit.nn.conversion import convert_to_analog
 
     conv1d_to_linear(model)
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
-    model = convert_to_analog(model, _rpu_config(variant), ensure_analog_root=False, inplace=True)
-    if tied:
-        analog_head = model.get_output_embeddings()
-        if hasattr(analog_head, "weight") and isinstance(analog_head.weight, nn.Parameter):
-            analog_head.weight = model.get_input_embeddings().weight
-    return model
+    return convert_to_analog(model, _rpu_config(variant), ensure_analog_root=False, inplace=True)
