@@ -1,8 +1,9 @@
 """The peer of the step-time benchmark: IBM's aihwkit-lightning 2.1.0, configured like hf_cim's default config.
 
 Install: ``pip install --no-deps aihwkit-lightning==2.1.0`` (pure Python; it pins torch 2.13.0 and imports
-``typing_extensions`` only). Its PyTorch path (``TorchLinear.linear``) is used; the Triton kernels are off unless
-``AIHWKIT_USE_TRITON`` is set in the environment.
+``typing_extensions`` only). Its PyTorch path (``TorchLinear.linear``) runs unless ``AIHWKIT_USE_TRITON`` is set
+and a Volta-or-newer GPU is present; then its Triton kernel (input quantization, matmul, output noise and ADC fused);
+:func:`peer_kernels` says which, and the benchmark prints it.
 
 Settings, read off aihwkit-lightning 2.1.0's source (``nn/modules/torch_utils/torch_linear.py``, ``quant_utils.py``)
 and matched to ``hf_cim.AnalogNoiseConfig()`` (2 % per-channel Gaussian weight noise + 0.04 output noise, 8-bit DAC
@@ -38,7 +39,7 @@ import logging
 import torch
 from torch import nn
 
-__all__ = ["PEER_NAME", "PEER_SETTINGS", "conv1d_to_linear", "make_peer_model", "peer_available"]
+__all__ = ["PEER_NAME", "PEER_SETTINGS", "conv1d_to_linear", "make_peer_model", "peer_available", "peer_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,23 @@ PEER_SETTINGS = {
     "forward.out_res": 254,
     "forward.out_bound": 10.0,
     "mapping.max_input_size": 512,
-    "kernels": "PyTorch (TorchLinear); Triton off",
 }
+
+
+def peer_kernels() -> str:
+    """Which of the peer's forward paths its layers run: its Triton kernel or its PyTorch one.
+
+    aihwkit-lightning decides per call: Triton where ``AIHWKIT_USE_TRITON`` is set and its Triton module imported
+    (a Volta or newer GPU), PyTorch otherwise.
+    """
+    import os
+
+    from aihwkit_lightning.nn.modules import linear
+
+    if os.environ.get("AIHWKIT_USE_TRITON") and linear.TRITON_AVAIL:
+        return "Triton (TritonLinear)"
+    why = "AIHWKIT_USE_TRITON unset" if not os.environ.get("AIHWKIT_USE_TRITON") else "its Triton module not usable"
+    return f"PyTorch (TorchLinear; {why})"
 
 
 def peer_available() -> tuple[bool, str]:

@@ -107,6 +107,8 @@ def model_specs(args: argparse.Namespace) -> dict[str, ModelSpec]:
         "gpt2_small": ModelSpec("gpt2", 12, 768, 12, 128, 4, 50257),  # GPT-2 small, 124 M
         "bert_base": ModelSpec("bert", 12, 768, 12, 128, 8, 30522),  # BERT-base, 110 M
         "llama_350m": ModelSpec("llama", 24, 1024, 16, 128, 2, 32000),  # Llama-style, 373 M (intermediate 2816)
+        # Issue 17's GPU setting: GPT-2 small at its full context (a GPU size; minutes per step on 2 CPU cores)
+        "gpt2_124m_1024": ModelSpec("gpt2", 12, 768, 12, 1024, 8, 50257),
     }
 
 
@@ -460,7 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         default="gpt2,bert",
-        help="comma-separated subset of gpt2,bert,gpt2_small,bert_base,llama_350m ('' for none)",
+        help="comma-separated subset of gpt2,bert,gpt2_small,bert_base,llama_350m,gpt2_124m_1024 ('' for none)",
     )
     p.add_argument("--variants", default=",".join(ALL_VARIANTS), help=f"comma-separated subset of {ALL_VARIANTS}")
     p.add_argument("--widths", default=None, help="widths of the ste/plain sweep ('' to skip; default 128..1024)")
@@ -515,11 +517,13 @@ def main(argv: list[str] | None = None) -> dict:
         variants.insert(0, "plain")  # the baseline of every ratio
     notes = []
     if PEER in variants:
-        from peer_aihwkit_lightning import PEER_SETTINGS, peer_available
+        from peer_aihwkit_lightning import PEER_SETTINGS, peer_available, peer_kernels
 
         ok, detail = peer_available()
         if ok:
-            notes.append(f"Peer: aihwkit-lightning {detail}, settings {json.dumps(PEER_SETTINGS)}")
+            notes.append(
+                f"Peer: aihwkit-lightning {detail}, kernels {peer_kernels()}, settings {json.dumps(PEER_SETTINGS)}"
+            )
         else:
             variants.remove(PEER)
             notes.append(f"Peer aihwkit-lightning NOT run: {detail} (pip install --no-deps aihwkit-lightning==2.1.0)")
