@@ -10,6 +10,9 @@
 #
 #   bash benchmarks/gpu_session.sh [OUTDIR]                      # on the GPU machine (OUTDIR default: $OUT)
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_session.sh /tmp/dry   # dry run on the CPU: small models, one round
+#   STAGES="default presets" MODELS=gpt2_124m_1024 bash benchmarks/gpu_session.sh   # a rerun of some stages only
+#   (stages: check default peer presets profile; PRESETS="pcm" narrows the presets; PEER_TRITON=0 runs the
+#   peer's PyTorch path instead of its Triton kernel)
 #
 # aihwkit-lightning is not in the GPU image: its wheel (pure Python) travels in .whl/ (see benchmarks/README.md);
 # without it the peer row is left out with a note. Output: OUTDIR/tables.md (the tables), OUTDIR/session.log
@@ -38,6 +41,8 @@ else
     models=gpt2_124m_1024,gpt2,bert
     profile_steps=(--steps 3 --warmup 3)
 fi
+models=${MODELS:-$models}
+stages=" ${STAGES:-check default peer presets profile} "
 amp=(--amp bf16)
 [ "$dev" = cpu ] && amp=()  # bf16 autocast is a GPU setting; the dry run checks the plumbing only
 
@@ -63,28 +68,41 @@ section() {  # section NAME HEADING: copy stage NAME's printed report (from its 
 'transformers', transformers.__version__)"
 } >>"$tables" 2>&1
 
-HF_CIM_COMPILE=1 stage device_check 90 python3 benchmarks/device_check.py --device "$dev"
-grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$log" | tail -12 >>"$tables"
+if [[ $stages == *" check "* ]]; then
+    HF_CIM_COMPILE=1 stage device_check 90 python3 benchmarks/device_check.py --device "$dev"
+    grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed" "$log" | tail -12 >>"$tables"
+fi
 
-stage step_time_default 160 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" --models "$models" \
-    --variants plain,ste,ste_detach,full --widths '' "${size[@]}" --out "$out/json/default.json"
-section step_time_default "# Step time"
+if [[ $stages == *" default "* ]]; then
+    stage step_time_default 160 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" --models "$models" \
+        --variants plain,ste,ste_detach,full --widths '' "${size[@]}" --out "$out/json/default.json"
+    section step_time_default "# Step time"
+fi
 
 # The peer in its own process (its Triton autotuning may be slow; a limit hit here leaves the table above whole),
 # with plain and ste again so that its ratios are paired within its own run.
-AIHWKIT_USE_TRITON=1 stage step_time_peer 120 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" \
-    --models "$big" --variants plain,ste,aihwkit_lightning --widths '' "${size[@]}" --out "$out/json/peer.json"
-section step_time_peer "# Step time"
+if [[ $stages == *" peer "* ]]; then  # aihwkit-lightning takes any non-empty AIHWKIT_USE_TRITON as "on"
+    (
+        [ "${PEER_TRITON:-1}" = 1 ] && export AIHWKIT_USE_TRITON=1
+        stage step_time_peer 120 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" --models "$big" \
+            --variants plain,ste,aihwkit_lightning --widths '' "${size[@]}" --out "$out/json/peer.json"
+    )
+    section step_time_peer "# Step time"
+fi
 
-for preset in pcm rram; do
-    stage "step_time_$preset" 70 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" --preset "$preset" \
-        --models "$big" --variants plain,ste,ste_hw --widths '' "${size[@]}" --out "$out/json/$preset.json"
-    section "step_time_$preset" "# Step time"
-done
+if [[ $stages == *" presets "* ]]; then
+    for preset in ${PRESETS:-pcm rram}; do
+        stage "step_time_$preset" 70 python3 benchmarks/step_time.py --device "$dev" "${amp[@]}" --preset "$preset" \
+            --models "$big" --variants plain,ste,ste_hw --widths '' "${size[@]}" --out "$out/json/$preset.json"
+        section "step_time_$preset" "# Step time"
+    done
+fi
 
-stage kernel_profile 50 python3 benchmarks/kernel_profile.py --device "$dev" "${amp[@]}" --model "$big" \
-    --variants plain,ste "${profile_steps[@]}" --out "$out/json/profile.json"
-section kernel_profile "# Kernel profile"
+if [[ $stages == *" profile "* ]]; then
+    stage kernel_profile 50 python3 benchmarks/kernel_profile.py --device "$dev" "${amp[@]}" --model "$big" \
+        --variants plain,ste "${profile_steps[@]}" --out "$out/json/profile.json"
+    section kernel_profile "# Kernel profile"
+fi
 
 tar -czf "$out/json.tar.gz" -C "$out" json && rm -rf "$out/json"
 echo "done: $tables"

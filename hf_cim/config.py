@@ -40,6 +40,8 @@ CONFIG_VERSION = 1
 GRADIENT_MODES = ("ste", "ste_detach", "full")
 BACKWARD_WEIGHTS = ("clean", "programmed")
 INPUT_QUANT_MODES = ("per_token", "per_tensor", "static")
+#: ``product_precision``: the operands of the crossbar product (see :class:`AnalogNoiseConfig`).
+PRODUCT_PRECISIONS = ("autocast", "float32")
 #: Largest calibrated input range ``input_ranges`` accepts (layer units; float32 stays exact far beyond).
 MAX_INPUT_RANGE = 1e12
 #: Range of ``out_bound`` (normalized units). A tile's partial sum is at most its row count (<= 65536), so a larger
@@ -288,6 +290,17 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             ``"clean"`` (the float weights) or ``"programmed"`` (the weights the chip computed with: quantized,
             after the ``program`` hooks, before per-product read noise), so earlier layers get the gradient of the
             network that ran. The weight gradient ``gᵀ·x`` is always the clean one. Costs one weight-sized tensor.
+        product_precision: the operands of the crossbar product itself (the signal ``x·Wᵀ`` per tile).
+            ``"autocast"`` (default): in the layer's compute dtype where that is bfloat16 or float16 (under
+            ``torch.autocast``, or a half-precision model), as the plain layer's product is; the products accumulate
+            and return in float32 (cuBLAS's float32 output on CUDA; elsewhere a float32 product of the rounded
+            operands: the same numbers), and every other stage (DAC, weight programming, noise, ADC) stays float32.
+            The DAC's integer levels are exact in these dtypes (bfloat16 up to 9 input bits, float16 up to 12);
+            each programmed weight rounds by at most 2⁻⁹ (bfloat16) or 2⁻¹² (float16) of its value, so each
+            partial sum moves by at most that fraction of ``Σ|x||w|`` (``tests/test_tile.py``), a tenth of the
+            default 2 % weight noise's spread or less. ``"float32"``: float32 operands always (the GPU's
+            reduced-precision matrix units then stay idle: about 3x the product time on an H200). A float32 model
+            without autocast computes in float32 either way.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD
@@ -313,6 +326,9 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     backward_weights: str = field(
         default="clean", metadata={"help": "STE modes: weights of the input gradient: clean or programmed."}
     )
+    product_precision: str = field(
+        default="autocast", metadata={"help": "Crossbar product operands: autocast (the compute dtype) or float32."}
+    )
 
     def __post_init__(self) -> None:
         if self.gradient not in GRADIENT_MODES:
@@ -325,6 +341,11 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
                 f"AnalogNoiseConfig: `input_quant` must be one of {INPUT_QUANT_MODES}, got {self.input_quant!r}"
             )
         self.input_ranges = self._check_input_ranges(self.input_ranges, self.input_quant)
+        if self.product_precision not in PRODUCT_PRECISIONS:
+            raise ValueError(
+                f"AnalogNoiseConfig: `product_precision` must be one of {PRODUCT_PRECISIONS}, "
+                f"got {self.product_precision!r}"
+            )
         check_range("AnalogNoiseConfig", "out_bound", self.out_bound, MIN_OUT_BOUND, MAX_OUT_BOUND)
         self.out_bound = float(self.out_bound)
         if self.tile_size is not None:

@@ -28,7 +28,7 @@ from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
 from .ste import analog_forward, lever_surrogate, lever_vjp
-from .tile import TileSpec, analog_matmul, program_weights
+from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
     "LAYER_MAP",
@@ -211,6 +211,7 @@ class AnalogLayerMixin:
             y2d = analog_matmul(
                 x2d, w_prog, w_scale, bias, spec, ctx, cfg.noise, differentiable=differentiable,
                 saturation=saturation, input_range=input_range,
+                product_dtype=operand_dtype(cfg.product_precision, out_dtype),
             )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]

@@ -49,7 +49,7 @@ from .layers import AnalogLayerMixin, checkpoint_replay
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
 from .ste import lever_surrogate, lever_vjp
-from .tile import TileSpec, analog_matmul, program_weights
+from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
     "AnalogExpertsMixin",
@@ -281,7 +281,16 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 saturation = [] if aux is not None and cfg.mask_saturated else None
                 b = None if bias is None else bias[e]
                 y = analog_matmul(
-                    xf[plan.rows(e)], w_prog[j], w_scale[j], b, spec, ctx, cfg.noise, differentiable, saturation
+                    xf[plan.rows(e)],
+                    w_prog[j],
+                    w_scale[j],
+                    b,
+                    spec,
+                    ctx,
+                    cfg.noise,
+                    differentiable,
+                    saturation,
+                    product_dtype=operand_dtype(cfg.product_precision, out_dtype),
                 )
                 if aux is not None:
                     aux["mask"].append(saturation[0] if saturation else None)

@@ -116,13 +116,17 @@ class AnalogSTEFunction(torch.autograd.Function):
         ctx.layer = layer
         ctx.has_bias = bias is not None
         ctx.compute_dtype = layer.forward_dtype(x)
+        ctx.x_dtype = x.dtype
         aux: dict[str, torch.Tensor | None] | None = {} if layer.ste_levers else None
         with torch.no_grad():
             y = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+        # Under autocast the plain layer keeps its input in the compute dtype for the backward (its products run in
+        # it): so does this one, at the plain layer's memory, not the float32 input's.
+        x_saved = x.to(ctx.compute_dtype) if ctx.compute_dtype in (torch.bfloat16, torch.float16) else x
         if aux is None:
-            ctx.save_for_backward(x, weight)
+            ctx.save_for_backward(x_saved, weight)
         else:
-            ctx.save_for_backward(x, weight, aux.get("mask"), aux.get("weight"), aux.get("input_mask"))
+            ctx.save_for_backward(x_saved, weight, aux.get("mask"), aux.get("weight"), aux.get("input_mask"))
         return y
 
     @staticmethod
@@ -138,6 +142,8 @@ class AnalogSTEFunction(torch.autograd.Function):
             grad_x, grad_w = ctx.layer.ste_backward(
                 x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype, input_mask
             )
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
         grad_b = None
         if ctx.has_bias and need_b:
             grad_b = ctx.layer.bias_grad(grad_output)

@@ -185,24 +185,64 @@ def _tile(x: torch.Tensor, w: torch.Tensor, rows: int | None) -> tuple[torch.Ten
     return x_t, w_t
 
 
-def _tiled_product(x: torch.Tensor, w: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """``(tiles, T, out)``: each tile's partial sums ``x_tile @ w_tileᵀ``, the last tile over its real rows only.
+#: Whether this torch's CUDA ``bmm`` takes ``out_dtype`` (float32 products of half-precision operands); None: untried.
+_OUT_DTYPE: dict[str, bool | None] = {"cuda": None}
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(a, b)`` in float32: operands in float32 as they are, half-precision ones multiplied exactly as
+    given and accumulated and returned in float32 (cuBLAS's float32 output on CUDA; elsewhere, or under autograd, a
+    float32 product of the same operand values)."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if (
+        a.is_cuda
+        and _OUT_DTYPE["cuda"] is not False
+        and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+    ):
+        try:
+            y = torch.bmm(a, b, out_dtype=torch.float32)
+            _OUT_DTYPE["cuda"] = True
+            return y
+        except (TypeError, RuntimeError):  # an older torch: the float32 product below gives the same numbers
+            _OUT_DTYPE["cuda"] = False
+    return torch.bmm(a.float(), b.float())
+
+
+def operand_dtype(precision: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the crossbar product's operands for ``product_precision`` and the layer's compute dtype."""
+    if precision == "autocast" and compute_dtype in (torch.bfloat16, torch.float16):
+        return compute_dtype
+    return torch.float32
+
+
+def _tiled_product(
+    x: torch.Tensor, w: torch.Tensor, rows: int | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(tiles, T, out)`` float32: each tile's partial sums ``x_tile @ w_tileᵀ``, the last tile over its real rows
+    only, with the operands in ``dtype`` (see :func:`_bmm`).
 
     The numbers are those of :func:`_tile`'s zero-padded tiles (the padded rows add exact zeros; the same values bit
     for bit with the CPU's BLAS, ``tests/test_tile.py``), without the padded rows' multiply-adds: a 384-wide input on
     256-row tiles no longer costs a 512-wide product.
     """
+    if dtype != torch.float32:
+        x, w = x.to(dtype), w.to(dtype)
     k = x.shape[-1]
     if rows is None or k <= rows or k % rows == 0:
         x_t, w_t = _tile(x, w, rows)
-        return torch.bmm(x_t, w_t.transpose(1, 2))
+        return _bmm(x_t, w_t.transpose(1, 2))
     n_full = k // rows
-    y = x.new_empty(n_full + 1, x.shape[0], w.shape[0])
+    y = torch.empty(n_full + 1, x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
     split = n_full * rows
     x_full = x[:, :split].reshape(x.shape[0], n_full, rows).transpose(0, 1)
     w_full = w[:, :split].reshape(w.shape[0], n_full, rows).transpose(0, 1)
-    torch.bmm(x_full, w_full.transpose(1, 2), out=y[:n_full])
-    torch.mm(x[:, split:], w[:, split:].t(), out=y[n_full])
+    if dtype == torch.float32:
+        torch.bmm(x_full, w_full.transpose(1, 2), out=y[:n_full])
+        torch.mm(x[:, split:], w[:, split:].t(), out=y[n_full])
+    else:
+        y[:n_full] = _bmm(x_full, w_full.transpose(1, 2))
+        y[n_full] = _bmm(x[:, split:].unsqueeze(0), w[:, split:].t().unsqueeze(0))[0]
     return y
 
 
@@ -217,6 +257,7 @@ def analog_matmul(
     differentiable: bool = False,
     saturation: list[torch.Tensor] | None = None,
     input_range: float | None = None,
+    product_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """The analog product ``y ≈ x @ Wᵀ + b`` of float32 ``x`` (``(T, in)``) with programmed weights.
 
@@ -235,6 +276,8 @@ def analog_matmul(
             hooks, before a fused trailing output noise.
         input_range: the layer's calibrated DAC full scale (``spec.static_range``; required then, unused
             otherwise): inputs beyond it clip.
+        product_dtype: the dtype of the crossbar products' operands (float32, or a half precision: see
+            ``AnalogNoiseConfig.product_precision`` and :func:`operand_dtype`); they accumulate in float32.
 
     Returns:
         ``(tokens, out)`` float32 outputs in the layer's units.
@@ -297,9 +340,10 @@ def analog_matmul(
             x_t, w_t = _tile(x_n, w, spec.tile_size)
         shares = [1.0]
     if differentiable or spec.input_slice_bits is not None:
-        y = torch.bmm(x_t, w_t.transpose(1, 2))  # (slices·tiles, T, out); times in_scale: normalized units
+        # (slices·tiles, T, out); times in_scale: normalized units
+        y = _bmm(x_t.to(product_dtype), w_t.to(product_dtype).transpose(1, 2))
     else:
-        y = _tiled_product(x_n, w, spec.tile_size)  # the same partial sums, without the padded rows' work
+        y = _tiled_product(x_n, w, spec.tile_size, product_dtype)  # the same sums, without the padded rows' work
     n_tiles = y.shape[0] // len(shares)
     recombine = _recombine_weights(tuple(shares), n_tiles, x.device)
 

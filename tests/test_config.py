@@ -14,6 +14,7 @@ def test_defaults_are_the_documented_ones():
     assert (cfg.gradient, cfg.input_bits, cfg.weight_bits, cfg.output_bits) == ("ste", 8, 8, 8)
     assert cfg.noise == [GaussianWeightNoise(std=0.02), OutputNoise(std=0.04)]
     assert cfg.output_step() == pytest.approx(2 * 10.0 / 254)
+    assert cfg.product_precision == "autocast"
 
 
 @pytest.mark.parametrize(
@@ -24,6 +25,7 @@ def test_defaults_are_the_documented_ones():
         ({"weight_bits": 17}, "`weight_bits`"),
         ({"output_bits": 0}, "`output_bits`"),
         ({"input_quant": "per_row"}, "`input_quant`"),
+        ({"product_precision": "bfloat16"}, r"`product_precision` must be one of \('autocast', 'float32'\)"),
         ({"out_bound": 0.0}, "`out_bound`"),
         ({"out_bound": float("nan")}, "`out_bound`"),
         ({"tile_size": 0}, "`tile_size`"),

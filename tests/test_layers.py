@@ -127,3 +127,24 @@ def test_layer_classes_subclass_what_they_replace():
     assert issubclass(NoisyLinear, nn.Linear)
     assert issubclass(NoisyConv1D, Conv1D)
     assert issubclass(NoisyConv2d, nn.Conv2d)
+
+
+def test_product_precision_float32_keeps_the_float32_product_under_autocast():
+    # "autocast" rounds the programmed weights to bfloat16 for the crossbar product; "float32" keeps the product of
+    # a float32 model, so under autocast it gives the float32 model's analog output (cast to bfloat16).
+    torch.manual_seed(0)
+    x = torch.randn(6, 300)
+    outs = {}
+    for precision in ("autocast", "float32"):
+        layer = nn.Linear(300, 40)
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        cfg = AnalogNoiseConfig(product_precision=precision, noise=[], tile_size=128)
+        hf_cim.patch_model(layer, cfg)
+        with torch.no_grad():
+            reference = layer(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outs[precision] = layer(x)
+        assert outs[precision].dtype == torch.bfloat16
+    assert torch.equal(outs["float32"], reference.to(torch.bfloat16))
+    assert not torch.equal(outs["autocast"], outs["float32"])

@@ -237,3 +237,51 @@ def test_hooks_see_whole_crossbars_when_the_last_tile_is_partly_used():
     w_prog, scale = program_weights(w, cfg, ctx, cfg.noise)
     analog_matmul(x, w_prog, scale, None, cfg, ctx, [Spy()])
     assert seen == [torch.Size([2, 8, 256])]
+
+
+@pytest.mark.parametrize(("dtype", "u"), [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)], ids=str)
+@pytest.mark.parametrize("rows", [None, 256, 200], ids=str)
+def test_half_precision_product_is_within_the_weight_rounding_bound(dtype, u, rows):
+    # product_precision="autocast": DAC levels (integers up to 127) are exact in both dtypes, each weight rounds by
+    # at most u of its value, so each partial sum moves by at most u·Σ|x||w| (plus float32 accumulation slop).
+    from hf_cim.tile import _tile, _tiled_product
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-127, 128, (64, 600), generator=gen).float()
+    w = torch.randn(80, 600, generator=gen) * 0.3
+    assert torch.equal(x.to(dtype).float(), x)
+    ref = _tiled_product(x, w, rows)
+    got = _tiled_product(x, w, rows, dtype)
+    x_t, w_t = _tile(x.abs(), w.abs(), rows)
+    bound = u * torch.bmm(x_t, w_t.transpose(1, 2))
+    err = (got - ref).abs()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert (err <= bound * (1 + 1e-3) + 1e-3).all()
+    assert err.max() > 0  # the weights did round: the bound is not met by an unchanged float32 product
+    # the same numbers as the float32 product of the rounded weights (CPU: bit for bit)
+    assert torch.equal(got, _tiled_product(x, w.to(dtype).float(), rows))
+
+
+def test_half_precision_analog_product_equals_the_float32_product_of_rounded_weights(data):
+    # Only the crossbar product's operands change: the DAC, programming, noise and ADC stay float32, so the whole
+    # analog product with bfloat16 operands is the float32 one of the bfloat16-rounded programmed weights.
+    x, w, b = data
+    cfg = AnalogNoiseConfig(tile_size=256, noise=[{"name": "output_noise", "std": 0.05}])
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(0), level=1.0)
+    w_prog, scale = program_weights(w, cfg, ctx, cfg.noise)
+    runs = []
+    for weights, dtype in ((w_prog, torch.bfloat16), (w_prog.to(torch.bfloat16).float(), torch.float32)):
+        ctx = NoiseContext(generator=torch.Generator().manual_seed(5), level=1.0)
+        runs.append(analog_matmul(x, weights, scale, b, cfg, ctx, cfg.noise, product_dtype=dtype))
+    assert torch.equal(runs[0], runs[1])
+    ctx = NoiseContext(generator=torch.Generator().manual_seed(5), level=1.0)
+    full = analog_matmul(x, w_prog, scale, b, cfg, ctx, cfg.noise)
+    # Where a tile's partial sum sat within the weights' rounding of an ADC boundary, that tile's level moved by one:
+    # at most one level per tile (3 tiles of 700 rows), on a few % of the outputs (6 % here), far less in RMS than
+    # the output noise's own spread (0.05 / ADC step = 0.64 levels).
+    level = cfg.output_step() * scale.reshape(1, -1) * x.abs().amax(1, keepdim=True)  # one ADC level, layer units
+    moved = (runs[0] - full) / level
+    assert 0 < moved.abs().max() <= 3 + 1e-3
+    assert (moved.abs() > 1e-3).float().mean() < 0.1
+    assert moved.pow(2).mean().sqrt() < 0.5 * 0.05 / cfg.output_step()
+    assert moved.mean().abs() < 0.02  # no bias
