@@ -283,6 +283,13 @@ def run_child(args: Sequence[str], timeout: float | None = None, env: dict[str, 
     )
 
 
+def write_json(path: str | None, data: object) -> None:
+    """Write a benchmark's results to ``path`` (its ``--out``; nothing when None), values JSON cannot hold as str."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub Markdown table."""
     lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "|".join("---" for _ in headers) + "|"]

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fidelity  # noqa: E402
+from _harness import write_json  # noqa: E402
 
 import hf_cim  # noqa: E402
 
@@ -113,9 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     found["command"] = "python benchmarks/gradient_noise.py " + " ".join(argv if argv is not None else sys.argv[1:])
     found["commit"] = fidelity._commit()
     print(json.dumps(found, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(found, f, indent=1)
+    write_json(args.out, found)
     return found
 
 

@@ -13,7 +13,6 @@ launches, Python): fusing kernels or CUDA graphs is then the lever, not faster a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import step_time  # noqa: E402
-from _harness import set_threads, synchronize  # noqa: E402
+from _harness import set_threads, synchronize, write_json  # noqa: E402
 
 
 def profile_variant(spec: step_time.ModelSpec, variant: str, device: str, amp: str | None, steps: int, warmup: int):
@@ -102,9 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in res["kernels"][: args.top]:
             print(f"| {r['name'][:90]} | {r['calls_per_step']:.0f} | {r['ms_per_step']:.2f} |")
         print()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.out, out)
     return out
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -48,7 +47,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _harness import machine_info, markdown_table, run_interleaved, set_threads, summarize  # noqa: E402
+from _harness import machine_info, markdown_table, run_interleaved, set_threads, summarize, write_json  # noqa: E402
 
 import hf_cim  # noqa: E402
 from hf_cim.noise import (  # noqa: E402
@@ -263,9 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
             if name in ratios:
                 verdict = "met" if ratios[name] <= target else "NOT met"
                 print(f"- target `{name}` ≤ {target}× plain (CPU time): {ratios[name]:.2f}× ({verdict})")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    write_json(args.out, results)
     return results
 
 

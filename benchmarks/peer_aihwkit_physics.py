@@ -25,13 +25,17 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
 import torch
 
-from hf_cim.noise.base import NoiseContext
-from hf_cim.noise.pcm import PCMNoise
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _harness import write_json  # noqa: E402
+
+from hf_cim.noise.base import NoiseContext  # noqa: E402
+from hf_cim.noise.pcm import PCMNoise  # noqa: E402
 
 G_MAX = 25.0  # µS, both models' default
 TIMES = {"t0": 0.0, "1h": 3600.0, "1d": 86400.0, "1y": 365 * 86400.0}
@@ -158,9 +162,7 @@ def main(argv: list[str] | None = None) -> dict | None:
           + f"; compensation factor {100 * max(r['rel_diff'] for r in comp):.1f} % (the bar: 5 %)")  # fmt: skip
     found = {"command": cmd, "aihwkit": aihwkit.__version__, "devices": devices, "compensation": comp,
              "worst_rel_diff": worst}  # fmt: skip
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(found, f, indent=1)
+    write_json(args.out, found)
     return found
 
 

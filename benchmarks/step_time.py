@@ -58,6 +58,7 @@ from _harness import (  # noqa: E402
     set_threads,
     summarize,
     synchronize,
+    write_json,
 )
 
 logger = logging.getLogger("step_time")
@@ -591,8 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
         "plain are paired within each round; the step-mem ratio is step MB / plain's step MB."
     )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        write_json(args.out, results)
         logger.info("wrote %s", args.out)
     return results
 

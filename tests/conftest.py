@@ -20,3 +20,14 @@ def _fixed_threads():
     # Deterministic reductions and no oversubscription on the 2-core CI machine.
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def transformers_verbosity_restored():
+    """The benchmark scripts silence transformers' logging for their process (``set_verbosity_error``): tests that
+    run them in-process give later tests their warnings back."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    yield
+    hf_logging.set_verbosity(level)

@@ -14,14 +14,7 @@ import kernel_profile  # noqa: E402
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-@pytest.fixture(autouse=True)
-def _transformers_verbosity_restored():
-    """step_time.build_model silences transformers' logging for the process; give later tests their warnings back."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    yield
-    hf_logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("transformers_verbosity_restored")
 
 
 def test_profile_counts_the_analog_ops_on_top_of_plain(capsys):

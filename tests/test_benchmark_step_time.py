@@ -11,15 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
 import peer_aihwkit  # noqa: E402
 import step_time  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _transformers_verbosity_restored():
-    """step_time.py silences transformers' logging for its whole process; give later tests their warnings back."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    yield
-    hf_logging.set_verbosity(level)
+pytestmark = pytest.mark.usefixtures("transformers_verbosity_restored")
 
 
 def test_aihwkit_peers_without_aihwkit_are_noted_not_fatal(monkeypatch):
