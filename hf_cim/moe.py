@@ -48,7 +48,7 @@ from torch.autograd.function import once_differentiable
 from .layers import AnalogLayerMixin, checkpoint_replay
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
-from .ste import lever_surrogate, lever_vjp
+from .ste import input_for_backward, lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
@@ -148,7 +148,8 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         masks = [m for m in (aux or {}).get("mask", []) if m is not None]
         w_bs = [w for w in (aux or {}).get("weight", []) if w is not None]
         ctx.n_masks = len(masks)
-        ctx.save_for_backward(x, weight, *masks, *w_bs)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(input_for_backward(x, ctx.compute_dtype), weight, *masks, *w_bs)
         return y
 
     @staticmethod
@@ -160,7 +161,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         layer, plan, dtype = ctx.layer, ctx.plan, ctx.compute_dtype
         w_oi = layer._w_oi(weight)
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.zeros(x.shape, dtype=ctx.x_dtype, device=x.device) if need_x else None
         grad_w = torch.zeros(w_oi.shape, dtype=weight.dtype, device=weight.device) if need_w else None
         grad_b = None
         if need_b:
@@ -180,7 +181,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
                 dtype,
             )
             if need_x:
-                grad_x[rows] = gx.to(x.dtype)
+                grad_x[rows] = gx.to(ctx.x_dtype)
             if need_w:
                 grad_w[e] = gw.to(weight.dtype)
             if need_b:

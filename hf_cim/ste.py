@@ -108,6 +108,13 @@ def lever_surrogate(
     return y if bias is None else y + bias
 
 
+def input_for_backward(x: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """The input an STE Function keeps for its backward. Under autocast the plain layer keeps its input in the
+    (half-precision) compute dtype, the dtype its backward products run in: so do these, at the plain layer's
+    memory rather than the float32 input's; their gradients return in the input's own dtype."""
+    return x.to(compute_dtype) if compute_dtype in (torch.bfloat16, torch.float16) else x
+
+
 class AnalogSTEFunction(torch.autograd.Function):
     """``y = analog(x, W, b)`` forward; ``∂L/∂x = clean``, ``∂L/∂W = clean``, ``∂L/∂b = Σg`` backward."""
 
@@ -120,9 +127,7 @@ class AnalogSTEFunction(torch.autograd.Function):
         aux: dict[str, torch.Tensor | None] | None = {} if layer.ste_levers else None
         with torch.no_grad():
             y = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
-        # Under autocast the plain layer keeps its input in the compute dtype for the backward (its products run in
-        # it): so does this one, at the plain layer's memory, not the float32 input's.
-        x_saved = x.to(ctx.compute_dtype) if ctx.compute_dtype in (torch.bfloat16, torch.float16) else x
+        x_saved = input_for_backward(x, ctx.compute_dtype)
         if aux is None:
             ctx.save_for_backward(x_saved, weight)
         else:

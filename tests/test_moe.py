@@ -511,3 +511,28 @@ def test_experts_state_is_one_object_preserved_and_pickled():
     other = pickle.loads(pickle.dumps(model))
     with torch.no_grad():
         assert torch.equal(other(ids).logits, model(ids).logits)
+
+
+def test_ste_projection_under_autocast_saves_bfloat16_input_and_returns_float32_gradients():
+    # As the dense layers (and the plain experts) do: the input kept for the backward is the compute dtype's copy.
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config(target_modules=r".*\.experts"))
+    experts = model.model.layers[0].mlp.experts
+    plan = _Plan.from_counts([3, 0, 5, 2])
+    torch.manual_seed(1)
+    x = torch.randn(10, 32, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = experts._project("gate_up_proj", x, plan)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert any(t.dtype == torch.bfloat16 and t.shape == x.shape for t in saved)
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    assert x.grad.dtype == torch.float32 and experts.gate_up_proj.grad.dtype == torch.float32
+    # the clean VJP in bfloat16, as the plain projection's under autocast
+    w = experts.gate_up_proj.detach()
+    g = torch.ones(10, 128, dtype=torch.bfloat16)
+    ref = torch.cat([g[plan.rows(e)] @ w[e].to(torch.bfloat16) for e in plan.hit]).float()
+    rows = torch.cat([torch.arange(10)[plan.rows(e)] for e in plan.hit])
+    torch.testing.assert_close(x.grad[rows], ref, rtol=1e-2, atol=1e-2)
