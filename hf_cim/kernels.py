@@ -230,14 +230,17 @@ def _native_add_randn_(t, std, key):
 
 
 def _native_add_scaled_randn_(t, scale, std, key, sqrt_scale=False):
-    if not (native.accepts(t, scale) and _same_layout(t, scale)) or _native_lib() is None:
+    if not (native.accepts(t) and native.accepts_spread(scale) and _same_layout(t, scale)) or _native_lib() is None:
         return NotImplemented
     native.add_scaled_randn(t, scale, std, sqrt_scale, *_key_words(key)[1:])
     return t
 
 
 def _native_ir_drop_(y, a, y_pos):
-    if not (native.accepts(y, a, y_pos) and _same_layout(y, a, y_pos)) or _native_lib() is None:
+    if (
+        not (native.accepts(y) and native.accepts_spread(a, y_pos) and _same_layout(y, a, y_pos))
+        or _native_lib() is None
+    ):
         return NotImplemented
     native.ir_drop(y, a, y_pos)
     return y

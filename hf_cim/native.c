@@ -259,29 +259,59 @@ void hfc_epilogue(const float *y, float *out, const float *recombine, const floa
 
 /* -- fused helpers of noise models (rng.add_scaled_randn_, IRDrop's correction) ------------------------------- */
 
+/* A second-order term (a noise spread, an IR-drop correction) may come as the bfloat16 result of a bfloat16 product
+ * (hf_cim.noise.base.spread_bmm): its value read exactly in float32 (a bfloat16 is a float32's upper half). */
+static inline float bf16_at(const uint16_t *p, i64 i) {
+    union {
+        uint32_t u;
+        float f;
+    } v;
+    v.u = (uint32_t)p[i] << 16;
+    return v.f;
+}
+
 /* y[i] += std * (z(i) * s_i), s_i = scale[i] or sqrt(max(scale[i], 1e-12)) (sqrt_scale): ReadNoise's output noise
- * with a per-element spread, in one pass instead of clamp, sqrt, draw, multiply and add. */
-void hfc_add_scaled_randn(float *y, const float *scale, i64 n, float std, int sqrt_scale, uint32_t k0, uint32_t k1,
-                          int threads) {
+ * with a per-element spread, in one pass instead of clamp, sqrt, draw, multiply and add. ``scale`` is float32, or
+ * bfloat16 where scale_bf16. */
+void hfc_add_scaled_randn(float *y, const void *scale, i64 n, float std, int sqrt_scale, uint32_t k0, uint32_t k1,
+                          int scale_bf16, int threads) {
+    const float *sf = (const float *)scale;
+    const uint16_t *sb = (const uint16_t *)scale;
     PARALLEL_FOR_CHUNKS(n, lo, hi) {
-        if (sqrt_scale) {
+        if (sqrt_scale && scale_bf16) {
             for (i64 i = lo; i < hi; ++i) {
-                const float s = sqrtf(maxf(scale[i], F(1e-12)));
+                const float s = sqrtf(maxf(bf16_at(sb, i), F(1e-12)));
                 y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * s);
             }
+        } else if (sqrt_scale) {
+            for (i64 i = lo; i < hi; ++i) {
+                const float s = sqrtf(maxf(sf[i], F(1e-12)));
+                y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * s);
+            }
+        } else if (scale_bf16) {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * bf16_at(sb, i));
         } else {
-            for (i64 i = lo; i < hi; ++i) y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * scale[i]);
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] + std * (gaussian((uint32_t)i, k0, k1) * sf[i]);
         }
     }
 }
 
-/* IRDrop's correction: y[i] -= a_i·(0.05·a_i² − 0.2·a_i + 0.5)·y_pos[i], evaluated as ((0.05a − 0.2)a + 0.5)a. */
-void hfc_ir_drop(float *y, const float *a, const float *y_pos, i64 n, int threads) {
+/* IRDrop's correction: y[i] -= a_i·(0.05·a_i² − 0.2·a_i + 0.5)·y_pos[i], evaluated as ((0.05a − 0.2)a + 0.5)a.
+ * ``a`` and ``y_pos`` are float32, or bfloat16 where their flag says so. */
+static inline float ir_drop_term(float ai, float pi) { return (((ai * F(0.05) - F(0.2)) * ai + F(0.5)) * ai) * pi; }
+
+void hfc_ir_drop(float *y, const void *a, const void *y_pos, i64 n, int a_bf16, int pos_bf16, int threads) {
+    const float *af = (const float *)a, *pf = (const float *)y_pos;
+    const uint16_t *ab = (const uint16_t *)a, *pb = (const uint16_t *)y_pos;
     PARALLEL_FOR_CHUNKS(n, lo, hi) {
-        for (i64 i = lo; i < hi; ++i) {
-            const float ai = a[i];
-            const float c = ((ai * F(0.05) - F(0.2)) * ai + F(0.5)) * ai;
-            y[i] = y[i] - c * y_pos[i];
+        if (a_bf16 && pos_bf16) {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] - ir_drop_term(bf16_at(ab, i), bf16_at(pb, i));
+        } else if (a_bf16) {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] - ir_drop_term(bf16_at(ab, i), pf[i]);
+        } else if (pos_bf16) {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] - ir_drop_term(af[i], bf16_at(pb, i));
+        } else {
+            for (i64 i = lo; i < hi; ++i) y[i] = y[i] - ir_drop_term(af[i], pf[i]);
         }
     }
 }

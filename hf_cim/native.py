@@ -62,8 +62,8 @@ _SIGNATURES = {
     "hfc_dac": [_ptr, _ptr, _ptr, _i64, _i64, _f32, _i32, _i32, _i32],
     "hfc_epilogue": [_ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _i64]
     + [_f32, _f32, _f32, _f32, _i32, _u32, _u32, _i32, _i32],
-    "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32],
-    "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32],
+    "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
+    "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
 }
 
 
@@ -290,6 +290,12 @@ def _takes(t: torch.Tensor) -> bool:
     return t.dtype == torch.float32 and t.device.type == "cpu"
 
 
+def accepts_spread(*tensors: torch.Tensor | None) -> bool:
+    """Whether every tensor given (None skipped) is a float32 or bfloat16 CPU tensor: a second-order operand the C
+    functions read (:func:`add_scaled_randn`'s ``scale``, :func:`ir_drop`'s ``a`` and ``y_pos``)."""
+    return all(t is None or (t.dtype in (torch.float32, torch.bfloat16) and t.device.type == "cpu") for t in tensors)
+
+
 def accepts(*tensors: torch.Tensor | None) -> bool:
     """Whether every tensor given (None skipped) is float32 on the CPU: the buffers the C functions take (the callers
     of :mod:`hf_cim.kernels` route anything else to the torch reference instead)."""
@@ -388,21 +394,33 @@ def epilogue(
     )  # fmt: skip
 
 
+def _check_spread(fn: str, name: str, t: object, shape: tuple[int, ...]) -> bool:
+    """A second-order operand: a contiguous float32 or bfloat16 CPU tensor of ``shape``; True for bfloat16."""
+    if isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        if t.shape == shape and t.is_contiguous():
+            return True
+        raise ValueError(f"hf_cim.native.{fn}: `{name}` must be contiguous with shape {shape}; got {_describe(t)}")
+    _check(fn, name, t, shape)
+    return False
+
+
 def add_scaled_randn(y: torch.Tensor, scale: torch.Tensor, std: float, sqrt_scale: bool, k0: int, k1: int) -> None:
-    """``y += std·(ξ·s)`` in place, ``s = scale`` or ``sqrt(max(scale, 1e-12))``; ``scale`` has ``y``'s shape."""
+    """``y += std·(ξ·s)`` in place, ``s = scale`` or ``sqrt(max(scale, 1e-12))``; ``scale`` has ``y``'s shape and is
+    float32 or bfloat16 (read exactly in float32)."""
     shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
     _check("add_scaled_randn", "y", y, shape)
-    _check("add_scaled_randn", "scale", scale, shape)
-    _lib().hfc_add_scaled_randn(y.data_ptr(), scale.data_ptr(), y.numel(), std, sqrt_scale, k0, k1, threads())
+    bf16 = _check_spread("add_scaled_randn", "scale", scale, shape)
+    _lib().hfc_add_scaled_randn(y.data_ptr(), scale.data_ptr(), y.numel(), std, sqrt_scale, k0, k1, bf16, threads())
 
 
 def ir_drop(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> None:
-    """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place; ``a`` and ``y_pos`` have ``y``'s shape."""
+    """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place; ``a`` and ``y_pos`` have ``y``'s shape, each float32 or
+    bfloat16 (read exactly in float32)."""
     shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
     _check("ir_drop", "y", y, shape)
-    _check("ir_drop", "a", a, shape)
-    _check("ir_drop", "y_pos", y_pos, shape)
-    _lib().hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), threads())
+    a_bf16 = _check_spread("ir_drop", "a", a, shape)
+    pos_bf16 = _check_spread("ir_drop", "y_pos", y_pos, shape)
+    _lib().hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), a_bf16, pos_bf16, threads())
 
 
 def available() -> bool:

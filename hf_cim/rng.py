@@ -179,6 +179,7 @@ def add_scaled_randn_(
 ) -> torch.Tensor:
     """``t += std·(ξ·s)`` in place with a per-element spread ``s = scale`` or ``sqrt(max(scale, 1e-12))``
     (``sqrt_scale``; ``scale`` shaped like ``t``), ``ξ = sample(t, key)``."""
+    scale = scale.to(t.dtype)  # a bfloat16 spread (``spread_bmm``) is read exactly in float32
     spread = scale.clamp(min=1e-12).sqrt() if sqrt_scale else scale
     return t.add_(sample(t, key).to(t.dtype).mul_(spread), alpha=std)
 

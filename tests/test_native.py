@@ -189,3 +189,29 @@ def test_buffers_the_c_code_does_not_take_go_to_the_reference(what):
         with torch.no_grad():
             w_n, scale = kernels.weight_program(x, 127.0)
         assert torch.equal(w_n, converters.weight_program(x, 127.0)[0]) and w_n.dtype == x.dtype
+
+
+def test_bfloat16_spread_operands_are_read_exactly_in_float32():
+    # spread_bmm's bfloat16 results go to the C kernels as they are: the same numbers as their float32 copies.
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(3, 64, 40, generator=gen)
+    a = (torch.rand(3, 64, 40, generator=gen) * 3).to(torch.bfloat16)
+    pos = torch.randn(3, 64, 40, generator=gen).to(torch.bfloat16)
+    for a_in, pos_in in ((a, pos), (a.float(), pos), (a, pos.float())):
+        got, ref = y.clone(), y.clone()
+        native.ir_drop(got, a_in, pos_in)
+        native.ir_drop(ref, a.float(), pos.float())
+        assert torch.equal(got, ref)
+    for sqrt_scale in (False, True):
+        got, ref = y.clone(), y.clone()
+        native.add_scaled_randn(got, a, 0.3, sqrt_scale, 7, 9)
+        native.add_scaled_randn(ref, a.float(), 0.3, sqrt_scale, 7, 9)
+        assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="`a` must be contiguous"):
+        native.ir_drop(y, a.transpose(1, 2).contiguous().transpose(1, 2), pos)
+    with pytest.raises(ValueError, match="`scale` must be a contiguous float32"):
+        native.add_scaled_randn(y, a.half(), 0.3, True, 7, 9)

@@ -231,7 +231,7 @@ class ReadNoise(NoiseModel):
         var = self.variance(x, w)
         if grad:
             # The floor keeps the ``full`` mode's gradient finite where a token is all zeros.
-            return y + ctx.randn_like(y) * var.clamp(min=1e-12).sqrt() * sigma
+            return y + ctx.randn_like(y) * var.to(y.dtype).clamp(min=1e-12).sqrt() * sigma
         return ctx.add_scaled_randn_(y, var, sigma, sqrt_scale=True)
 
     def variance(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,7 @@ class IRDrop(NoiseModel):
         grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
         a, y_pos = self.terms(x, w, s, ctx.tile_rows)
         if grad:
+            a, y_pos = a.to(y.dtype), y_pos.to(y.dtype)
             return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
         return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
 
@@ -130,6 +131,7 @@ class IRDrop(NoiseModel):
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
     """``y -= a·(0.05a² − 0.2a + 0.5)·y_pos`` in place, the polynomial as ``((0.05a − 0.2)a + 0.5)a`` (the order of
-    the backend's fused ``ir_drop_`` stage)."""
+    the backend's fused ``ir_drop_`` stage); ``a`` and ``y_pos`` may be bfloat16 (read exactly in ``y``'s dtype)."""
+    a, y_pos = a.to(y.dtype), y_pos.to(y.dtype)
     c = torch.mul(a, 0.05).sub_(0.2).mul_(a).add_(0.5).mul_(a)
     return y.sub_(c.mul_(y_pos))
