@@ -246,6 +246,24 @@ def _native_ir_drop_(y, a, y_pos):
     return y
 
 
+def _native_reram_program_(out, w, coeffs, g_max, s, clip_max, key):
+    if not (native.accepts(out, w) and _same_layout(out, w)) or _native_lib() is None or 2 * w.numel() > 2**32:
+        return NotImplemented
+    native.reram_program(w, out, _coefficients(coeffs), g_max, s, clip_max, *_key_words(key)[1:])
+    return out
+
+
+_COEFFS: dict[tuple[float, ...], torch.Tensor] = {}
+
+
+def _coefficients(coeffs: tuple[float, ...]) -> torch.Tensor:
+    """A polynomial's coefficients as the float32 CPU tensor the C kernel reads (cached: a handful per process)."""
+    t = _COEFFS.get(coeffs)
+    if t is None:
+        t = _COEFFS[coeffs] = torch.tensor(coeffs, dtype=torch.float32)
+    return t
+
+
 # -- the stages -----------------------------------------------------------------------------------------------------
 
 
@@ -288,6 +306,7 @@ _add_randn = _stage("add_randn", rng.add_randn_, _native_add_randn_)
 _noise_stages = {
     "add_scaled_randn_": _stage("add_scaled_randn_", None, _native_add_scaled_randn_),
     "ir_drop_": _stage("ir_drop_", None, _native_ir_drop_),
+    "reram_program_": _stage("reram_program_", None, _native_reram_program_),
 }
 
 

@@ -315,3 +315,32 @@ void hfc_ir_drop(float *y, const void *a, const void *y_pos, i64 n, int a_bf16, 
         }
     }
 }
+
+/* ReRAMNoise.program on a weight tensor in one pass: each weight's device pair g+ = max(w, 0), g- = max(-w, 0) gets
+ * g' = clamp(g + s·max(poly(min(g, 1)) / g_max, 0)·z, 0, clip_max) (poly: Horner, highest order first, as
+ * hf_cim.noise.conductance.polyval), z the Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and
+ * out = g+' − g-'. The operations and their order are the torch formula's, so the numbers are its numbers. */
+static inline float reram_device(float g, float z, const float *coeffs, int n_coeffs, float g_max, float s,
+                                 int has_clip, float clip_max) {
+    const float x = g < F(1.0) || g != g ? g : F(1.0);
+    float p = coeffs[n_coeffs - 1];
+    for (int k = n_coeffs - 2; k >= 0; --k) p = p * x + coeffs[k];
+    const float sigma = maxf(F(0.0), p / g_max) * s;
+    float v = g + sigma * z;
+    v = maxf(F(0.0), v);
+    if (has_clip && v > clip_max) v = clip_max;
+    return v;
+}
+
+void hfc_reram_program(const float *w, float *out, i64 n, const float *coeffs, int n_coeffs, float g_max, float s,
+                       int has_clip, float clip_max, uint32_t k0, uint32_t k1, int threads) {
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
+        for (i64 i = lo; i < hi; ++i) {
+            const float wi = w[i];
+            const float gp = maxf(F(0.0), wi), gm = maxf(F(0.0), -wi);
+            const float zp = gaussian((uint32_t)i, k0, k1), zm = gaussian((uint32_t)(n + i), k0, k1);
+            out[i] = reram_device(gp, zp, coeffs, n_coeffs, g_max, s, has_clip, clip_max) -
+                     reram_device(gm, zm, coeffs, n_coeffs, g_max, s, has_clip, clip_max);
+        }
+    }
+}

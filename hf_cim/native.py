@@ -64,6 +64,7 @@ _SIGNATURES = {
     + [_f32, _f32, _f32, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
+    "hfc_reram_program": [_ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
 }
 
 
@@ -421,6 +422,34 @@ def ir_drop(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> None:
     a_bf16 = _check_spread("ir_drop", "a", a, shape)
     pos_bf16 = _check_spread("ir_drop", "y_pos", y_pos, shape)
     _lib().hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), a_bf16, pos_bf16, threads())
+
+
+def reram_program(
+    w: torch.Tensor,
+    out: torch.Tensor,
+    coeffs: torch.Tensor,
+    g_max: float,
+    s: float,
+    clip_max: float | None,
+    k0: int,
+    k1: int,
+) -> None:
+    """``out`` = ReRAM-programmed ``w``: each device of the pair ``g± = max(±w, 0)`` moves by
+    ``s·max(poly(min(g, 1))/g_max, 0)·ξ`` and is clamped to ``[0, clip_max]`` (``ReRAMNoise.program``)."""
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+    _check("reram_program", "w", w, shape)
+    _check("reram_program", "out", out, shape)
+    n_coeffs = coeffs.numel() if isinstance(coeffs, torch.Tensor) else 0
+    _check("reram_program", "coeffs", coeffs, (n_coeffs,))
+    if n_coeffs < 1:
+        raise ValueError("hf_cim.native.reram_program: `coeffs` must hold at least one coefficient")
+    if 2 * w.numel() > 2**32:  # the Gaussian's counter is 32 bits over the pair tensor
+        raise ValueError(f"hf_cim.native.reram_program: `w` has {w.numel()} elements; at most 2^31 are supported")
+    has_clip = clip_max is not None
+    _lib().hfc_reram_program(
+        w.data_ptr(), out.data_ptr(), w.numel(), coeffs.data_ptr(), n_coeffs, g_max, s, has_clip,
+        clip_max if has_clip else 0.0, k0, k1, threads(),
+    )  # fmt: skip
 
 
 def available() -> bool:

@@ -215,3 +215,18 @@ def test_bfloat16_spread_operands_are_read_exactly_in_float32():
         native.ir_drop(y, a.transpose(1, 2).contiguous().transpose(1, 2), pos)
     with pytest.raises(ValueError, match="`scale` must be a contiguous float32"):
         native.add_scaled_randn(y, a.half(), 0.3, True, 7, 9)
+
+
+def test_reram_program_checks_its_buffers():
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    w = torch.zeros(4, 5)
+    coeffs = torch.tensor([0.1, 0.2])
+    with pytest.raises(ValueError, match="`out` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
+        native.reram_program(w, torch.zeros(5, 4), coeffs, 40.0, 1.0, None, 1, 2)
+    with pytest.raises(ValueError, match="`coeffs` must hold at least one coefficient"):
+        native.reram_program(w, torch.zeros(4, 5), torch.zeros(0), 40.0, 1.0, None, 1, 2)
+    with pytest.raises(ValueError, match="`w` must be a contiguous float32"):
+        native.reram_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2)

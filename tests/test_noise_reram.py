@@ -44,3 +44,38 @@ def test_invalid_fields():
         ReRAMNoise(clip_max=0.5)
     with pytest.raises(ValueError, match="`coeff`"):
         ReRAMNoise(coeff=())
+
+
+@pytest.mark.parametrize("clip_max", [None, 1.2], ids=["no-clip", "clip"])
+def test_the_one_pass_kernel_computes_the_formula_bit_for_bit(clip_max):
+    # Without autograd the hook runs the backend's fused stage (the C kernel on the CPU); with autograd, the torch
+    # formula. The same key, the same draws, the same float32 operations: the same weights, and the generator left
+    # at the same place (the next draw agrees too).
+    from hf_cim import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 300, generator=gen)
+    w = w / w.abs().amax(1, keepdim=True)
+    model = ReRAMNoise(clip_max=clip_max, scale=2.0)
+    outs, after = [], []
+    for grad in (False, True):
+        c = NoiseContext(generator=torch.Generator().manual_seed(5), level=1.5, sampler=kernels.SAMPLER)
+        with torch.set_grad_enabled(grad):
+            outs.append(model.program(w.clone().requires_grad_(grad), c).detach())
+        after.append(c.randn_like(w))
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(after[0], after[1])
+    assert not torch.equal(outs[0], w)
+    if clip_max is not None:
+        assert outs[0].max() <= clip_max and outs[0].min() >= -clip_max
+
+
+def test_the_reference_sampler_takes_the_same_key():
+    # No backend (the torch reference sampler): the fused stage's reference draws with the key the hook took.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(40, 50, generator=gen) * 2 - 1
+    model = ReRAMNoise()
+    with torch.no_grad():
+        fused = model.program(w, ctx(seed=4))
+    formula = model.program(w.clone().requires_grad_(), ctx(seed=4)).detach()
+    assert torch.equal(fused, formula)

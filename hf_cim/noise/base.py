@@ -122,7 +122,12 @@ class NoiseContext:
 
     def randn_like(self, t: torch.Tensor) -> torch.Tensor:
         """Standard normal noise shaped like ``t`` (and of its dtype), drawn with a fresh key from the generator."""
-        return self._sampler().randn(t, self.new_key(t.device)).to(t.dtype)
+        return self.randn_for_key(t, self.new_key(t.device))
+
+    def randn_for_key(self, t: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The noise :meth:`randn_like` draws, for a key already taken with :meth:`new_key` (a fused stage's
+        reference uses the key its fast implementation was handed)."""
+        return self._sampler().randn(t, key).to(t.dtype)
 
     def add_randn_(self, t: torch.Tensor, std: float) -> torch.Tensor:
         """``t += std·ξ`` in place, ``ξ`` the numbers :meth:`randn_like` would draw, fused in one pass over ``t``."""

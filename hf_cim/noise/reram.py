@@ -70,8 +70,22 @@ class ReRAMNoise(NoiseModel):
         s = ctx.level * self.scale
         if s == 0.0:
             return w
-        g = to_pair(w)
-        # A polynomial fit may dip below zero outside the measured range: σ is floored at 0.
-        sigma = reram_programming_std(g.clamp(max=1.0), self.g_max, self.coeff).clamp(min=0.0) * s
-        g = (g + sigma * ctx.randn_like(g)).clamp(min=0.0, max=self.clip_max)
-        return from_pair(g)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _program(w, self.coeff, self.g_max, s, self.clip_max, ctx.randn_like)
+        # Without autograd: the backend's one pass over the weights (the C kernel on the CPU), the same numbers.
+        key = ctx.new_key(w.device)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+
+        def reference(out, w, coeffs, g_max, s, clip_max, key):  # the same draws: the sampler's, for this key
+            return out.copy_(_program(w, coeffs, g_max, s, clip_max, lambda g: ctx.randn_for_key(g, key)))
+
+        return ctx.fused("reram_program_", reference, out, w, self.coeff, self.g_max, s, self.clip_max, key)
+
+
+def _program(w, coeffs, g_max, s, clip_max, randn_like):
+    """The programmed weights: each device of the pair moves by ``s·σ(ĝ)·ξ`` (``ξ = randn_like(pair)``), clamped."""
+    g = to_pair(w)
+    # A polynomial fit may dip below zero outside the measured range: σ is floored at 0.
+    sigma = reram_programming_std(g.clamp(max=1.0), g_max, coeffs).clamp(min=0.0) * s
+    g = (g + sigma * randn_like(g)).clamp(min=0.0, max=clip_max)
+    return from_pair(g)
