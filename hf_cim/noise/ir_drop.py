@@ -120,6 +120,8 @@ class IRDrop(NoiseModel):
         rows = max(used, array_rows or 0)
         pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)[:used]
         w_t = w.transpose(1, 2)
+        if self.current_dtype == self.position_dtype == "bfloat16" and w.dtype == torch.float32:
+            w_t = w_t.to(torch.bfloat16)  # rounded once for both products (|round(w)| = round(|w|): the same numbers)
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
         if self.column_current == "exact":
