@@ -31,12 +31,13 @@ from .calibration import batch_to, calibrate_input_ranges, default_forward
 from .clipping import clip_weights_
 from .distributed import all_gather_floats, world
 from .memory import MemoryTracker, StepMeter
-from .patch import set_noise_level
+from .patch import analog_layers, set_noise_level
 from .resume import NoiseStateCallback
 from .rng import derive_seed
 from .validation import check_range
 
 __all__ = [
+    "DigitalWarmupCallback",
     "GradientAlignmentCallback",
     "InputRangeCallback",
     "MemoryTracker",
@@ -360,6 +361,50 @@ class NoiseLevelCallback(_LoggingCallback):
         mean = sum(self._levels) / len(self._levels)
         self._levels = []
         return {"noise_level": round(mean, 6)}
+
+
+class DigitalWarmupCallback(TrainerCallback):
+    """Trains the first ``ratio`` of the optimizer steps digitally, the rest on the simulated chip: noise-aware
+    fine-tuning of a model trained digitally from scratch, within one run and one learning-rate schedule.
+
+    During optimizer steps ``0 … ceil(ratio · max_steps) − 1`` every patched layer computes the exact digital product
+    (as inside :func:`hf_cim.noise_disabled`: no converters, no noise, the plain gradient); at the end of each step
+    the layers are analog again, so evaluation, checkpoints and callbacks between steps see the chip. The step count
+    comes from the Trainer's state, so a resumed run continues where it stopped.
+
+    Why: on the `pcm` chip (3 training seeds × 5 chips, 1,000 steps, docs/fidelity.md) the noise-aware model trained
+    from scratch wins back 61 % of what the chip takes from the digital model and costs 0.039 nats of clean loss; with
+    the first 25 % of the steps digital it wins back 94 % (74 % after a day of drift) for 0.005 nats. Early training
+    through the ADC's clip is slow and shapes the model around it; a short digital start finds the model first.
+
+    Args:
+        ratio: share of the training steps run digitally, in [0, 1) (0: noise-aware from the first step).
+    """
+
+    def __init__(self, ratio: float = 0.25) -> None:
+        super().__init__()
+        check_range("DigitalWarmupCallback", "ratio", ratio, 0.0, 1.0, high_inclusive=False)
+        self.ratio = float(ratio)
+        self._restore: list[tuple[Any, bool]] = []
+
+    def digital_steps(self, max_steps: int) -> int:
+        """How many of ``max_steps`` optimizer steps run digitally."""
+        return math.ceil(self.ratio * max_steps)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step >= self.digital_steps(state.max_steps):
+            return
+        layers = [m for _, m in analog_layers(model)]
+        self._restore = [(m, m.hf_cim_state.disabled) for m in layers]
+        for m in layers:
+            m.hf_cim_state.disabled = True
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        for m, previous in self._restore:
+            m.hf_cim_state.disabled = previous
+        self._restore = []
+
+    on_train_end = on_step_end
 
 
 class InputRangeCallback(TrainerCallback):

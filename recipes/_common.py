@@ -123,6 +123,16 @@ class AnalogArguments:
             "training resumes from the last one, as transformers' examples; TrainingArguments dropped this flag)."
         },
     )
+    digital_warmup_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of the training steps run digitally before the noise-aware ones, in [0, 1) "
+            "(hf_cim.callbacks.DigitalWarmupCallback; one learning-rate schedule over all steps). Default: the "
+            "recipe's for --gradient ste/ste_detach (run_shakespeare 0.25, the setting that won on the pcm chips in "
+            "docs/fidelity.md; run_glue 0: a pretrained model is already trained digitally), 0 for full. Not with "
+            "--gradient none (that run is digital throughout)."
+        },
+    )
     digital_baseline: bool = field(
         default=False,
         metadata={
@@ -176,6 +186,14 @@ class AnalogArguments:
                 f"`--calibrate_every` and `--calibration_samples` must be >= 1, got {self.calibrate_every} and "
                 f"{self.calibration_samples}"
             )
+        if self.digital_warmup_ratio is not None:
+            if not 0.0 <= self.digital_warmup_ratio < 1.0:
+                raise ValueError(f"`--digital_warmup_ratio` must be in [0, 1), got {self.digital_warmup_ratio}")
+            if self.gradient == "none" and self.digital_warmup_ratio > 0.0:
+                raise ValueError(
+                    "`--digital_warmup_ratio` runs the first steps of a noise-aware run digitally; with "
+                    "`--gradient none` the whole run is digital: drop it"
+                )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
         self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
 
@@ -554,6 +572,23 @@ def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: Analo
         return []
     subset = dataset.select(range(min(args.calibration_samples, len(dataset))))
     return list(trainer.get_eval_dataloader(subset))
+
+
+def add_digital_warmup(trainer: transformers.Trainer, args: AnalogArguments, ste_default: float) -> float:
+    """A noise-aware run's digital warm-up (:class:`hf_cim.callbacks.DigitalWarmupCallback`): ``--digital_warmup_ratio``,
+    or ``ste_default`` for ``--gradient ste``/``ste_detach`` and 0 otherwise. Returns the ratio used (written into
+    ``args.digital_warmup_ratio``)."""
+    ratio = args.digital_warmup_ratio
+    if ratio is None:
+        ratio = ste_default if args.gradient in ("ste", "ste_detach") else 0.0
+    if args.gradient == "none" or hf_cim.patch.get_config(trainer.model) is None:
+        ratio = 0.0  # a digital run: every step is digital already
+    args.digital_warmup_ratio = ratio
+    if ratio > 0.0:
+        from hf_cim.callbacks import DigitalWarmupCallback
+
+        trainer.add_callback(DigitalWarmupCallback(ratio))
+    return ratio
 
 
 def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], args: AnalogArguments) -> None:

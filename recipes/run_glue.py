@@ -33,6 +33,7 @@ import numpy as np
 from _common import (
     AnalogArguments,
     RowLocator,
+    add_digital_warmup,
     add_range_calibration,
     add_recipe_callbacks,
     build_noise_config,
@@ -77,6 +78,9 @@ logger = logging.getLogger("recipes.run_glue")
 
 #: ``results.json``'s ``metric_source`` when the metric is computed offline, by this folder's ``_metrics.py``.
 METRIC_SOURCE = "recipes/_metrics.py"
+#: --digital_warmup_ratio's default for --gradient ste/ste_detach: none, the pretrained model is already trained
+#: digitally (noise-aware fine-tuning from the first step, as Rasch et al. 2023 fine-tune).
+DIGITAL_WARMUP_RATIO = 0.0
 
 
 @dataclass(frozen=True)
@@ -745,6 +749,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_recipe_callbacks(trainer)
     calibration = calibration_batches(trainer, train if train is not None else eval_sets.get(primary), analog_args)
     add_range_calibration(trainer, calibration, analog_args)  # static DAC only
+    add_digital_warmup(trainer, analog_args, ste_default=DIGITAL_WARMUP_RATIO)
     results: dict = {
         "recipe": "run_glue",
         "command": command_line(argv, __file__),
@@ -771,6 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
             "gradient": analog_args.gradient,
             "mask_saturated": analog_args.mask_saturated,
             "backward_weights": analog_args.backward_weights,
+            "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "config": noise_config.to_dict(),
         },
     }

@@ -8,6 +8,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_cim
 from hf_cim.callbacks import (
+    DigitalWarmupCallback,
     GradientAlignmentCallback,
     NoiseLevelCallback,
     PeakMemoryCallback,
@@ -349,3 +350,45 @@ def test_weight_clip_callback_clips_after_every_step(tmp_path):
     assert steps == [True, True, True]  # clipped every step, and something to clip each time
     with pytest.raises(ValueError, match="sigmas"):
         WeightClipCallback(0.0)
+
+
+def test_digital_warmup_runs_the_first_steps_digitally_and_the_rest_on_the_chip(tmp_path):
+    # 6 steps at ratio 0.5: steps 0-2 digital (the exact digital forward), 3-5 analog; between steps analog.
+    model = _patched()
+    layer = dict(hf_cim.patch.analog_layers(model))["transformer.h.0.mlp.c_fc"]
+    seen = []
+    layer.register_forward_pre_hook(lambda m, _: seen.append(m.hf_cim_disabled) if m.training else None)
+    cb = DigitalWarmupCallback(ratio=0.5)
+    trainer = _trainer(model, tmp_path, [], max_steps=6, hf=[cb])
+    trainer.train()
+    assert seen == [True, True, True, False, False, False]
+    assert not any(m.hf_cim_disabled for _, m in hf_cim.patch.analog_layers(model))
+    assert DigitalWarmupCallback(0.25).digital_steps(1000) == 250 and DigitalWarmupCallback(0.0).digital_steps(9) == 0
+
+
+def test_digital_warmup_trains_the_digital_model_during_its_steps(tmp_path):
+    # Over steps it runs digitally the patched model trains exactly as the unpatched one (same seed, data, steps).
+    plain = tiny_gpt2(n_positions=SEQ)
+    _trainer(plain, tmp_path / "plain", [_StopAfter(3)], max_steps=4).train()  # the same schedule: 4 steps
+    patched = _patched()
+    cb = DigitalWarmupCallback(ratio=0.75)  # 3 of 4 steps digital: stop after 3
+    trainer = _trainer(patched, tmp_path / "patched", [], max_steps=4, hf=[cb])
+    trainer.add_callback(_StopAfter(3))
+    trainer.train()
+    for (name, p), q in zip(plain.named_parameters(), patched.parameters()):
+        assert torch.equal(p, q), name
+
+
+class _StopAfter(TrainerCallback):
+    def __init__(self, steps):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, float("nan"), "0.5"], ids=str)
+def test_digital_warmup_validates(ratio):
+    with pytest.raises((ValueError, TypeError), match="DigitalWarmupCallback.*`ratio`"):
+        DigitalWarmupCallback(ratio)

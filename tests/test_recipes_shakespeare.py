@@ -370,3 +370,31 @@ def test_static_dac_calibrates_each_model_on_the_training_data(tmp_path):
     twin_rows = res["digital_baseline"]["eval"]["validation"]["robustness"]
     for rr, rd in zip(ref["eval"]["validation"]["robustness"], twin_rows, strict=True):
         assert rr["values"] == pytest.approx(rd["values"], rel=1e-6)
+
+
+def test_digital_warmup_runs_the_first_steps_digitally(tmp_path):
+    from _common import AnalogArguments, parse_args
+
+    with pytest.raises(ValueError, match=r"`--digital_warmup_ratio` must be in \[0, 1\), got 1.0"):
+        parse_args((AnalogArguments,), ["--digital_warmup_ratio", "1"])
+    with pytest.raises(ValueError, match="with `--gradient none` the whole run is digital"):
+        parse_args((AnalogArguments,), ["--gradient", "none", "--digital_warmup_ratio", "0.5"])
+
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    common = ["--max_steps", "4", "--eval_chips", "0", "--preset", "pcm"]
+    digital = run_shakespeare.main(clm_args(path, tmp_path / "d", *common, "--gradient", "none"))
+    default = run_shakespeare.main(clm_args(path, tmp_path / "s", *common, "--gradient", "ste"))
+    warm = run_shakespeare.main(clm_args(path, tmp_path / "w", *common, "--digital_warmup_ratio", "0.75"))
+    full = run_shakespeare.main(clm_args(path, tmp_path / "f", *common, "--gradient", "full"))
+    assert digital["analog"]["digital_warmup_ratio"] == 0.0 and full["analog"]["digital_warmup_ratio"] == 0.0
+    assert default["analog"]["digital_warmup_ratio"] == run_shakespeare.DIGITAL_WARMUP_RATIO == 0.25
+    assert warm["analog"]["digital_warmup_ratio"] == 0.75
+
+    def losses(res):
+        return [e["loss"] for e in res["train_loss_history"]]
+
+    # steps 0-2 of the warm run are the digital run's steps (same seed, weights and batches), step 3 is on the chip
+    assert losses(warm)[:3] == pytest.approx(losses(digital)[:3], rel=1e-6)
+    assert losses(warm)[3] != pytest.approx(losses(digital)[3], rel=1e-4)
+    assert losses(default)[0] == pytest.approx(losses(digital)[0], rel=1e-6)  # ceil(0.25 * 4) = 1 digital step
+    assert losses(default)[1] != pytest.approx(losses(digital)[1], rel=1e-4)
