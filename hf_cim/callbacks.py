@@ -368,8 +368,9 @@ class DigitalWarmupCallback(TrainerCallback):
     fine-tuning of a model trained digitally from scratch, within one run and one learning-rate schedule.
 
     During optimizer steps ``0 … ceil(ratio · max_steps) − 1`` every patched layer computes the exact digital product
-    (as inside :func:`hf_cim.noise_disabled`: no converters, no noise, the plain gradient); at the end of each step
-    the layers are analog again, so evaluation, checkpoints and callbacks between steps see the chip. The step count
+    (as inside :func:`hf_cim.noise_disabled`: no converters, no noise, the plain gradient); once the step's gradients
+    are computed (before the optimizer step) the layers are analog again, so the other callbacks' step ends,
+    evaluation and checkpoints see the chip. The step count
     comes from the Trainer's state, so a resumed run continues where it stopped.
 
     Why: on the `pcm` chip (3 training seeds × 5 chips, 1,000 steps, docs/fidelity.md) the noise-aware model trained
@@ -399,12 +400,14 @@ class DigitalWarmupCallback(TrainerCallback):
         for m in layers:
             m.hf_cim_state.disabled = True
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # Analog again as soon as the step's forwards and backwards are done: every callback's on_step_end (a gradient
+        # probe, say), evaluation and checkpoints see the chip, whatever the callbacks' order.
         for m, previous in self._restore:
             m.hf_cim_state.disabled = previous
         self._restore = []
 
-    on_train_end = on_step_end
+    on_step_end = on_train_end = on_pre_optimizer_step
 
 
 class InputRangeCallback(TrainerCallback):

@@ -392,3 +392,19 @@ class _StopAfter(TrainerCallback):
 def test_digital_warmup_validates(ratio):
     with pytest.raises((ValueError, TypeError), match="DigitalWarmupCallback.*`ratio`"):
         DigitalWarmupCallback(ratio)
+
+
+def test_digital_warmup_restores_the_chip_before_other_callbacks_step_end(tmp_path):
+    # A callback placed ahead of it (as add_callbacks places the logging ones) sees the analog model at step end.
+    class Seen(TrainerCallback):
+        def __init__(self):
+            self.disabled = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.disabled.append(any(m.hf_cim_disabled for _, m in hf_cim.patch.analog_layers(model)))
+
+    seen = Seen()
+    trainer = _trainer(_patched(), tmp_path, [seen], max_steps=4, hf=[DigitalWarmupCallback(ratio=0.5)])
+    assert trainer.callback_handler.callbacks.index(seen) < len(trainer.callback_handler.callbacks) - 1
+    trainer.train()
+    assert seen.disabled == [False, False, False, False]
