@@ -204,6 +204,8 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             y = torch.bmm(a, b, out_dtype=torch.float32)
             _OUT_DTYPE["cuda"] = True
             return y
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError):  # an older torch: the float32 product below gives the same numbers
             _OUT_DTYPE["cuda"] = False
     return torch.bmm(a.float(), b.float())
