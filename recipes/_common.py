@@ -128,9 +128,10 @@ class AnalogArguments:
         metadata={
             "help": "Share of the training steps run digitally before the noise-aware ones, in [0, 1) "
             "(hf_cim.callbacks.DigitalWarmupCallback; one learning-rate schedule over all steps). Default: the "
-            "recipe's for --gradient ste/ste_detach (run_shakespeare 0.25, the setting that won on the pcm chips in "
-            "docs/fidelity.md; run_glue 0: a pretrained model is already trained digitally), 0 for full. Not with "
-            "--gradient none (that run is digital throughout)."
+            "recipe's for --gradient ste/ste_detach (run_shakespeare 0.25, the share that won on the pcm chips in "
+            "docs/fidelity.md; on the lognormal paper chip at level 3, 0.75 did better; run_glue 0: a pretrained "
+            "model is already trained digitally), 0 for full. Not with --gradient none (that run is digital "
+            "throughout)."
         },
     )
     digital_baseline: bool = field(
