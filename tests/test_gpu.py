@@ -120,3 +120,18 @@ def test_bf16_autocast_training_has_finite_gradients_and_learns(gpt2):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("rows", [None, 256, 200], ids=str)
+def test_half_precision_crossbar_product_on_the_device_is_the_rounded_operands_float32_product(rows):
+    # product_precision="autocast": on CUDA cuBLAS's bfloat16 product with float32 output; it must equal the float32
+    # product of the same rounded operands up to the accumulation order, which the CPU computes as the reference.
+    from hf_cim.tile import _tiled_product
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-127, 128, (64, 600), generator=gen).float()
+    w = torch.randn(80, 600, generator=gen) * 0.3
+    got = _tiled_product(x.to(DEVICE), w.to(DEVICE), rows, torch.bfloat16).cpu()
+    ref = _tiled_product(x, w.to(torch.bfloat16).float(), rows)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
