@@ -6,11 +6,15 @@ with the largest peak is known. Each rank writes ``rank<r>.json`` with what it m
 Usage: ``torchrun --nproc_per_node 2 tests/_mp_trainer_script.py OUTPUT_DIR``
 """
 
+import faulthandler
 import json
 import os
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The run takes seconds; once (in one CI run of many) it hung after its mid-training evaluation. Should a rank hang
+# again, it prints every thread's stack and exits well before the test's limit, so the failure shows where.
+faulthandler.dump_traceback_later(120, exit=True)
 
 import torch  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
