@@ -12,7 +12,8 @@ Method, chosen for shared and noisy machines:
   time spent waiting for a core does not count.
 * **Peak memory per variant in a separate process** on CPU (peak RSS, ``VmHWM``, reset right before the measured
   steps), so that memory freed by other variants cannot be reused unseen; ``torch.cuda.max_memory_allocated`` after
-  a reset on CUDA.
+  a reset on CUDA; on CPU also the peak of the tensor memory a step allocates (:func:`tensor_peak_mb`, torch's CPU
+  allocator as the profiler records it), the counterpart of CUDA's figure.
 
 Only the standard library and torch are used, so that any benchmark script can import it.
 """
@@ -49,6 +50,7 @@ __all__ = [
     "set_threads",
     "summarize",
     "synchronize",
+    "tensor_peak_mb",
 ]
 
 #: Prefix of the one line of JSON a child process prints as its result (other output of the child is ignored).
@@ -140,6 +142,35 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def tensor_peak_mb(fn: Callable[[], object]) -> float:
+    """The peak of the tensor memory ``fn()`` allocates on the CPU, above what was allocated when it started, in MiB.
+
+    Counted at torch's CPU allocator (every tensor, autograd's saved ones and the native kernels' outputs included;
+    not oneDNN's or OpenMP's scratch): each allocation and free is recorded by the profiler with the allocator's
+    running total, and the peak of that total above its value at the start is taken. It is the CPU's counterpart of CUDA's
+    ``max_memory_allocated() - memory_allocated()``: unlike the RSS it does not count freed memory that the C library
+    keeps mapped, nor miss memory it reuses, so it compares variants by what they hold, as a GPU's allocator would.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields))
+    if not events:
+        return 0.0
+    events.sort(key=lambda e: e[0])
+    # The allocator's running total outlives a profiler session (it still counts what earlier sessions allocated and
+    # is held): the count before the first event is the start.
+    start = events[0][1].total_allocated - events[0][1].alloc_size
+    return max(0, max(f.total_allocated for _, f in events) - start) / 2**20
 
 
 def _cpu_model() -> str:

@@ -34,3 +34,26 @@ def test_aihwkit_peer_converts_every_linear_layer():
         model = peer_aihwkit.make_aihwkit_model(model, variant)
         # 1 block: c_attn, attn c_proj, c_fc, mlp c_proj, and the LM head
         assert sum(isinstance(m, AnalogLinear) for m in model.modules()) == 5
+
+
+def test_model_table_reports_tensor_memory_and_the_full_ratio():
+    rounds = {v: [1.0, 1.0] for v in ("plain", "ste", "ste_hw", "full")}
+    timing = {
+        "variants": ["plain", "ste", "ste_hw", "full"],
+        "wall_s_per_step": rounds,
+        "cpu_s_per_step": rounds,
+        "wall_ratio": rounds,
+        "cpu_ratio": rounds,
+    }
+    memory = {
+        "plain": {"peak_mb": 100.0, "base_mb": 50.0, "step_mb": 50.0, "tensor_step_mb": 40.0},
+        "ste": {"peak_mb": 105.0, "base_mb": 50.0, "step_mb": 55.0, "tensor_step_mb": 40.0},
+        "ste_hw": {"peak_mb": 110.0, "base_mb": 50.0, "step_mb": 60.0, "tensor_step_mb": 44.0},
+        "full": {"peak_mb": 120.0, "base_mb": 50.0, "step_mb": 70.0, "tensor_step_mb": 80.0},
+    }
+    table = step_time.model_table({"timing": timing, "memory": memory}, "cpu")
+    assert "| tensor step MB | tensor ratio |" in table
+    assert "| 44 | 1.10 |" in table and "| 80 | 2.00 |" in table
+    lines = step_time.targets({"timing": timing, "memory": memory}, "cpu")
+    assert "`ste`/`full` tensor step memory 0.50× (target ≤ 0.7×): met" in lines
+    assert "`ste_hw`/`full` tensor step memory 0.55× (target ≤ 0.7×): met" in lines
