@@ -77,6 +77,15 @@ class AnalogArguments:
             "with a unit s, min, h, d, w, y (1 y = 365.25 d), e.g. 1h,1d,30d,1y."
         },
     )
+    train_t_inference: str = field(
+        default="0",
+        metadata={
+            "help": "Train for a chip of this age: every analog layer's device model runs at this time since "
+            "programming in the training forward (drift and its compensation, accumulated read noise; "
+            "hf_cim.set_drift_time), e.g. 1y with --preset pcm_drift. Same units as --eval_t_inference; models "
+            "without a time dependence are unaffected, as in the sweep. Default 0: a freshly programmed chip."
+        },
+    )
     mask_saturated: bool | None = field(
         default=None,
         metadata={
@@ -197,6 +206,12 @@ class AnalogArguments:
                 )
         self.levels = _floats("eval_levels", self.eval_levels, extra=self.level)
         self.t_inference = parse_times("eval_t_inference", self.eval_t_inference)
+        self.train_time = parse_time(self.train_t_inference, "train_t_inference")
+        if self.gradient == "none" and self.train_time > 0.0:
+            raise ValueError(
+                "`--train_t_inference` ages the chip the model trains through; with `--gradient none` the training "
+                "is digital: drop it (the sweep's `--eval_t_inference` measures any model at any age)"
+            )
 
 
 # -- data files through datasets.load_dataset, checked row by row ----------------------------------------------------
@@ -668,6 +683,7 @@ def prepare_model(
         args.levels = _floats("eval_levels", args.eval_levels, extra=own.level)
         if train and args.gradient == "none":
             hf_cim.unpatch_model(model)  # digital training; the chips still use the checkpoint's config
+        _age_for_training(model, args, train)
         return own
     if own is not None:
         logger.info("analog checkpoint: its noise config is replaced by --preset %s", args.preset)
@@ -679,7 +695,16 @@ def prepare_model(
             len(list(hf_cim.patch.analog_layers(model))),
             noise_config.gradient,
         )
+    _age_for_training(model, args, train)
     return noise_config
+
+
+def _age_for_training(model: torch.nn.Module, args: AnalogArguments, train: bool) -> None:
+    """``--train_t_inference``: the training forward runs the devices at that age (the chip sweep programs its own
+    chips at each ``--eval_t_inference``)."""
+    if train and args.gradient != "none" and args.train_time > 0.0:
+        hf_cim.set_drift_time(model, args.train_time)
+        logger.info("analog training at %s after programming", format_time(args.train_time))
 
 
 def find_checkpoint(training_args: TrainingArguments, args: AnalogArguments) -> str | bool | None:

@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mask_saturated": analog_args.mask_saturated,
             "backward_weights": analog_args.backward_weights,
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
+            "train_t_inference": analog_args.train_time,
             "config": noise_config.to_dict(),
         },
     }

@@ -398,3 +398,27 @@ def test_digital_warmup_runs_the_first_steps_digitally(tmp_path):
     assert losses(warm)[3] != pytest.approx(losses(digital)[3], rel=1e-4)
     assert losses(default)[0] == pytest.approx(losses(digital)[0], rel=1e-6)  # ceil(0.25 * 4) = 1 digital step
     assert losses(default)[1] != pytest.approx(losses(digital)[1], rel=1e-4)
+
+
+def test_train_t_inference_trains_through_a_chip_of_that_age(tmp_path):
+    from _common import AnalogArguments, parse_args
+
+    with pytest.raises(ValueError, match="`--train_t_inference`: '-1d' is not a time >= 0"):
+        parse_args((AnalogArguments,), ["--train_t_inference=-1d"])
+    with pytest.raises(ValueError, match="with `--gradient none` the training is digital"):
+        parse_args((AnalogArguments,), ["--gradient", "none", "--train_t_inference", "1y"])
+
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    common = ["--max_steps", "2", "--eval_chips", "0", "--digital_warmup_ratio", "0"]
+
+    def first_loss(preset, age, name):
+        res = run_shakespeare.main(clm_args(path, tmp_path / name, *common, "--preset", preset,
+                                            "--train_t_inference", age))  # fmt: skip
+        return res["analog"]["train_t_inference"], res["train_loss_history"][0]["loss"]
+
+    fresh, aged, aged_again = (first_loss("pcm_drift", age, n) for age, n in (("0", "f"), ("1y", "a"), ("1y", "b")))
+    assert fresh[0] == 0.0 and aged[0] == 365.25 * 86400.0
+    assert aged[1] != pytest.approx(fresh[1], rel=1e-4)  # the first forward already runs the drifted devices
+    assert aged_again == aged  # and the same ones again: the age is part of the seeded simulation
+    # a preset without a time dependence trains the same at any age
+    assert first_loss("pcm", "1y", "p1")[1] == first_loss("pcm", "0", "p0")[1]
