@@ -149,9 +149,10 @@ def tensor_peak_mb(fn: Callable[[], object]) -> float:
 
     Counted at torch's CPU allocator (every tensor, autograd's saved ones and the native kernels' outputs included;
     not oneDNN's or OpenMP's scratch): each allocation and free is recorded by the profiler with the allocator's
-    running total, and the peak of that total above its value at the start is taken. It is the CPU's counterpart of CUDA's
-    ``max_memory_allocated() - memory_allocated()``: unlike the RSS it does not count freed memory that the C library
-    keeps mapped, nor miss memory it reuses, so it compares variants by what they hold, as a GPU's allocator would.
+    running total, and the peak of that total above its value at the start is taken. It is the CPU's counterpart of
+    CUDA's ``max_memory_allocated() - memory_allocated()``: unlike the RSS it does not count freed memory that the C
+    library keeps mapped, nor miss memory it reuses, so it compares variants by what they hold, as a GPU's allocator
+    would.
     """
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
