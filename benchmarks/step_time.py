@@ -400,11 +400,11 @@ def model_table(result: dict, device: str) -> str:
             row += [f"{m['peak_mb']:.0f}", peak_ratio, f"{m['step_mb']:.0f}", ratio]
         else:
             row += ["–", "–", "–", "–"]
-        if tensors:
-            t_mb = mem.get(v, {}).get("tensor_step_mb")
-            row += (
-                ["–", "–"] if t_mb is None else [f"{t_mb:.0f}", f"{t_mb / plain_tensor:.2f}" if plain_tensor else "–"]
-            )
+        t_mb = mem.get(v, {}).get("tensor_step_mb")
+        if tensors and t_mb is None:
+            row += ["–", "–"]
+        elif tensors:
+            row += [f"{t_mb:.0f}", f"{t_mb / plain_tensor:.2f}" if plain_tensor else "–"]
         rows.append(row)
     return markdown_table(headers, rows)
 

@@ -370,8 +370,8 @@ class DigitalWarmupCallback(TrainerCallback):
     During optimizer steps ``0 … ceil(ratio · max_steps) − 1`` every patched layer computes the exact digital product
     (as inside :func:`hf_cim.noise_disabled`: no converters, no noise, the plain gradient); once the step's gradients
     are computed (before the optimizer step) the layers are analog again, so the other callbacks' step ends,
-    evaluation and checkpoints see the chip. The step count
-    comes from the Trainer's state, so a resumed run continues where it stopped.
+    evaluation and checkpoints see the chip. The step count comes from the Trainer's state, so a resumed run
+    continues where it stopped.
 
     Why: on the `pcm` chip (3 training seeds × 5 chips, 1,000 steps, docs/fidelity.md) the noise-aware model trained
     from scratch wins back 61 % of what the chip takes from the digital model and costs 0.039 nats of clean loss; with

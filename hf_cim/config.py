@@ -300,8 +300,8 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             against the default weight noise's 2 % of the channel's largest weight), so each partial sum moves by at
             most that fraction of ``Σ|x||w|`` (``tests/test_tile.py``). ``"float32"``: float32 operands always (the
             GPU's reduced-precision matrix units then stay idle: on an H200 GPT-2 small's ``ste`` step took 123 ms
-            with float32 products and a float32 saved input against 97 ms with both in bfloat16, docs/benchmarks.md). A float32 model without autocast computes in
-            float32 either way.
+            with float32 products and a float32 saved input against 97 ms with both in bfloat16,
+            docs/benchmarks.md). A float32 model without autocast computes in float32 either way.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD

@@ -591,9 +591,9 @@ def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: Analo
 
 
 def add_digital_warmup(trainer: transformers.Trainer, args: AnalogArguments, ste_default: float) -> float:
-    """A noise-aware run's digital warm-up (:class:`hf_cim.callbacks.DigitalWarmupCallback`): ``--digital_warmup_ratio``,
-    or ``ste_default`` for ``--gradient ste``/``ste_detach`` and 0 otherwise. Returns the ratio used (written into
-    ``args.digital_warmup_ratio``)."""
+    """A noise-aware run's digital warm-up (:class:`hf_cim.callbacks.DigitalWarmupCallback`):
+    ``--digital_warmup_ratio``, or ``ste_default`` for ``--gradient ste``/``ste_detach`` and 0 otherwise. Returns the
+    ratio used (written into ``args.digital_warmup_ratio``)."""
     ratio = args.digital_warmup_ratio
     if ratio is None:
         ratio = ste_default if args.gradient in ("ste", "ste_detach") else 0.0
