@@ -687,8 +687,6 @@ def main(argv: list[str] | None = None) -> dict:
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
-    if any(split_draws(m)[1].endswith("_clip") for m in modes):  # (only then: earlier cached runs stay valid)
-        key_args.update(clip_sigmas=args.clip_sigmas)
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
                         calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip
@@ -699,7 +697,10 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in modes:
             path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.json")
             cached = json.load(open(path)) if os.path.isfile(path) else None
-            if cached and cached["args"] == key_args and cached["chips"] == args.chips:
+            mode_key = dict(key_args)
+            if split_draws(mode)[1].endswith("_clip"):  # (clip modes only: the other modes' cached runs stay valid)
+                mode_key.update(clip_sigmas=args.clip_sigmas)
+            if cached and cached["args"] == mode_key and cached["chips"] == args.chips:
                 missing = [c for c in conditions if c.label not in cached["result"]["chips"]]
                 if not missing:
                     runs[(mode, seed)] = cached["result"]
@@ -710,7 +711,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["info"] = info
             runs[(mode, seed)] = result
             with open(path, "w") as f:
-                json.dump({"args": key_args, "chips": args.chips, "result": result}, f, indent=1)
+                json.dump({"args": mode_key, "chips": args.chips, "result": result}, f, indent=1)
             clean = result["clean"][setting.metric]
             first = labels[0]
             chip = sum(c[setting.metric] for c in result["chips"][first]) / args.chips

@@ -70,6 +70,12 @@ def test_paired_runs_same_init_and_chips(tmp_path):
     stamps = {f: os.path.getmtime(out / "runs" / f) for f in runs}
     assert json.dumps(fidelity.main(argv)) == json.dumps(table)
     assert stamps == {f: os.path.getmtime(out / "runs" / f) for f in runs}
+    # another clip strength retrains the clip mode alone: the other modes' runs do not depend on it
+    fidelity.main([*argv, "--clip_sigmas", "2.0"])
+    changed = {f for f in runs if os.path.getmtime(out / "runs" / f) != stamps[f]}
+    assert changed == {"ft_ste_hw_clip_seed0.json", "ft_ste_hw_clip_seed1.json"}
+    assert json.load(open(out / "runs" / "ft_ste_hw_clip_seed0.json"))["args"]["clip_sigmas"] == 2.0
+    assert "clip_sigmas" not in json.load(open(out / "runs" / "digital_seed0.json"))["args"]
 
 
 def test_static_dac_runs_calibrate_every_model_on_the_same_batches(tmp_path, monkeypatch):
