@@ -21,6 +21,9 @@ Modes (``--modes``, comma-separated):
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 * ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
   ``at0.5_ste_hw``, ``at2_ft_ste_hw``: training noise milder or stronger than the chip's, in one table.
+* ``ft_<mode>_kd``: the fine-tuning mode distilled from the digital start's model (frozen at the switch to noise,
+  noise-free): every noise-aware step's loss is ``(1 − α)·(label loss) + α·T²·KL(teacher ‖ student)``
+  (``--kd_alpha``, ``--kd_temperature``), the distillation that Rasch et al. 2023 pair with hardware-aware training.
 * ``<mode>_draws<K>``: every noise-aware step averages the gradient over ``K`` noise draws: the batch is split into
   ``K`` equal micro-batches, each forward draws its own noise (gradient accumulation; the same examples, tokens and
   optimizer steps), e.g. ``ste_hw_draws4``. (The digits CNN's BatchNorm then normalizes over each micro-batch.)
@@ -106,6 +109,7 @@ class Condition:
 _FT = re.compile(r"ft(\d{1,2})?_(.+)")
 _AT = re.compile(r"at(\d+(?:\.\d+)?)_(.+)")
 _DRAWS = re.compile(r"(.+)_draws(\d+)")
+_KD = re.compile(r"(.+)_kd")
 
 
 def split_draws(mode: str) -> tuple[int, str]:
@@ -116,6 +120,12 @@ def split_draws(mode: str) -> tuple[int, str]:
     if int(found.group(2)) < 2:
         raise ValueError(f"unknown mode {mode!r}: _draws<K> needs K >= 2")
     return int(found.group(2)), found.group(1)
+
+
+def split_kd(mode: str) -> tuple[bool, str]:
+    """``(distilled, the rest)``: ``ft_ste_hw_kd`` -> (True, ``ft_ste_hw``), ``ft_ste_hw`` -> (False, ``ft_ste_hw``)."""
+    found = _KD.fullmatch(mode)
+    return (False, mode) if found is None else (True, found.group(1))
 
 
 def split_level(mode: str) -> tuple[float | None, str]:
@@ -130,6 +140,7 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
     suffix are dropped."""
     name = mode
     draws, mode = split_draws(mode)
+    kd, mode = split_kd(mode)
     level, mode = split_level(mode)
     found = _FT.fullmatch(mode)
     share, base = (
@@ -142,7 +153,9 @@ def split_mode(mode: str, digital_fraction: float) -> tuple[float, str]:
         BASE_MODES[core] is None and (found is not None or core != base or level is not None or draws > 1)
     ):
         raise ValueError(f"unknown mode {name!r}; modes: {', '.join(BASE_MODES)}, ft_<mode>, ft<NN>_<mode>, "
-                         "<mode>_clip, <mode>_draws<K> and at<L>_<mode>")  # fmt: skip
+                         "<mode>_clip, <mode>_draws<K>, at<L>_<mode> and ft_<mode>_kd")  # fmt: skip
+    if kd and found is None:
+        raise ValueError(f"mode {name!r}: _kd distils from the digital start's model, so it needs an ft_ prefix")
     return share, base
 
 
@@ -216,6 +229,10 @@ class Shakespeare:
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return model(input_ids=batch, labels=batch).loss
 
+    def loss_and_logits(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(input_ids=batch, labels=batch)
+        return out.loss, out.logits[:, :-1]  # the positions the loss scores (each predicts the next character)
+
     def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
         """A fixed batch (not a training one) for the gradient-alignment probe."""
         batch = next(self.batches(-1, 1))
@@ -267,6 +284,10 @@ class Digits:
 
     def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model(self.train_x[idx]), self.train_y[idx])
+
+    def loss_and_logits(self, model: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(self.train_x[idx])
+        return F.cross_entropy(logits, self.train_y[idx]), logits
 
     def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
         idx = next(self.batches(-1, 1))
@@ -361,6 +382,10 @@ class Glue:
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return model(**batch).loss
 
+    def loss_and_logits(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = model(**batch)
+        return out.loss, out.logits
+
     def probe(self, model: nn.Module) -> tuple[nn.Module, dict]:
         return model, next(self.batches(-1, 1))
 
@@ -391,6 +416,18 @@ SETTINGS = {"shakespeare": Shakespeare, "digits": Digits, "glue": Glue}
 
 
 # --------------------------------------------------------------------------------------------------------- training
+def distillation_loss(
+    loss: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float, temperature: float
+) -> torch.Tensor:
+    """``(1 − alpha)·loss + alpha·T²·KL(teacher ‖ student)`` at temperature ``T``, the KL averaged over the rows
+    (tokens, examples) of the logits (Hinton et al. 2015; the ``T²`` keeps its gradient's scale as ``T`` varies)."""
+    t = float(temperature)
+    student = F.log_softmax(logits.float().flatten(0, -2) / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().flatten(0, -2) / t, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return (1.0 - alpha) * loss + alpha * t * t * kl
+
+
 def split_batch(batch, parts: int) -> list:
     """``batch`` (a tensor, or a dict of tensors, batch first) as ``parts`` equal micro-batches."""
     size = len(batch) if isinstance(batch, torch.Tensor) else len(next(iter(batch.values())))
@@ -427,6 +464,17 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     digital_steps = int(share * args.steps)
     clip = base.endswith("_clip")
     draws = split_draws(mode)[0]
+    kd = split_kd(split_draws(mode)[1])[0]
+    teacher = None
+
+    def step_loss(batch) -> torch.Tensor:
+        if teacher is None:
+            return setting.loss(model, batch)
+        loss, logits = setting.loss_and_logits(model, batch)
+        with torch.no_grad():
+            teacher_logits = setting.loss_and_logits(teacher, batch)[1]
+        return distillation_loss(loss, logits, teacher_logits, args.kd_alpha, args.kd_temperature)
+
     model.train()
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
@@ -441,18 +489,22 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
             alignment.append({"step": step, "grad_cosine": found["grad_cosine"],
                               "grad_norm_ratio": found["grad_norm_ratio"]})  # fmt: skip
             model.train()
+        if kd and step == digital_steps:  # the digital start's model, frozen and noise-free, teaches the rest
+            import copy
+
+            teacher = hf_cim.unpatch_model(copy.deepcopy(model)).eval().requires_grad_(False)
         t0 = time.perf_counter()
         if cfg is not None and step < digital_steps:
             with hf_cim.noise_disabled(model):
                 loss = setting.loss(model, batch)
                 loss.backward()
         elif draws == 1:
-            loss = setting.loss(model, batch)
+            loss = step_loss(batch)
             loss.backward()
         else:  # one forward per micro-batch, each with its own noise draw; equal sizes, so the mean is the batch's
             loss = 0.0
             for part in split_batch(batch, draws):
-                part_loss = setting.loss(model, part) / draws
+                part_loss = step_loss(part) / draws
                 part_loss.backward()
                 loss = loss + part_loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -648,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.5,
         help="<mode>_clip modes: weights clipped to this many std of their output channel per step.",
     )
+    p.add_argument("--kd_alpha", type=float, default=0.5,
+                   help="_kd modes: weight of the distillation term (the label loss gets 1 - alpha).")  # fmt: skip
+    p.add_argument("--kd_temperature", type=float, default=1.0, help="_kd modes: softmax temperature.")
     p.add_argument("--input_quant", choices=("per_token", "static"), default="per_token",
                    help="DAC range of every config, trained and measured: the presets' dynamic per-token abs-max, "
                         "or static ranges calibrated from data (alpha x the inputs' std).")  # fmt: skip
@@ -671,6 +726,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.exclude = args.exclude.split(",") if args.exclude else None
     if args.calibrate_every < 1 or args.calibration_batches < 1:
         p.error("--calibrate_every and --calibration_batches must be >= 1")
+    if not 0.0 <= args.kd_alpha <= 1.0 or not args.kd_temperature > 0.0:
+        p.error(f"--kd_alpha must be in [0, 1] and --kd_temperature > 0, got {args.kd_alpha}, {args.kd_temperature}")
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
@@ -698,8 +755,10 @@ def main(argv: list[str] | None = None) -> dict:
             path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.json")
             cached = json.load(open(path)) if os.path.isfile(path) else None
             mode_key = dict(key_args)
-            if split_draws(mode)[1].endswith("_clip"):  # (clip modes only: the other modes' cached runs stay valid)
+            if split_kd(split_draws(mode)[1])[1].endswith("_clip"):  # (clip modes only: the others' runs stay valid)
                 mode_key.update(clip_sigmas=args.clip_sigmas)
+            if split_kd(split_draws(mode)[1])[0]:
+                mode_key.update(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
             if cached and cached["args"] == mode_key and cached["chips"] == args.chips:
                 missing = [c for c in conditions if c.label not in cached["result"]["chips"]]
                 if not missing:

@@ -215,3 +215,35 @@ def test_gradient_noise_splits_draw_and_batch_variance(tmp_path):
     assert json.load(open(tmp_path / "g.json"))["var_over_draws"] == noisy["var_over_draws"]
     with pytest.raises(SystemExit):
         gradient_noise.main(base + ["--mode", "digital"])
+
+
+def test_distillation_modes_and_loss(tmp_path):
+    """``ft_<mode>_kd``: parsed, refused without a digital start; the loss is the documented mix (reference values);
+    alpha 0 trains exactly as the undistilled mode; the teacher changes the run otherwise."""
+    assert fidelity.split_kd("ft50_ste_hw_kd") == (True, "ft50_ste_hw")
+    assert fidelity.split_mode("ft50_ste_hw_kd_draws4", 0.75) == (0.5, "ste_hw")
+    with pytest.raises(ValueError, match="needs an ft_ prefix"):
+        fidelity.split_mode("ste_hw_kd", 0.75)
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 5, generator=gen), torch.randn(2, 3, 5, generator=gen)
+    label_loss = torch.tensor(1.25)
+    temp = 2.0
+    p_t = torch.softmax(t / temp, -1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(s / temp, -1))).sum(-1).mean()  # mean over the 6 rows
+    got = fidelity.distillation_loss(label_loss, s, t, alpha=0.25, temperature=temp)
+    assert got.item() == pytest.approx(0.75 * 1.25 + 0.25 * 4.0 * kl.item(), rel=1e-6)
+    assert fidelity.distillation_loss(label_loss, s, s, 1.0, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+    def run(mode, *extra):
+        out = tmp_path / mode / "_".join(extra)
+        argv = ["--setting", "digits", "--train", "pcm:1", "--modes", mode, "--seeds", "0", "--chips", "1",
+                "--steps", "6", "--batch_size", "8", "--eval", "pcm:1", "--out", str(out), "--threads", "1",
+                *extra]  # fmt: skip
+        fidelity.main(argv)
+        return json.load(open(out / "runs" / f"{mode}_seed0.json"))["result"]["info"]["train_loss_last10pct"]
+
+    plain = run("ft50_ste_hw")
+    assert run("ft50_ste_hw_kd", "--kd_alpha", "0") == plain
+    assert run("ft50_ste_hw_kd", "--kd_alpha", "1") != plain
+    with pytest.raises(SystemExit):
+        run("ft50_ste_hw_kd", "--kd_alpha", "1.5")
