@@ -459,14 +459,25 @@ class WeightClipCallback(TrainerCallback):
     optimizer step (:func:`hf_cim.clipping.clip_weights_`): outliers would squeeze the rest of the channel into a
     small part of the conductance range. Every rank clips the same (equal) weights the same way.
 
+    With a digital warm-up (:class:`DigitalWarmupCallback`), pass its ratio as ``start_ratio``: the digital steps
+    train unclipped, and clipping starts with the first noise-aware step (as ``benchmarks/fidelity.py``'s
+    ``ft<NN>_<mode>_clip`` modes). Why clip: on ReRAM chips a weight's programming error and a stuck-on device are
+    fractions of its channel's full scale, so a channel squeezed by an outlier loses more of its signal.
+
     Args:
         sigmas: the bound in standard deviations, in [0.5, 100] (aihwkit's hardware-aware training: 2.5–3.5).
+        start_ratio: share of the optimizer steps left unclipped first, in [0, 1): steps ``0 … ceil(start_ratio ·
+            max_steps) − 1``, the same count as :meth:`DigitalWarmupCallback.digital_steps`.
     """
 
-    def __init__(self, sigmas: float = 2.5) -> None:
+    def __init__(self, sigmas: float = 2.5, start_ratio: float = 0.0) -> None:
         super().__init__()
         check_range("WeightClipCallback", "sigmas", sigmas, 0.5, 100.0)
+        check_range("WeightClipCallback", "start_ratio", start_ratio, 0.0, 1.0, high_inclusive=False)
         self.sigmas = float(sigmas)
+        self.start_ratio = float(start_ratio)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        clip_weights_(model, self.sigmas)
+        # global_step already counts the step that just ended: step k (0-based) ended when global_step == k + 1.
+        if state.global_step > math.ceil(self.start_ratio * state.max_steps):
+            clip_weights_(model, self.sigmas)

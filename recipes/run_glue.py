@@ -36,6 +36,7 @@ from _common import (
     add_digital_warmup,
     add_range_calibration,
     add_recipe_callbacks,
+    add_weight_clip,
     build_noise_config,
     calibration_batches,
     card_and_push,
@@ -750,6 +751,7 @@ def main(argv: list[str] | None = None) -> dict:
     calibration = calibration_batches(trainer, train if train is not None else eval_sets.get(primary), analog_args)
     add_range_calibration(trainer, calibration, analog_args)  # static DAC only
     add_digital_warmup(trainer, analog_args, ste_default=DIGITAL_WARMUP_RATIO)
+    add_weight_clip(trainer, analog_args)
     results: dict = {
         "recipe": "run_glue",
         "command": command_line(argv, __file__),
@@ -778,6 +780,7 @@ def main(argv: list[str] | None = None) -> dict:
             "backward_weights": analog_args.backward_weights,
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "train_t_inference": analog_args.train_time,
+            "weight_clip_sigmas": analog_args.weight_clip_sigmas,
             "config": noise_config.to_dict(),
         },
     }

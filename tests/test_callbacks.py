@@ -350,6 +350,32 @@ def test_weight_clip_callback_clips_after_every_step(tmp_path):
     assert steps == [True, True, True]  # clipped every step, and something to clip each time
     with pytest.raises(ValueError, match="sigmas"):
         WeightClipCallback(0.0)
+    with pytest.raises(ValueError, match="start_ratio"):
+        WeightClipCallback(2.5, start_ratio=1.0)
+
+
+def test_weight_clip_starts_with_the_first_noise_aware_step(tmp_path):
+    """With the digital warm-up's ratio as start_ratio (4 steps at 0.5: steps 0-1 digital), steps 0-1 leave the
+    optimizer's weights as they are and steps 2-3 clip them."""
+    from transformers import Trainer
+
+    from hf_cim.callbacks import DigitalWarmupCallback, WeightClipCallback
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(noise=[], seed=0))
+    clipped = []
+
+    class Spy(WeightClipCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            layers = [layer for _, layer in hf_cim.patch.analog_layers(model)]
+            before = [layer.weight.detach().clone() for layer in layers]
+            super().on_step_end(args, state, control, model=model, **kwargs)
+            clipped.append(any(not torch.equal(b, layer.weight.detach()) for b, layer in zip(before, layers)))
+
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=4, learning_rate=0.05),
+                      train_dataset=lm_samples(16), callbacks=[DigitalWarmupCallback(0.5), Spy(1.5, start_ratio=0.5)])  # fmt: skip
+    trainer.train()
+    assert clipped == [False, False, True, True]
 
 
 def test_digital_warmup_runs_the_first_steps_digitally_and_the_rest_on_the_chip(tmp_path):

@@ -422,3 +422,26 @@ def test_train_t_inference_trains_through_a_chip_of_that_age(tmp_path):
     assert aged_again == aged  # and the same ones again: the age is part of the seeded simulation
     # a preset without a time dependence trains the same at any age
     assert first_loss("pcm", "1y", "p1")[1] == first_loss("pcm", "0", "p0")[1]
+
+
+def test_weight_clip_starts_after_the_digital_warmup(tmp_path):
+    from _common import AnalogArguments, parse_args
+
+    with pytest.raises(ValueError, match=r"`--weight_clip_sigmas` must be in \[0.5, 100\], got 0.1"):
+        parse_args((AnalogArguments,), ["--weight_clip_sigmas", "0.1"])
+    with pytest.raises(ValueError, match="with `--gradient none` the training is digital"):
+        parse_args((AnalogArguments,), ["--gradient", "none", "--weight_clip_sigmas", "2.5"])
+
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    common = ["--max_steps", "4", "--eval_chips", "0", "--preset", "pcm", "--digital_warmup_ratio", "0.5"]
+    plain = run_shakespeare.main(clm_args(path, tmp_path / "p", *common))
+    clipped = run_shakespeare.main(clm_args(path, tmp_path / "c", *common, "--weight_clip_sigmas", "1"))
+    assert plain["analog"]["weight_clip_sigmas"] is None and clipped["analog"]["weight_clip_sigmas"] == 1.0
+
+    def losses(res):
+        return [e["loss"] for e in res["train_loss_history"]]
+
+    # steps 0-1 digital and unclipped, step 2 the first on the chip: the weights it starts from are the same; the
+    # clip after step 2 changes step 3's
+    assert losses(clipped)[:3] == losses(plain)[:3]
+    assert losses(clipped)[3] != pytest.approx(losses(plain)[3], rel=1e-4)
