@@ -65,17 +65,7 @@ def measure_rows(setting, model, cond: fidelity.Condition, rows: dict[str, dict]
     out = {}
     for label, overrides in rows.items():
         cfg = hf_cim.get_preset(cond.preset, level=cond.level, input_quant=input_quant, **overrides)
-        hf_cim.patch_model(model, cfg)
-        if input_quant == "static":
-            fidelity.calibrate(setting, model, list(setting.batches(fidelity.CALIBRATION_SEED,
-                                                                    args.calibration_batches)), args.input_alpha)  # fmt: skip
-        model.eval()
-        values = []
-        for chip in range(chips):
-            hf_cim.program_chip(model, seed=chip, t_inference=cond.t)
-            hf_cim.reseed(model, 1_000 + chip)
-            values.append(setting.evaluate(model)[setting.metric])
-        hf_cim.unpatch_model(model)
+        values = [m[setting.metric] for m in fidelity.on_chips(setting, model, cfg, cond.t, chips, args)]
         out[label] = values
         print(f"{label:>48}: {sum(values) / len(values):.4f}", flush=True)
     return out

@@ -536,19 +536,26 @@ def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, 
     out = {"clean": setting.evaluate(model), "chips": {}}
     for cond in conditions:
         cfg = hf_cim.get_preset(cond.preset, level=cond.level, exclude_modules=exclude, input_quant=input_quant)
-        hf_cim.patch_model(model, cfg)
-        if input_quant == "static":
-            calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)),
-                      args.input_alpha)  # fmt: skip
-        model.eval()
-        per_chip = []
-        for chip in range(chips):
-            hf_cim.program_chip(model, seed=chip, t_inference=cond.t)
-            hf_cim.reseed(model, 1_000 + chip)  # the read noise of chip k: the same for every model
-            per_chip.append(setting.evaluate(model))
-        hf_cim.unpatch_model(model)
-        out["chips"][cond.label] = per_chip
+        out["chips"][cond.label] = on_chips(setting, model, cfg, cond.t, chips, args)
     return out
+
+
+def on_chips(setting, model: nn.Module, cfg: hf_cim.AnalogNoiseConfig, t: float, chips: int, args=None) -> list:
+    """The metrics of ``model`` patched with ``cfg`` on chips 0..chips-1 at age ``t``, unpatched after. Chip k is
+    programmed with seed k and its read noise reseeded with 1000 + k: the same chips for every model and config. A
+    static DAC is calibrated first on the fixed calibration batches."""
+    hf_cim.patch_model(model, cfg)
+    if cfg.input_quant == "static":
+        calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)),
+                  args.input_alpha)  # fmt: skip
+    model.eval()
+    per_chip = []
+    for chip in range(chips):
+        hf_cim.program_chip(model, seed=chip, t_inference=t)
+        hf_cim.reseed(model, 1_000 + chip)  # the read noise of chip k: the same for every model
+        per_chip.append(setting.evaluate(model))
+    hf_cim.unpatch_model(model)
+    return per_chip
 
 
 # --------------------------------------------------------------------------------------------------------- tables
