@@ -46,7 +46,7 @@ def variants(preset: str, out_bounds: list[float], groups: list[str]) -> dict[st
     noise = fields["noise"]
     for i, model in enumerate(noise):
         rows[f"without {type(model).__name__}"] = {"noise": [m for j, m in enumerate(noise) if j != i]}
-    if noise:
+    if len(noise) > 1:  # (with one noise model, the row without it is this one)
         rows["converters and tiles only (no noise model)"] = {"noise": []}
     for field, what in (("input_bits", "DAC"), ("weight_bits", "weight quantization"), ("output_bits", "ADC")):
         if fields.get(field) is not None:

@@ -29,6 +29,7 @@ def test_rows_name_each_part_of_the_preset():
     # the paper preset has no ADC: no ADC rows, whatever the bounds asked
     paper = chip_cost.variants("paper", [20.0], [])
     assert not any("ADC" in k for k in paper) and "without LogNormalNoise" in paper
+    assert "converters and tiles only (no noise model)" in rows and not any("only" in k for k in paper)
 
 
 def test_whole_chip_row_is_fidelity_measurement_and_rows_are_paired(tmp_path):
