@@ -203,7 +203,9 @@ class Shakespeare:
         self.args = args
         layers, width = (int(v) for v in args.arch.split("x"))
         self.arch = dict(n_layer=layers, n_embd=width, n_head=max(1, width // 32))
-        self.name = args.arch
+        if args.untied_head:
+            self.arch.update(tie_word_embeddings=False)
+        self.name = args.arch + (", untied head" if args.untied_head else "")
 
     def model(self) -> nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -691,6 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digital_fraction", type=float, default=0.75, help="ft_ modes: digital share of the steps.")
     p.add_argument("--exclude", default=None, help="Modules kept digital, comma-separated (default: none).")
     p.add_argument("--arch", default="4x128", help="shakespeare: LAYERSxWIDTH (4x128 = the README main job).")
+    p.add_argument("--untied_head", action="store_true",
+                   help="shakespeare: an LM head of its own instead of the input embedding's weights.")  # fmt: skip
     p.add_argument("--block_size", type=int, default=128)
     p.add_argument("--eval_blocks", type=int, default=256)
     p.add_argument("--train_file", default=os.path.join("..", "shared", "data", "tinyshakespeare", "input.txt"))
@@ -751,6 +755,8 @@ def main(argv: list[str] | None = None) -> dict:
     key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
                                               "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
                                               "block_size", "eval_blocks")}  # fmt: skip
+    if args.untied_head:  # (only then: earlier cached runs stay valid)
+        key_args.update(untied_head=True)
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
                         calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip

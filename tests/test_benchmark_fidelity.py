@@ -197,6 +197,14 @@ def test_noise_draws_split_the_batch_into_micro_batches(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fidelity.main(argv + ["ste_hw_draws2", "--batch_size", "3"])
     assert "does not split into the 2 micro-batches" in capsys.readouterr().err
+    # --untied_head: an LM head of its own, a run of its own (the tied model's cached run is not reused)
+    args = fidelity.build_parser().parse_args(argv[:-1] + ["--untied_head"])
+    untied = fidelity.Shakespeare(args).model()
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    tied = fidelity.Shakespeare(fidelity.build_parser().parse_args(argv[:-1])).model()
+    assert tied.lm_head.weight is tied.transformer.wte.weight
+    fidelity.main(argv + ["ste_hw", "--untied_head"])
+    assert json.load(open(out / "runs" / "ste_hw_seed0.json"))["args"]["untied_head"] is True
 
 
 def test_gradient_noise_splits_draw_and_batch_variance(tmp_path):
