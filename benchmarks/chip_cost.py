@@ -72,16 +72,12 @@ def measure_rows(setting, model, cond: fidelity.Condition, rows: dict[str, dict]
 
 
 def markdown(clean: float, found: dict[str, list[float]], metric: str, header: str) -> str:
-    def mean_std(v):
-        m = sum(v) / len(v)
-        return m, (sum((x - m) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5
-
-    ref = mean_std(found["whole chip"])[0]
+    ref = fidelity._mean_std(found["whole chip"])[0]
     lines = [header, "", f"| chip | {metric} (mean over chips) | chips ± | change vs whole chip | share of the chip's cost |",
              "| --- | ---: | ---: | ---: | ---: |", f"| clean (no chip) | {clean:.4f} | | | |"]  # fmt: skip
     cost = ref - clean
     for label, values in found.items():
-        m, s = mean_std(values)
+        m, s = fidelity._mean_std(values)
         if label == "whole chip":
             lines.append(f"| whole chip | {m:.4f} | {s:.4f} | | |")
             continue

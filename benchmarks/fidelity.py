@@ -229,7 +229,7 @@ class Shakespeare:
             yield self.train_ids.view(-1)[: n * block].view(n, block)[idx]
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=batch, labels=batch).loss
+        return self.loss_and_logits(model, batch)[0]
 
     def loss_and_logits(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(input_ids=batch, labels=batch)
@@ -285,7 +285,7 @@ class Digits:
             yield idx
 
     def loss(self, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(self.train_x[idx]), self.train_y[idx])
+        return self.loss_and_logits(model, idx)[0]
 
     def loss_and_logits(self, model: nn.Module, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(self.train_x[idx])
@@ -382,7 +382,7 @@ class Glue:
             yield self._collate([self.train_set[i] for i in idx.tolist()])
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return model(**batch).loss
+        return self.loss_and_logits(model, batch)[0]
 
     def loss_and_logits(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(**batch)
