@@ -3,7 +3,21 @@
 Import them as ``from helpers import tiny_gpt2`` (pytest puts ``tests/`` on ``sys.path``, as for ``conftest``).
 """
 
+import mmap
+
 import torch
+
+
+def fresh_resident_memory(mib):
+    """``mib`` MiB new to this process and resident: a fresh anonymous mapping with every page written.
+
+    A tensor of that size may be served from memory the process freed earlier and still holds (a long test session
+    leaves plenty): the RSS then does not grow, and a test of a peak would measure the allocator, not the tracker.
+    Delete the returned mapping to give the memory back.
+    """
+    buf = mmap.mmap(-1, int(mib * 2**20))
+    torch.frombuffer(buf, dtype=torch.uint8).fill_(1)
+    return buf
 
 
 def tiny_gpt2(**overrides):

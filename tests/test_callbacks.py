@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from helpers import lm_samples, patched_gpt2, stack_batch, tiny_gpt2, tiny_training_args
+from helpers import fresh_resident_memory, lm_samples, patched_gpt2, stack_batch, tiny_gpt2, tiny_training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import hf_cim
@@ -58,14 +58,14 @@ class Spy(TrainerCallback):
 
 
 class Ballast(TrainerCallback):
-    """Holds a large tensor from step `at` on."""
+    """Holds `mib` MiB of fresh resident memory from step `at` on."""
 
     def __init__(self, at, mib):
         self.at, self.mib, self.tensor = at, mib, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.at:
-            self.tensor = torch.ones(int(self.mib * 2**20 // 4))
+            self.tensor = fresh_resident_memory(self.mib)
 
 
 MEMORY_KEYS = ("peak_memory_mb", "peak_memory_growth_mb", "step_time_s", "samples_per_second", "tokens_per_second")

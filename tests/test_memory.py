@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from helpers import fresh_resident_memory
 
 from hf_cim.memory import MemoryTracker, StepMeter
 
@@ -17,7 +18,7 @@ def test_cpu_peak_is_at_least_start_and_grows_with_a_held_tensor():
     assert peak0 >= start - 0.5  # the kernel's high-water mark is never below the current RSS (kB rounding)
     # Enough to pass the old peak even where it cannot be reset (lifetime ru_maxrss).
     mib = max(0.0, peak0 - start) + 160
-    held = torch.ones(int(mib * 2**20 // 4))
+    held = fresh_resident_memory(mib)
     peak1 = tracker.peak_mb()
     assert peak1 >= peak0 + 128
     assert tracker.current_mb() >= start + 128
