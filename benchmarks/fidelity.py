@@ -171,15 +171,30 @@ def mode_config(
                              **fields)  # fmt: skip
 
 
-#: Seed of the batches every model's static DAC ranges are calibrated on before it is measured (same for all).
+#: Seed of the batches every model's converter ranges are calibrated on before it is measured (same for all).
 CALIBRATION_SEED = 10_000
 
 
-def calibrate(setting, model: nn.Module, batches, alpha: float) -> None:
-    """Static DAC ranges (``--input_quant static``) of ``model`` from ``batches``, through the setting's loss."""
-    from hf_cim.calibration import calibrate_input_ranges
+def calibrate(setting, model: nn.Module, batches, args: argparse.Namespace) -> None:
+    """The converter ranges of patched ``model`` from ``batches``, through the setting's loss: static DAC ranges
+    (``--input_quant static``), then per-layer ADC ranges (``--output_alpha``; they depend on the DAC's)."""
+    from hf_cim.calibration import calibrate_input_ranges, calibrate_output_ranges
+    from hf_cim.patch import get_config
 
-    calibrate_input_ranges(model, batches, alpha=alpha, forward=setting.loss)
+    cfg = get_config(model)
+    if cfg.input_quant == "static":
+        calibrate_input_ranges(model, batches, alpha=args.input_alpha, forward=setting.loss)
+    if getattr(args, "output_alpha", None) is not None and cfg.output_bits is not None:
+        calibrate_output_ranges(model, batches, alpha=args.output_alpha, forward=setting.loss)
+
+
+def calibrates(cfg: hf_cim.AnalogNoiseConfig | None, args: argparse.Namespace) -> bool:
+    """Whether ``cfg``'s converters have ranges to calibrate under ``args``."""
+    if cfg is None:
+        return False
+    return cfg.input_quant == "static" or (
+        getattr(args, "output_alpha", None) is not None and cfg.output_bits is not None
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- settings
@@ -445,7 +460,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     torch.manual_seed(seed)  # same initial weights for every mode of this seed
     model = setting.model()
     cfg = mode_config(mode, train_cond, seed, args.exclude, args.input_quant)
-    static = cfg is not None and args.input_quant == "static"
+    static = calibrates(cfg, args)
     if cfg is not None:
         hf_cim.patch_model(model, cfg)
         hf_cim.set_drift_time(model, train_cond.t)  # --train preset:level@time: drift in the training loop
@@ -482,7 +497,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
     for step, batch in enumerate(setting.batches(seed, args.steps)):
         if static and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
-            calibrate(setting, model, [batch], args.input_alpha)  # the ranges follow the inputs as weights move
+            calibrate(setting, model, [batch], args)  # the ranges follow the data as the weights move
         if probe_every and (step % probe_every == 0 or step == args.steps - 1) and step >= digital_steps:
             from hf_cim.callbacks import gradient_alignment
 
@@ -547,9 +562,8 @@ def on_chips(setting, model: nn.Module, cfg: hf_cim.AnalogNoiseConfig, t: float,
     programmed with seed k and its read noise reseeded with 1000 + k: the same chips for every model and config. A
     static DAC is calibrated first on the fixed calibration batches."""
     hf_cim.patch_model(model, cfg)
-    if cfg.input_quant == "static":
-        calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)),
-                  args.input_alpha)  # fmt: skip
+    if calibrates(cfg, args):
+        calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)), args)
     model.eval()
     per_chip = []
     for chip in range(chips):
@@ -718,15 +732,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DAC range of every config, trained and measured: the presets' dynamic per-token abs-max, "
                         "or static ranges calibrated from data (alpha x the inputs' std).")  # fmt: skip
     p.add_argument("--input_alpha", type=float, default=3.0, help="static DAC: range in input standard deviations.")
+    p.add_argument("--output_alpha", type=float, default=None,
+                   help="ADC ranges per layer, calibrated to alpha x the std of its clean partial sums, for every "
+                        "config trained and measured (default: the preset's one out_bound).")  # fmt: skip
     p.add_argument(
         "--calibrate_every",
         type=int,
         default=50,
-        help="static DAC: noise-aware training recalibrates the ranges every N steps, on the batch.",
+        help="static DAC / --output_alpha: noise-aware training recalibrates the ranges every N steps, on the batch.",
     )
     p.add_argument("--calibration_batches", type=int, default=4,
-                   help="static DAC: training batches (a fixed seed, the same for every model) calibrated on "
-                        "before measuring.")  # fmt: skip
+                   help="static DAC / --output_alpha: training batches (a fixed seed, the same for every model) "
+                        "calibrated on before measuring.")  # fmt: skip
     p.add_argument("--out", required=True)
     return p
 
@@ -737,6 +754,8 @@ def main(argv: list[str] | None = None) -> dict:
     args.exclude = args.exclude.split(",") if args.exclude else None
     if args.calibrate_every < 1 or args.calibration_batches < 1:
         p.error("--calibrate_every and --calibration_batches must be >= 1")
+    if args.output_alpha is not None and not 0.1 <= args.output_alpha <= 1000.0:
+        p.error(f"--output_alpha must be in [0.1, 1000], got {args.output_alpha}")
     if not 0.0 <= args.kd_alpha <= 1.0 or not args.kd_temperature > 0.0:
         p.error(f"--kd_alpha must be in [0, 1] and --kd_temperature > 0, got {args.kd_alpha}, {args.kd_temperature}")
     if args.threads:
@@ -760,6 +779,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
                         calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip
+    if args.output_alpha is not None:  # (only then: earlier cached runs stay valid)
+        key_args.update(output_alpha=args.output_alpha, calibrate_every=args.calibrate_every,
+                        calibration_batches=args.calibration_batches)  # fmt: skip
     if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
         key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
     runs = {}
@@ -794,6 +816,7 @@ def main(argv: list[str] | None = None) -> dict:
     header = (f"### {args.setting} ({setting.name}), trained for "
               f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips"
               + (f", static DAC ranges ({args.input_alpha:g} σ)" if args.input_quant == "static" else "")
+              + (f", ADC ranges per layer ({args.output_alpha:g} σ)" if args.output_alpha is not None else "")
               + "\n\n"
               f"`{cmd}` at commit {_commit()}, torch {torch.__version__}, {platform.machine()}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip

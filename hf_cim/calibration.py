@@ -1,4 +1,6 @@
-"""Static DAC ranges from data: the calibration a chip with a fixed input full scale needs (``input_quant="static"``).
+"""Converter ranges from data: a chip's DAC and ADC full scales, set once per layer.
+
+Static DAC ranges (``input_quant="static"``):
 
 A dynamic DAC (``"per_token"``/``"per_tensor"``) re-measures the abs-max of every input; a chip's DAC has a set full
 scale instead, and inputs beyond it clip. :func:`calibrate_input_ranges` sets each patched layer's full scale to
@@ -8,6 +10,9 @@ give the same ranges. The ranges live in the config's ``input_ranges``, so they 
 
 During noise-aware training the inputs' statistics move with the weights: recalibrate every few steps (the training
 loop's choice; ``benchmarks/fidelity.py --calibrate_every``), and once more on calibration data before measuring.
+
+ADC ranges: :func:`calibrate_output_ranges` sets each layer's ADC clipping range to ``alpha`` times the std of the
+partial sums its tiles produce on clean data (``output_ranges``), instead of one ``out_bound`` for every layer.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import MAX_OUT_BOUND, MIN_OUT_BOUND
+from .layers import AnalogLayer
 from .patch import analog_layers, get_config, noise_disabled
+from .tile import TileSpec, clean_partial_sums
 from .validation import check_range
 
-__all__ = ["batch_to", "calibrate_input_ranges", "default_forward"]
+__all__ = ["batch_to", "calibrate_input_ranges", "calibrate_output_ranges", "default_forward"]
 
 #: Range of ``alpha``: below 0.1 σ nearly every input clips; beyond 1000 σ the 8-bit grid is coarser than the data.
 MIN_ALPHA, MAX_ALPHA = 0.1, 1000.0
@@ -43,6 +51,53 @@ def batch_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def _mean_std_per_layer(
+    model: nn.Module,
+    layers: list[nn.Module],
+    batches: Iterable[Any],
+    statistic: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    forward: Callable[[nn.Module, Any], Any],
+    caller: str,
+    what: str,
+) -> dict[str, float]:
+    """``{layer name: mean over batches of statistic(layer, input)}`` from the clean forward (noise disabled, no
+    autograd, eval mode restored after); raises where ``batches`` is empty or a statistic is not finite."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def record(layer: nn.Module) -> Callable:
+        name = layer.hf_cim_name
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            value = statistic(module, args[0].detach())
+            sums[name] = sums[name] + value if name in sums else value
+            counts[name] = counts.get(name, 0) + 1
+
+        return hook
+
+    # Keyed by the layer's own name (a peft model's base layers under their bare names, as patch_model names them).
+    handles = [layer.register_forward_pre_hook(record(layer)) for layer in layers]
+    was_training = model.training
+    n_batches = 0
+    try:
+        model.eval()
+        with torch.no_grad(), noise_disabled(model):
+            for batch in batches:
+                forward(model, batch)
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError(f"{caller}: `batches` gave no batch to calibrate on")
+    found = {name: float(total) / counts[name] for name, total in sums.items()}  # one host read per layer
+    bad = sorted(n for n, v in found.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"{caller}: the {what} of {bad[0]!r} are not finite on the calibration data")
+    return found
 
 
 def calibrate_input_ranges(
@@ -78,40 +133,68 @@ def calibrate_input_ranges(
             f"{'no analog config' if config is None else repr(config.input_quant)})"
         )
     check_range("calibrate_input_ranges", "alpha", alpha, MIN_ALPHA, MAX_ALPHA)
-    layers = list(analog_layers(model))
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def record(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple) -> None:
-            std = args[0].detach().float().std(correction=0)
-            sums[name] = sums[name] + std if name in sums else std
-            counts[name] = counts.get(name, 0) + 1
-
-        return hook
-
-    # Keyed by the layer's own name (a peft model's base layers under their bare names, as patch_model names them).
-    handles = [layer.register_forward_pre_hook(record(layer.hf_cim_name)) for _, layer in layers]
-    was_training = model.training
-    n_batches = 0
-    try:
-        model.eval()
-        with torch.no_grad(), noise_disabled(model):
-            for batch in batches:
-                forward(model, batch)
-                n_batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("calibrate_input_ranges: `batches` gave no batch to calibrate on")
-    found = {}
-    for name, total in sums.items():  # one host read per layer, once per calibration (not per forward)
-        mean_std = float(total) / counts[name]
-        found[name] = max(alpha * mean_std, _FLOOR) if math.isfinite(mean_std) else math.nan
-    bad = sorted(n for n, v in found.items() if not math.isfinite(v))
-    if bad:
-        raise ValueError(f"calibrate_input_ranges: the inputs of {bad[0]!r} are not finite on the calibration data")
+    stds = _mean_std_per_layer(
+        model, [layer for _, layer in analog_layers(model)], batches,
+        lambda layer, x: x.float().std(correction=0), forward, "calibrate_input_ranges", "inputs",
+    )  # fmt: skip
+    found = {name: max(alpha * std, _FLOOR) for name, std in stds.items()}
     config.input_ranges = {**(config.input_ranges or {}), **found}
+    return found
+
+
+def calibrate_output_ranges(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    alpha: float = 8.0,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> dict[str, float]:
+    """Set every dense patched layer's ADC range ``b_out`` to ``alpha`` × the std of its clean partial sums.
+
+    A chip sets each array's ADC gain once, for the currents that array produces; one ``out_bound`` for every layer
+    clips the layers whose sums run wide and wastes levels on the narrow ones. The statistic is the std of the
+    normalized per-tile partial sums the ADC reads without noise (:func:`hf_cim.tile.clean_partial_sums`: the DAC's
+    inputs, the quantized weights, the config's tiles), averaged over ``batches`` from the clean forward, as
+    :func:`calibrate_input_ranges` does for the DAC. Ranges go into the config's ``output_ranges`` (clipped to the
+    range ``out_bound`` allows; a layer no batch reached keeps its previous range, if any); MoE experts keep
+    ``out_bound``. With a static DAC, calibrate the input ranges first: the partial sums depend on them.
+
+    Args:
+        model: a model patched with an ADC (``output_bits``) and no input slicing.
+        batches: calibration inputs; consumed once.
+        alpha: range in standard deviations of the partial sums, in [0.1, 1000]. With 8 bits, 8 σ leaves a step of
+            0.06 σ and clips beyond 8 σ only (transformer sums run to 5–12 σ).
+        forward: how a batch runs through the model (default :func:`default_forward`).
+
+    Returns:
+        ``{layer name: range}`` of the layers calibrated now.
+
+    Raises:
+        ValueError: the model has no ADC or slices its inputs, ``alpha`` is out of range, or ``batches`` is empty.
+    """
+    config = get_config(model)
+    if config is None or config.output_bits is None:
+        raise ValueError(
+            "calibrate_output_ranges: the model must be patched with an ADC (got "
+            f"{'no analog config' if config is None else 'output_bits=None'})"
+        )
+    if config.input_slice_bits is not None:
+        raise ValueError(
+            "calibrate_output_ranges: input slicing (`input_slice_bits`) reads each slice through the ADC with its "
+            "own sums; per-layer ADC ranges are calibrated without slicing"
+        )
+    check_range("calibrate_output_ranges", "alpha", alpha, MIN_ALPHA, MAX_ALPHA)
+    spec = TileSpec.from_config(config)
+
+    def partial_sum_std(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = layer.weight_oi(layer.weight.detach()).float()
+        x_range = layer.input_range() if spec.static_range else None
+        return clean_partial_sums(layer.to_rows(x).float(), w, spec, x_range).std(correction=0)
+
+    dense = [layer for _, layer in analog_layers(model) if isinstance(layer, AnalogLayer)]
+    stds = _mean_std_per_layer(
+        model, dense, batches, partial_sum_std, forward, "calibrate_output_ranges", "partial sums"
+    )
+    found = {name: min(max(alpha * std, MIN_OUT_BOUND), MAX_OUT_BOUND) for name, std in stds.items()}
+    config.output_ranges = {**(config.output_ranges or {}), **found}
     return found

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .converters import adc_step
 from .noise.base import (
     NoiseModel,
     get_noise_model_class,
@@ -257,6 +258,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             clipped to [-b_out, b_out]. aihwkit: 12 (inference default), 10 (hardware-aware training preset). A
             tile's sum is at most its row count (<= 65536) without noise, so a larger bound never clips; the range
             keeps the ADC step and its inverse finite in float32.
+        output_ranges: ``{layer name: b_out}`` (each in the range of ``out_bound``): the ADC clipping range of each named
+            layer, as a chip whose ADC gain is set per array; other layers keep ``out_bound``. Needs an ADC. Written by
+            :func:`hf_cim.calibration.calibrate_output_ranges` from the layer's clean partial sums, saved with the
+            config, so a reloaded checkpoint uses the same ranges.
         tile_size: crossbar rows, in [1, 65536]; layers with more inputs are split into tiles along the input
             dimension, each with its own ADC, summed digitally. ``None``: one tile of any size.
         input_slice_bits: input bit-slicing (SplitInput): the magnitude of the ``input_bits`` integer input is
@@ -313,6 +318,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     weight_bits: int | None = field(default=8, metadata={"help": "Weight bits in [2, 16], None = float weights."})
     output_bits: int | None = field(default=8, metadata={"help": "ADC bits in [2, 24], None = off."})
     out_bound: float = field(default=10.0, metadata={"help": "ADC clipping range (normalized units, > 0)."})
+    output_ranges: Any = field(default=None, metadata={"help": "ADC: {layer name: clipping range}, calibrated."})
     tile_size: int | None = field(default=512, metadata={"help": "Crossbar rows per tile, None = untiled."})
     input_slice_bits: int | None = field(default=None, metadata={"help": "Bits per input slice, None = no slicing."})
     noise: Any = field(default_factory=_default_noise, metadata={"help": "Noise models (objects or dicts)."})
@@ -349,6 +355,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             )
         check_range("AnalogNoiseConfig", "out_bound", self.out_bound, MIN_OUT_BOUND, MAX_OUT_BOUND)
         self.out_bound = float(self.out_bound)
+        self.output_ranges = self._check_output_ranges(self.output_ranges, self.output_bits)
         if self.tile_size is not None:
             if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int):
                 raise TypeError(f"AnalogNoiseConfig: `tile_size` must be an int or None, got {self.tile_size!r}")
@@ -406,6 +413,28 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
                 raise TypeError(f"AnalogNoiseConfig: `input_ranges` keys must be layer names (str), got {name!r}")
             check_range("AnalogNoiseConfig", f"input_ranges[{name!r}]", value, 0.0, MAX_INPUT_RANGE,
                         low_inclusive=False)  # fmt: skip
+            out[name] = float(value)
+        return out
+
+    @staticmethod
+    def _check_output_ranges(ranges: Any, output_bits: int | None) -> dict[str, float] | None:
+        if ranges is None:
+            return None
+        if output_bits is None:
+            raise ValueError(
+                "AnalogNoiseConfig: `output_ranges` are the ADC's ranges per layer; they need an ADC (`output_bits`), "
+                "got output_bits=None: set output_ranges=None without an ADC"
+            )
+        if not isinstance(ranges, dict):
+            raise TypeError(
+                f"AnalogNoiseConfig: `output_ranges` must be a dict {{layer name: range}} or None, got "
+                f"{type(ranges).__name__}"
+            )
+        out: dict[str, float] = {}
+        for name, value in ranges.items():
+            if not isinstance(name, str):
+                raise TypeError(f"AnalogNoiseConfig: `output_ranges` keys must be layer names (str), got {name!r}")
+            check_range("AnalogNoiseConfig", f"output_ranges[{name!r}]", value, MIN_OUT_BOUND, MAX_OUT_BOUND)
             out[name] = float(value)
         return out
 
@@ -563,11 +592,16 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             return NotImplemented
         return self.to_dict() == other.to_dict()
 
-    def output_step(self) -> float:
-        """ADC step ``Δ_out = 2·b_out/(2^m − 2)`` in normalized units (``inf`` when the ADC is off)."""
+    def output_bound(self, layer: str | None = None) -> float:
+        """The ADC clipping range ``b_out`` of ``layer``: its calibrated ``output_ranges`` entry, else ``out_bound``."""
+        return (self.output_ranges or {}).get(layer, self.out_bound) if layer is not None else self.out_bound
+
+    def output_step(self, layer: str | None = None) -> float:
+        """ADC step ``Δ_out = 2·b_out/(2^m − 2)`` in normalized units of ``layer`` (:meth:`output_bound`; ``inf``
+        when the ADC is off)."""
         if self.output_bits is None:
             return math.inf
-        return 2.0 * self.out_bound / (2**self.output_bits - 2)
+        return adc_step(self.output_bits, self.output_bound(layer))
 
 
 def get_preset(name: str, level: float = 1.0, **overrides: Any) -> AnalogNoiseConfig:

@@ -127,6 +127,11 @@ def adc_levels(bits: int) -> float:
     return float(2 ** (bits - 1) - 1)
 
 
+def adc_step(bits: int, out_bound: float) -> float:
+    """ADC step ``Δ_out = 2·b_out/(2^bits − 2)`` in normalized units: ``2^bits − 1`` levels span ``[-b_out, b_out]``."""
+    return 2.0 * out_bound / (2**bits - 2)
+
+
 def adc_tiles(
     y: torch.Tensor,
     in_scale: float,

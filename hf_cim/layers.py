@@ -212,6 +212,7 @@ class AnalogLayerMixin:
                 x2d, w_prog, w_scale, bias, spec, ctx, cfg.noise, differentiable=differentiable,
                 saturation=saturation, input_range=input_range,
                 product_dtype=operand_dtype(cfg.product_precision, out_dtype),
+                output_step=cfg.output_step(self.hf_cim_name) if cfg.output_ranges else None,
             )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]

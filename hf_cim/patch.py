@@ -232,22 +232,24 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
 
 
 def _check_static_ranges(config: AnalogNoiseConfig, selected: list[tuple[str, nn.Module]]) -> None:
-    """A static DAC: only dense layers (one range each), and every calibrated range names a selected layer."""
-    if config.input_quant != "static":
-        return
-    experts = [n for n, m in selected if type(m) not in LAYER_MAP]
-    if experts:
-        raise ValueError(
-            f"patch_model: input_quant='static' has one DAC range per dense layer; MoE experts ({experts[0]!r}"
-            f"{' ...' if len(experts) > 1 else ''}) take a dynamic DAC: exclude them or use input_quant='per_token'"
-        )
-    names = {n for n, _ in selected}
-    stray = sorted(set(config.input_ranges or {}) - names)
-    if stray:
-        raise ValueError(
-            f"patch_model: `input_ranges` names {len(stray)} layer(s) this config does not patch, e.g. {stray[0]!r}; "
-            "ranges belong to the model they were calibrated on"
-        )
+    """Calibrated ranges belong to dense layers this config patches: a static DAC takes dense layers only (one range
+    each), and every name in ``input_ranges`` / ``output_ranges`` is a selected dense layer (MoE experts keep the
+    global ``out_bound``)."""
+    dense = {n for n, m in selected if type(m) in LAYER_MAP}
+    if config.input_quant == "static":
+        experts = [n for n, _ in selected if n not in dense]
+        if experts:
+            raise ValueError(
+                f"patch_model: input_quant='static' has one DAC range per dense layer; MoE experts ({experts[0]!r}"
+                f"{' ...' if len(experts) > 1 else ''}) take a dynamic DAC: exclude them or use input_quant='per_token'"
+            )
+    for field_name in ("input_ranges", "output_ranges"):
+        stray = sorted(set(getattr(config, field_name) or {}) - dense)
+        if stray:
+            raise ValueError(
+                f"patch_model: `{field_name}` names {len(stray)} layer(s) this config does not patch as dense layers, "
+                f"e.g. {stray[0]!r}; ranges belong to the model they were calibrated on"
+            )
 
 
 def _hf_config(model: nn.Module):

@@ -29,7 +29,7 @@ from . import converters, kernels
 from .converters import adc_levels, slice_input
 from .noise.base import NoiseContext, NoiseModel
 
-__all__ = ["TileSpec", "analog_matmul", "program_weights"]
+__all__ = ["TileSpec", "analog_matmul", "clean_partial_sums", "program_weights"]
 
 
 @dataclass(frozen=True)
@@ -260,6 +260,7 @@ def analog_matmul(
     saturation: list[torch.Tensor] | None = None,
     input_range: float | None = None,
     product_dtype: torch.dtype = torch.float32,
+    output_step: float | None = None,
 ) -> torch.Tensor:
     """The analog product ``y ≈ x @ Wᵀ + b`` of float32 ``x`` (``(T, in)``) with programmed weights.
 
@@ -278,6 +279,8 @@ def analog_matmul(
             hooks, before a fused trailing output noise.
         input_range: the layer's calibrated DAC full scale (``spec.static_range``; required then, unused
             otherwise): inputs beyond it clip.
+        output_step: the layer's own ADC step (a calibrated range, ``AnalogNoiseConfig.output_ranges``) in
+            normalized units, instead of the spec's; unused without an ADC.
         product_dtype: the dtype of the crossbar products' operands (float32, or a half precision: see
             ``AnalogNoiseConfig.product_precision`` and :func:`operand_dtype`); they accumulate in float32.
 
@@ -353,7 +356,8 @@ def analog_matmul(
         y = _run_hook(model, model.output, differentiable, y, x_t, w_t, ctx)
 
     adc = spec.adc
-    step, levels = spec.adc_step, spec.adc_levels
+    step = spec.adc_step if output_step is None or not adc else float(output_step)
+    levels = spec.adc_levels
     if saturation is not None and adc:
         saturation.append(y[:n_tiles].abs() <= (levels + 0.5) * step / in_scale)
     row_scale = w_scale.reshape(1, -1) * step
@@ -369,3 +373,23 @@ def analog_matmul(
     y_tiles = converters.adc_tiles(y, in_scale, 1.0 / step, levels, adc=adc)
     y_sum = (y_tiles * recombine.reshape(-1, 1, 1)).sum(0)
     return converters.rescale(y_sum, x_absmax, row_scale, bias_row, adc=adc, factored=True)
+
+
+def clean_partial_sums(
+    x: torch.Tensor, w: torch.Tensor, spec: TileSpec, input_range: float | None = None
+) -> torch.Tensor:
+    """What the ADCs read without noise: each tile's partial sums ``(tiles, T, out)`` in normalized units (inputs
+    through the DAC into [-1, 1], weights quantized per channel over their scale), for float32 ``x`` ``(T, in)`` and
+    ``w`` ``(out, in)``; ``input_range`` is a static DAC's full scale. The quantity an ADC's range is set against
+    (:func:`hf_cim.calibration.calibrate_output_ranges`)."""
+    spec = TileSpec.from_config(spec)
+    w_n, _ = converters.weight_program(w, spec.weight_qmax)
+    qmax = spec.input_qmax
+    quantize = spec.input_bits is not None
+    if spec.static_range:
+        if input_range is None:
+            raise ValueError("clean_partial_sums: a static-range DAC (input_quant='static') needs the input_range")
+        x_n, _ = converters.dac(x, qmax, per_token=False, quantize=quantize, static_range=input_range)
+    else:
+        x_n, _ = converters.dac(x, qmax, per_token=spec.per_token, quantize=quantize)
+    return _tiled_product(x_n / qmax, w_n, spec.tile_size)

@@ -12,6 +12,8 @@ pytest.importorskip("sklearn")
 
 import fidelity  # noqa: E402
 
+import hf_cim  # noqa: E402
+
 
 def test_conditions_and_times():
     c = fidelity.Condition.parse("pcm_drift:2@1d")
@@ -105,6 +107,36 @@ def test_static_dac_runs_calibrate_every_model_on_the_same_batches(tmp_path, mon
     assert "static DAC ranges (3 σ)" in (out / "fidelity.md").read_text()
     with pytest.raises(SystemExit):
         fidelity.main(argv[:-4] + ["--calibrate_every", "0", "--out", str(out)])
+
+
+def test_output_alpha_calibrates_adc_ranges_in_training_and_before_measuring(tmp_path, monkeypatch):
+    """--output_alpha: every config's ADC ranges per layer, recalibrated in noise-aware training and calibrated for
+    every model on the same fixed batches before measuring; the cache key and the header say so."""
+    from hf_cim import calibration
+
+    seen = []
+    real = calibration.calibrate_output_ranges
+
+    def spy(model, batches, **kw):
+        batches = list(batches)
+        seen.append(([b.clone() for b in batches], kw["alpha"]))
+        found = real(model, batches, **kw)
+        assert found and hf_cim.patch.get_config(model).output_ranges == found
+        return found
+
+    monkeypatch.setattr(calibration, "calibrate_output_ranges", spy)
+    out = tmp_path / "fid"
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "1",
+            "--steps", "4", "--batch_size", "8", "--eval", "pcm:1", "--output_alpha", "6", "--calibrate_every", "2",
+            "--calibration_batches", "2", "--out", str(out), "--threads", "1"]  # fmt: skip
+    fidelity.main(argv)
+    assert len(seen) == 4 and all(alpha == 6.0 for _, alpha in seen)  # ste_hw: steps 0, 2, measure; digital: measure
+    measured = [b for b, _ in seen if len(b) == 2]
+    assert len(measured) == 2 and all(torch.equal(x, y) for x, y in zip(*measured))
+    assert "ADC ranges per layer (6 σ)" in (out / "fidelity.md").read_text()
+    assert json.load(open(out / "runs" / "digital_seed0.json"))["args"]["output_alpha"] == 6.0
+    with pytest.raises(SystemExit):
+        fidelity.main(argv[:-4] + ["--output_alpha", "0", "--out", str(out)])
 
 
 def _tiny_glue(tmp_path):

@@ -7,7 +7,7 @@ from helpers import tiny_gpt2, train_lm_steps
 from torch import nn
 
 import hf_cim
-from hf_cim.calibration import calibrate_input_ranges
+from hf_cim.calibration import calibrate_input_ranges, calibrate_output_ranges
 from hf_cim.patch import get_config
 
 
@@ -112,3 +112,99 @@ def test_static_ranges_train_a_gpt2_with_recalibration():
     losses = train_lm_steps(model, ids, before_step=recalibrate)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.3
+
+
+# -- per-layer ADC ranges ---------------------------------------------------------------------------------------------
+def _adc_mlp(**fields):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    cfg = dict(noise=[], output_bits=6, out_bound=10.0, tile_size=8)
+    cfg.update(fields)
+    return hf_cim.patch_model(model, hf_cim.AnalogNoiseConfig(**cfg))
+
+
+def _reference_partial_sums(x, w, input_bits=8, weight_bits=8, rows=8):
+    """Per-token abs-max DAC and per-channel weight levels, normalized, summed over each tile of ``rows`` inputs."""
+    qx, qw = 2 ** (input_bits - 1) - 1, 2 ** (weight_bits - 1) - 1
+    x_n = torch.round(x / x.abs().amax(-1, keepdim=True) * qx) / qx
+    w_n = torch.round(w / w.abs().amax(-1, keepdim=True) * qw) / qw
+    return torch.stack([x_n[:, i : i + rows] @ w_n[:, i : i + rows].t() for i in range(0, x.shape[1], rows)])
+
+
+def test_output_range_is_alpha_times_the_mean_partial_sum_std_and_deterministic():
+    model = _adc_mlp()
+    batches = _batches()
+    found = calibrate_output_ranges(model, batches, alpha=6.0)
+    w0, w2 = model[0].weight.detach(), model[2].weight.detach()
+    expected0 = 6.0 * sum(_reference_partial_sums(b, w0).std(correction=0).item() for b in batches) / 3
+    hidden = [torch.relu(model[0].clean_forward(b)) for b in batches]
+    expected2 = 6.0 * sum(_reference_partial_sums(h, w2).std(correction=0).item() for h in hidden) / 3
+    assert found == pytest.approx({"0": expected0, "2": expected2}, rel=1e-5)
+    assert get_config(model).output_ranges == found
+    assert calibrate_output_ranges(_adc_mlp(), _batches(), alpha=6.0) == found  # same model and data: same ranges
+
+
+def test_a_layer_with_an_output_range_reads_its_adc_as_the_global_bound_would():
+    """A layer's calibrated range is its ADC's clipping range: the same outputs as a config whose global
+    ``out_bound`` is that range, bit for bit, in the fast forward and in ``full``'s; other layers keep ``out_bound``."""
+    for gradient in ("ste", "full"):
+        levers = {"mask_saturated": True} if gradient == "ste" else {}
+        model = _adc_mlp(gradient=gradient, output_ranges={"0": 2.5}, **levers)
+        narrow = _adc_mlp(gradient=gradient, out_bound=2.5, **levers)
+        wide = _adc_mlp(gradient=gradient, **levers)
+        grads = []
+        for m in (model, narrow, wide):
+            x = _batches(1)[0].requires_grad_(True)
+            h = torch.relu(m[0](x))
+            h.sum().backward()
+            grads.append((h.detach(), x.grad))
+        (h, g), (h_narrow, g_narrow), (h_wide, g_wide) = grads
+        assert torch.equal(h, h_narrow) and torch.equal(g, g_narrow)  # the clip, and the gradient it passes
+        assert not torch.equal(h, h_wide) and not torch.equal(g, g_wide)  # the range did clip (a bound of 10 does not)
+        assert torch.equal(model[2](h), wide[2](h))
+    cfg = get_config(model)
+    assert cfg.output_step("0") == pytest.approx(2 * 2.5 / 62) and cfg.output_step("2") == pytest.approx(20 / 62)
+
+
+def test_output_range_errors_name_the_problem():
+    with pytest.raises(ValueError, match="output_bits=None"):
+        hf_cim.AnalogNoiseConfig(output_bits=None, output_ranges={"a": 1.0})
+    with pytest.raises(ValueError, match="output_ranges\\['a'\\]"):
+        hf_cim.AnalogNoiseConfig(output_ranges={"a": 0.0})
+    with pytest.raises(TypeError, match="output_ranges"):
+        hf_cim.AnalogNoiseConfig(output_ranges=[1.0])
+    with pytest.raises(ValueError, match="output_ranges.*not_a_layer"):
+        hf_cim.patch_model(
+            nn.Sequential(nn.Linear(4, 4)), hf_cim.AnalogNoiseConfig(output_ranges={"not_a_layer": 1.0})
+        )
+    with pytest.raises(ValueError, match="ADC"):
+        calibrate_output_ranges(_adc_mlp(output_bits=None), _batches())
+    with pytest.raises(ValueError, match="input_slice_bits"):
+        calibrate_output_ranges(_adc_mlp(input_slice_bits=4), _batches())
+    with pytest.raises(ValueError, match="alpha"):
+        calibrate_output_ranges(_adc_mlp(), _batches(), alpha=2000.0)
+    with pytest.raises(ValueError, match="no batch"):
+        calibrate_output_ranges(_adc_mlp(), [])
+
+
+def test_output_ranges_follow_a_static_dac_and_travel_with_the_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.get_preset("rram", input_quant="static", seed=0))
+    ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
+    forward = lambda m, b: m(input_ids=b)  # noqa: E731
+    with pytest.raises(ValueError, match="calibrate them first"):  # the partial sums need the DAC's ranges
+        calibrate_output_ranges(model, [ids], forward=forward)
+    calibrate_input_ranges(model, [ids], forward=forward)
+    ranges = calibrate_output_ranges(model, [ids], forward=forward)
+    assert set(ranges) == {layer.hf_cim_name for _, layer in hf_cim.patch.analog_layers(model)}
+    model.save_pretrained(tmp_path)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert get_config(back).output_ranges == ranges
+    for m in (model, back):
+        m.eval()
+        hf_cim.program_chip(m, seed=3)
+        hf_cim.reseed(m, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -7,7 +7,7 @@ import torch
 
 from hf_cim import AnalogNoiseConfig, NoiseModel
 from hf_cim.noise import NoiseContext, register_noise_model
-from hf_cim.tile import analog_matmul, program_weights
+from hf_cim.tile import TileSpec, analog_matmul, clean_partial_sums, program_weights
 
 
 def _run(cfg, x, w, b=None, gen_seed=0, differentiable=False):
@@ -285,3 +285,20 @@ def test_half_precision_analog_product_equals_the_float32_product_of_rounded_wei
     assert (moved.abs() > 1e-3).float().mean() < 0.1
     assert moved.pow(2).mean().sqrt() < 0.5 * 0.05 / cfg.output_step()
     assert moved.mean().abs() < 0.02  # no bias
+
+
+def test_clean_partial_sums_are_the_normalized_tile_sums_the_adc_reads():
+    """Inputs through the DAC into [-1, 1] (per token, or a static range that clips), weights at their per-channel
+    levels over the channel's abs-max, summed per tile of 8 rows (the last tile over its 4 real rows)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 20, generator=g), torch.randn(3, 20, generator=g)
+    qw = 127.0
+    w_n = torch.round(w / w.abs().amax(-1, keepdim=True) * qw) / qw
+    for input_quant, x_n in (
+        ("per_token", torch.round(x / x.abs().amax(-1, keepdim=True) * 7) / 7),
+        ("static", torch.clamp(torch.round(x / 0.8 * 7), -7, 7) / 7),
+    ):
+        cfg = AnalogNoiseConfig(input_bits=4, input_quant=input_quant, tile_size=8, noise=[])
+        sums = clean_partial_sums(x, w, TileSpec.from_config(cfg), 0.8 if input_quant == "static" else None)
+        expected = torch.stack([x_n[:, i : i + 8] @ w_n[:, i : i + 8].t() for i in (0, 8, 16)])
+        torch.testing.assert_close(sums, expected, rtol=1e-6, atol=1e-6)
