@@ -27,7 +27,7 @@ from typing import Any
 from transformers.trainer_callback import TrainerCallback
 
 from .alignment import gradient_alignment
-from .calibration import batch_to, calibrate_input_ranges, default_forward
+from .calibration import batch_to, calibrate_input_ranges, calibrate_output_ranges, default_forward
 from .clipping import clip_weights_
 from .distributed import all_gather_floats, world
 from .memory import MemoryTracker, StepMeter
@@ -43,6 +43,7 @@ __all__ = [
     "MemoryTracker",
     "NoiseLevelCallback",
     "NoiseStateCallback",
+    "OutputRangeCallback",
     "PeakMemoryCallback",
     "WeightClipCallback",
     "add_callbacks",
@@ -410,7 +411,47 @@ class DigitalWarmupCallback(TrainerCallback):
     on_step_end = on_train_end = on_pre_optimizer_step
 
 
-class InputRangeCallback(TrainerCallback):
+class _RangeCallback(TrainerCallback):
+    """Calibrates converter ranges on fixed ``batches`` when training begins, every ``every`` optimizer steps and
+    when training ends; subclasses say which ranges (:meth:`_calibrate_on`)."""
+
+    default_alpha: float = 3.0
+
+    def __init__(
+        self, batches: list[Any], every: int = 50, alpha: float | None = None, forward=default_forward
+    ) -> None:
+        super().__init__()
+        who = type(self).__name__
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{who}: `every` must be an int >= 1, got {every!r}")
+        alpha = self.default_alpha if alpha is None else alpha
+        check_range(who, "alpha", alpha, 0.1, 1000.0)
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError(f"{who}: `batches` is empty: give at least one calibration batch")
+        self.every = every
+        self.alpha = float(alpha)
+        self.forward = forward
+
+    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _calibrate(self, model: Any) -> None:
+        device = next(model.parameters()).device
+        self._calibrate_on(model, [batch_to(b, device) for b in self.batches])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._calibrate(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._calibrate(model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._calibrate(model)
+
+
+class InputRangeCallback(_RangeCallback):
     """Keeps a static DAC's ranges (``input_quant="static"``) calibrated while ``Trainer`` trains.
 
     Calibrates on ``batches`` (:func:`hf_cim.calibration.calibrate_input_ranges`) when training begins and after
@@ -422,36 +463,27 @@ class InputRangeCallback(TrainerCallback):
     Args:
         batches: calibration inputs, e.g. a few collated training batches (moved to the model's device here).
         every: optimizer steps between calibrations (int >= 1).
-        alpha: range in standard deviations of each layer's inputs (in [0.1, 1000]).
+        alpha: range in standard deviations of each layer's inputs (in [0.1, 1000]; default 3).
         forward: how a batch runs through the model (default: ``model(**batch)`` for a dict).
     """
 
-    def __init__(self, batches: list[Any], every: int = 50, alpha: float = 3.0, forward=default_forward) -> None:
-        super().__init__()
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"InputRangeCallback: `every` must be an int >= 1, got {every!r}")
-        check_range("InputRangeCallback", "alpha", alpha, 0.1, 1000.0)
-        self.batches = list(batches)
-        if not self.batches:
-            raise ValueError("InputRangeCallback: `batches` is empty: give at least one calibration batch")
-        self.every = every
-        self.alpha = float(alpha)
-        self.forward = forward
+    default_alpha = 3.0
 
-    def _calibrate(self, model: Any) -> None:
-        device = next(model.parameters()).device
-        batches = [batch_to(b, device) for b in self.batches]
+    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
         calibrate_input_ranges(model, batches, alpha=self.alpha, forward=self.forward)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._calibrate(model)
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self._calibrate(model)
+class OutputRangeCallback(_RangeCallback):
+    """Keeps the ADC ranges per layer (``output_ranges``) calibrated while ``Trainer`` trains: as
+    :class:`InputRangeCallback`, with :func:`hf_cim.calibration.calibrate_output_ranges` (``alpha`` standard
+    deviations of each layer's clean partial sums, default 8). With a static DAC, add it after the
+    :class:`InputRangeCallback` (callbacks run in the order added): the partial sums depend on the DAC's ranges.
+    """
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._calibrate(model)
+    default_alpha = 8.0
+
+    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
+        calibrate_output_ranges(model, batches, alpha=self.alpha, forward=self.forward)
 
 
 class WeightClipCallback(TrainerCallback):

@@ -115,14 +115,26 @@ class AnalogArguments:
     input_range_alpha: float = field(
         default=3.0, metadata={"help": "--input_quant static: the range in standard deviations of a layer's inputs."}
     )
+    output_range_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "ADC ranges per layer: each layer's ADC clips at this many standard deviations of its clean "
+            "partial sums (hf_cim.calibration.calibrate_output_ranges), recalibrated every --calibrate_every steps "
+            "while training and before the chips are measured, for the trained and the digital model alike; "
+            "e.g. 6. Default: the preset's one out_bound for every layer."
+        },
+    )
     calibrate_every: int = field(
-        default=50, metadata={"help": "--input_quant static: optimizer steps between recalibrations in training."}
+        default=50,
+        metadata={
+            "help": "--input_quant static / --output_range_alpha: optimizer steps between recalibrations in training."
+        },
     )
     calibration_samples: int = field(
         default=64,
         metadata={
-            "help": "--input_quant static: the first N training examples (validation examples without --do_train) "
-            "the ranges are calibrated on."
+            "help": "--input_quant static / --output_range_alpha: the first N training examples (validation "
+            "examples without --do_train) the ranges are calibrated on."
         },
     )
     overwrite_output_dir: bool = field(
@@ -201,6 +213,8 @@ class AnalogArguments:
             raise ValueError(f"`--input_quant` must be one of {INPUT_QUANT_CHOICES}, got {self.input_quant!r}")
         if not 0.1 <= self.input_range_alpha <= 1000.0:
             raise ValueError(f"`--input_range_alpha` must be in [0.1, 1000], got {self.input_range_alpha}")
+        if self.output_range_alpha is not None and not 0.1 <= self.output_range_alpha <= 1000.0:
+            raise ValueError(f"`--output_range_alpha` must be in [0.1, 1000], got {self.output_range_alpha}")
         if self.calibrate_every < 1 or self.calibration_samples < 1:
             raise ValueError(
                 f"`--calibrate_every` and `--calibration_samples` must be >= 1, got {self.calibrate_every} and "
@@ -600,9 +614,10 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
 
 # -- static DAC ranges ------------------------------------------------------------------------------------------------
 def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: AnalogArguments) -> list[Any]:
-    """The batches a static DAC is calibrated on: the first ``--calibration_samples`` examples of ``dataset``, in
-    order, collated as the trainer's evaluation batches (the same on every rank). Empty for a dynamic DAC."""
-    if args.input_quant != "static" or dataset is None:
+    """The batches converter ranges are calibrated on (a static DAC's, ``--output_range_alpha``'s ADC ranges): the
+    first ``--calibration_samples`` examples of ``dataset``, in order, collated as the trainer's evaluation batches
+    (the same on every rank). Empty when nothing is calibrated."""
+    if (args.input_quant != "static" and args.output_range_alpha is None) or dataset is None:
         return []
     subset = dataset.select(range(min(args.calibration_samples, len(dataset))))
     return list(trainer.get_eval_dataloader(subset))
@@ -636,37 +651,50 @@ def add_weight_clip(trainer: transformers.Trainer, args: AnalogArguments) -> Non
 
 
 def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], args: AnalogArguments) -> None:
-    """A noise-aware model with a static DAC: :class:`hf_cim.callbacks.InputRangeCallback` keeps its ranges
-    calibrated on ``batches`` while it trains."""
+    """A noise-aware model's calibrated converter ranges, kept calibrated on ``batches`` while it trains: a static
+    DAC's (:class:`hf_cim.callbacks.InputRangeCallback`), then ``--output_range_alpha``'s ADC ranges
+    (:class:`hf_cim.callbacks.OutputRangeCallback`, added after: the partial sums depend on the DAC's ranges)."""
     config = hf_cim.patch.get_config(trainer.model)
-    if config is None or config.input_quant != "static":
+    if config is None:
         return
-    from hf_cim.callbacks import InputRangeCallback
+    from hf_cim.callbacks import InputRangeCallback, OutputRangeCallback
 
-    trainer.add_callback(InputRangeCallback(batches, every=args.calibrate_every, alpha=args.input_range_alpha))
+    if config.input_quant == "static":
+        trainer.add_callback(InputRangeCallback(batches, every=args.calibrate_every, alpha=args.input_range_alpha))
+    if args.output_range_alpha is not None and config.output_bits is not None:
+        trainer.add_callback(OutputRangeCallback(batches, every=args.calibrate_every, alpha=args.output_range_alpha))
 
 
 @contextmanager
 def measured_as_chip(
-    model: torch.nn.Module, noise_config: hf_cim.AnalogNoiseConfig, calibration: list[Any], alpha: float
+    model: torch.nn.Module, noise_config: hf_cim.AnalogNoiseConfig, calibration: list[Any], args: AnalogArguments
 ) -> Iterator[torch.nn.Module]:
     """``model`` as its chips are measured: an analog model as it is; a digital one patched with ``noise_config`` for
-    the block and unpatched after. A static DAC gets the digital model's own ranges, calibrated on ``calibration``
-    (on a copy of the config: the noise-aware model's ranges stay its own)."""
+    the block and unpatched after. Its calibrated converter ranges (a static DAC's, ``--output_range_alpha``'s ADC
+    ranges) are the digital model's own, calibrated on ``calibration`` (on a copy of the config: the noise-aware
+    model's ranges stay its own)."""
     if hf_cim.patch.get_config(model) is not None:
         yield model
         return
     static = noise_config.input_quant == "static"
-    config = noise_config.replace(input_ranges=None) if static else noise_config
+    adc = args.output_range_alpha is not None and noise_config.output_bits is not None
+    config = noise_config.replace(input_ranges=None, output_ranges=None) if static or adc else noise_config
     hf_cim.patch_model(model, config)
     try:
-        if static:
-            from hf_cim.calibration import batch_to, calibrate_input_ranges
+        if static or adc:
+            from hf_cim.calibration import batch_to, calibrate_input_ranges, calibrate_output_ranges
 
             if not calibration:
-                raise ValueError("a static DAC (--input_quant static) needs calibration data: none was given")
+                raise ValueError(
+                    "calibrated converter ranges (--input_quant static, --output_range_alpha) need calibration data: "
+                    "none was given"
+                )
             device = next(model.parameters()).device
-            calibrate_input_ranges(model, [batch_to(b, device) for b in calibration], alpha=alpha)
+            batches = [batch_to(b, device) for b in calibration]
+            if static:
+                calibrate_input_ranges(model, batches, alpha=args.input_range_alpha)
+            if adc:
+                calibrate_output_ranges(model, batches, alpha=args.output_range_alpha)
         yield model
     finally:
         hf_cim.unpatch_model(model)
@@ -804,7 +832,7 @@ def measure_chips(
     from hf_cim.evaluation import evaluate_robustness
 
     out: dict[str, Any] = {}
-    with measured_as_chip(trainer.model, noise_config, calibration or [], args.input_range_alpha) as model:
+    with measured_as_chip(trainer.model, noise_config, calibration or [], args) as model:
         for name, dataset in eval_sets.items():
             if args.eval_chips == 0:
                 with hf_cim.noise_disabled(model):
@@ -932,13 +960,13 @@ def predict_digital_and_chip(
     dataset: Any,
     noise_config: hf_cim.AnalogNoiseConfig,
     t_inference: float,
+    args: AnalogArguments,
     calibration: list[Any] | None = None,
-    alpha: float = 3.0,
 ) -> tuple[Any, Any]:
     """``--do_predict``: the predictions (logits) of the digital model and of simulated chip 0 (``noise_config`` at its
     level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after
     (:func:`measured_as_chip`)."""
-    with measured_as_chip(trainer.model, noise_config, calibration or [], alpha) as model:
+    with measured_as_chip(trainer.model, noise_config, calibration or [], args) as model:
         with hf_cim.noise_disabled(model):
             digital = trainer.predict(dataset, metric_key_prefix="predict").predictions
         model.eval()

@@ -781,6 +781,7 @@ def main(argv: list[str] | None = None) -> dict:
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "train_t_inference": analog_args.train_time,
             "weight_clip_sigmas": analog_args.weight_clip_sigmas,
+            "output_range_alpha": analog_args.output_range_alpha,
             "config": noise_config.to_dict(),
         },
     }
@@ -825,9 +826,7 @@ def write_predictions(
     (``index``, ``prediction``: the label name, or the score for regression) with a ``prediction_chip_0`` column: the same examples on simulated chip 0 (the measured noise
     config at its level, drifted to the last ``--eval_t_inference``)."""
     t = max(analog_args.t_inference)
-    digital, chip = predict_digital_and_chip(
-        trainer, test, noise_config, t, list(calibration), analog_args.input_range_alpha
-    )
+    digital, chip = predict_digital_and_chip(trainer, test, noise_config, t, analog_args, list(calibration))
 
     def labels(logits):
         logits = logits[0] if isinstance(logits, tuple) else logits

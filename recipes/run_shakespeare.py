@@ -322,7 +322,7 @@ def add_perplexity(evals: dict) -> None:
 
 
 def generate(
-    model, tokenizer, data_args: DataArguments, noise_config, t_inference: float, calibration=(), alpha: float = 3.0
+    model, tokenizer, data_args: DataArguments, noise_config, t_inference: float, analog_args, calibration=()
 ) -> dict[str, str]:
     """``--do_predict``: greedy continuations of ``--predict_prompt`` by the digital model and by simulated chip 0
     (the measured noise config at its level, drifted to the last ``--eval_t_inference``; a static DAC calibrated on
@@ -338,7 +338,7 @@ def generate(
         "pad_token_id": tokenizer.eos_token_id,
     }
     out = {}
-    with measured_as_chip(model, noise_config, calibration, alpha):
+    with measured_as_chip(model, noise_config, calibration, analog_args):
         with torch.no_grad():
             with hf_cim.noise_disabled(model):
                 out["digital"] = tokenizer.decode(model.generate(ids, **kwargs)[0])
@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "train_t_inference": analog_args.train_time,
             "weight_clip_sigmas": analog_args.weight_clip_sigmas,
+            "output_range_alpha": analog_args.output_range_alpha,
             "config": noise_config.to_dict(),
         },
     }
@@ -511,8 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_eval_outputs(trainer, metrics)
     if training_args.do_predict:
         results["predict"] = generate(
-            model, tokenizer, data_args, noise_config, max(analog_args.t_inference), calibration,
-            analog_args.input_range_alpha,
+            model, tokenizer, data_args, noise_config, max(analog_args.t_inference), analog_args, calibration
         )  # fmt: skip
         if trainer.is_world_process_zero():
             with open(os.path.join(training_args.output_dir, "generated_predictions.txt"), "w") as f:

@@ -323,6 +323,44 @@ def test_input_range_callback_keeps_static_ranges_calibrated(tmp_path):
         InputRangeCallback([])
 
 
+def test_output_range_callback_follows_the_static_dac_it_is_added_after(tmp_path):
+    """Both callbacks on a static DAC: the ADC's ranges are calibrated after the DAC's at each point (the order
+    added), four times, and end as a fresh calibration of the final weights gives them."""
+    from transformers import Trainer, default_data_collator
+
+    from hf_cim.calibration import calibrate_input_ranges, calibrate_output_ranges
+    from hf_cim.callbacks import InputRangeCallback, OutputRangeCallback
+
+    model = tiny_gpt2()
+    hf_cim.patch_model(model, hf_cim.get_preset("rram", input_quant="static", seed=0))
+    samples = lm_samples(16)
+    calib = [default_data_collator(samples[:4])]
+    order = []
+
+    class InputSpy(InputRangeCallback):
+        def _calibrate(self, model):
+            super()._calibrate(model)
+            order.append("input")
+
+    class OutputSpy(OutputRangeCallback):
+        def _calibrate(self, model):
+            super()._calibrate(model)
+            order.append("output")
+
+    callbacks = [InputSpy(calib, every=2), OutputSpy(calib, every=2, alpha=6.0)]
+    trainer = Trainer(model=model, args=tiny_training_args(tmp_path, max_steps=4), train_dataset=samples,
+                      callbacks=callbacks)  # fmt: skip
+    trainer.train()
+    assert order == ["input", "output"] * 4
+    cfg = hf_cim.patch.get_config(model)
+    final = dict(cfg.output_ranges)
+    calibrate_input_ranges(model, calib)
+    assert final == calibrate_output_ranges(model, calib, alpha=6.0)
+    assert OutputRangeCallback(calib).alpha == 8.0
+    with pytest.raises(ValueError, match="OutputRangeCallback: `alpha`"):
+        OutputRangeCallback(calib, alpha=0.0)
+
+
 def test_weight_clip_callback_clips_after_every_step(tmp_path):
     from transformers import Trainer
 

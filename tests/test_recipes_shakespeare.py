@@ -372,6 +372,44 @@ def test_static_dac_calibrates_each_model_on_the_training_data(tmp_path):
         assert rr["values"] == pytest.approx(rd["values"], rel=1e-6)
 
 
+def test_output_range_alpha_calibrates_each_models_adc_ranges(tmp_path):
+    """--output_range_alpha: the noise-aware model's ADC ranges are kept calibrated while it trains and saved (the
+    calibration of its final weights on the first --calibration_samples training blocks); the digital twin is
+    measured with its own ranges from the same blocks, as an independent digital run is; and the ranges change what
+    the chips read."""
+    import torch
+    from _common import AnalogArguments, parse_args
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hf_cim
+    from hf_cim.calibration import calibrate_output_ranges
+
+    with pytest.raises(ValueError, match=r"`--output_range_alpha` must be in \[0.1, 1000\], got 0.0"):
+        parse_args((AnalogArguments,), ["--output_range_alpha", "0"])
+    path, text = write_text(tmp_path / "input.txt", n_chars=6000)
+    out = tmp_path / "out"
+    common = ["--max_steps", "4", "--preset", "rram", "--calibrate_every", "2", "--calibration_samples", "8"]
+    adc = ["--output_range_alpha", "6"]
+    res = run_shakespeare.main(clm_args(path, out, *common, *adc, "--gradient", "ste", "--digital_baseline", "true"))
+    assert res["analog"]["output_range_alpha"] == 6.0
+    back = AutoModelForCausalLM.from_pretrained(out)
+    saved = hf_cim.patch.get_config(back).output_ranges
+    assert set(saved) == {n for n, _ in hf_cim.patch.analog_layers(back)}
+    tok = AutoTokenizer.from_pretrained(out)
+    cut = int(len(text) * 0.9)
+    ids = torch.tensor(run_shakespeare.blocks(tok(text[:cut])["input_ids"], 32)["input_ids"][:8])
+    assert calibrate_output_ranges(back, [{"input_ids": ids, "labels": ids}], alpha=6.0) == pytest.approx(saved)
+
+    ref = run_shakespeare.main(clm_args(path, tmp_path / "ref", *common, *adc, "--gradient", "none"))
+    twin_rows = res["digital_baseline"]["eval"]["validation"]["robustness"]
+    for rr, rd in zip(ref["eval"]["validation"]["robustness"], twin_rows, strict=True):
+        assert rr["values"] == pytest.approx(rd["values"], rel=1e-6)
+    one_bound = run_shakespeare.main(clm_args(path, tmp_path / "one", *common, "--gradient", "none"))
+    assert one_bound["analog"]["output_range_alpha"] is None
+    rows = zip(ref["eval"]["validation"]["robustness"], one_bound["eval"]["validation"]["robustness"], strict=True)
+    assert any(r["values"] != o["values"] for r, o in rows if r["level"] > 0)
+
+
 def test_digital_warmup_runs_the_first_steps_digitally(tmp_path):
     from _common import AnalogArguments, parse_args
 
