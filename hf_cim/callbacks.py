@@ -476,11 +476,11 @@ class InputRangeCallback(_RangeCallback):
 class OutputRangeCallback(_RangeCallback):
     """Keeps the ADC ranges per layer (``output_ranges``) calibrated while ``Trainer`` trains: as
     :class:`InputRangeCallback`, with :func:`hf_cim.calibration.calibrate_output_ranges` (``alpha`` standard
-    deviations of each layer's clean partial sums, default 8). With a static DAC, add it after the
+    deviations of each layer's clean partial sums, default 6). With a static DAC, add it after the
     :class:`InputRangeCallback` (callbacks run in the order added): the partial sums depend on the DAC's ranges.
     """
 
-    default_alpha = 8.0
+    default_alpha = 6.0
 
     def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
         calibrate_output_ranges(model, batches, alpha=self.alpha, forward=self.forward)

@@ -356,7 +356,7 @@ def test_output_range_callback_follows_the_static_dac_it_is_added_after(tmp_path
     final = dict(cfg.output_ranges)
     calibrate_input_ranges(model, calib)
     assert final == calibrate_output_ranges(model, calib, alpha=6.0)
-    assert OutputRangeCallback(calib).alpha == 8.0
+    assert OutputRangeCallback(calib).alpha == 6.0
     with pytest.raises(ValueError, match="OutputRangeCallback: `alpha`"):
         OutputRangeCallback(calib, alpha=0.0)
 
