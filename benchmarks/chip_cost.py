@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
     cond = fidelity.Condition.parse(args.eval)
     fidelity.mode_config(args.mode, fidelity.Condition.parse(args.train), 0, None)  # fail early on a bad mode
     out_bounds = [float(b) for b in args.out_bounds.split(",") if b]
+    if out_bounds and args.output_alpha is not None:
+        p.error("--out_bounds sets one ADC range for every layer; --output_alpha calibrates one per layer: pick one")
     groups = [g for g in args.groups.split(",") if g]
     rows = variants(cond.preset, out_bounds, groups)
     for overrides in rows.values():  # every row's config is valid before anything trains
@@ -122,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     found = measure_rows(setting, model, cond, rows, args.chips, args.input_quant, args)
     cmd = "python benchmarks/chip_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"### {args.setting} ({setting.name}), `{args.mode}` seed {args.seed}, {args.steps} steps, on "
-              f"`{args.eval}`, {args.chips} chips\n\n`{cmd}` at commit {fidelity._commit()}, torch {torch.__version__}, "
+              f"`{args.eval}`, {args.chips} chips"
+              + (f", ADC ranges per layer ({args.output_alpha:g} σ)" if args.output_alpha is not None else "")
+              + f"\n\n`{cmd}` at commit {fidelity._commit()}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f} s")  # fmt: skip
     text = markdown(clean, found, setting.metric, header)
     os.makedirs(args.out, exist_ok=True)

@@ -53,3 +53,5 @@ def test_whole_chip_row_is_fidelity_measurement_and_rows_are_paired(tmp_path):
     assert saved["rows"] == rows and "share of the chip's cost" in (tmp_path / "cc" / "chip_cost.md").read_text()
     with pytest.raises(SystemExit):
         chip_cost.main([*argv[:-2], "--eval", "pcm:1,pcm:2", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit):  # one ADC range for all layers, or calibrated ones per layer: not both
+        chip_cost.main([*argv[:-2], "--output_alpha", "6", "--out", str(tmp_path / "x")])
