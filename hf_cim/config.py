@@ -58,6 +58,25 @@ def _default_noise() -> list[NoiseModel]:
     return [GaussianWeightNoise(std=0.02), OutputNoise(std=0.04)]
 
 
+def _check_layer_ranges(
+    field_name: str, ranges: Any, low: float, high: float, low_inclusive: bool = True
+) -> dict[str, float] | None:
+    """``{layer name: range}`` with str keys and every range in [low, high] (as floats), or None."""
+    if ranges is None:
+        return None
+    if not isinstance(ranges, dict):
+        raise TypeError(
+            f"AnalogNoiseConfig: `{field_name}` must be a dict {{layer name: range}} or None, got {type(ranges).__name__}"
+        )
+    out: dict[str, float] = {}
+    for name, value in ranges.items():
+        if not isinstance(name, str):
+            raise TypeError(f"AnalogNoiseConfig: `{field_name}` keys must be layer names (str), got {name!r}")
+        check_range("AnalogNoiseConfig", f"{field_name}[{name!r}]", value, low, high, low_inclusive=low_inclusive)
+        out[name] = float(value)
+    return out
+
+
 def _check_bits(name: str, value: Any, low: int, high: int) -> None:
     if value is None:
         return
@@ -395,48 +414,21 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
 
     @staticmethod
     def _check_input_ranges(ranges: Any, input_quant: str) -> dict[str, float] | None:
-        if ranges is None:
-            return None
-        if input_quant != "static":
+        if ranges is not None and input_quant != "static":
             raise ValueError(
                 "AnalogNoiseConfig: `input_ranges` are the static DAC's ranges; they need `input_quant='static'` "
                 f"(got {input_quant!r}): set input_ranges=None with a dynamic DAC"
             )
-        if not isinstance(ranges, dict):
-            raise TypeError(
-                f"AnalogNoiseConfig: `input_ranges` must be a dict {{layer name: range}} or None, got "
-                f"{type(ranges).__name__}"
-            )
-        out: dict[str, float] = {}
-        for name, value in ranges.items():
-            if not isinstance(name, str):
-                raise TypeError(f"AnalogNoiseConfig: `input_ranges` keys must be layer names (str), got {name!r}")
-            check_range("AnalogNoiseConfig", f"input_ranges[{name!r}]", value, 0.0, MAX_INPUT_RANGE,
-                        low_inclusive=False)  # fmt: skip
-            out[name] = float(value)
-        return out
+        return _check_layer_ranges("input_ranges", ranges, 0.0, MAX_INPUT_RANGE, low_inclusive=False)
 
     @staticmethod
     def _check_output_ranges(ranges: Any, output_bits: int | None) -> dict[str, float] | None:
-        if ranges is None:
-            return None
-        if output_bits is None:
+        if ranges is not None and output_bits is None:
             raise ValueError(
                 "AnalogNoiseConfig: `output_ranges` are the ADC's ranges per layer; they need an ADC (`output_bits`), "
                 "got output_bits=None: set output_ranges=None without an ADC"
             )
-        if not isinstance(ranges, dict):
-            raise TypeError(
-                f"AnalogNoiseConfig: `output_ranges` must be a dict {{layer name: range}} or None, got "
-                f"{type(ranges).__name__}"
-            )
-        out: dict[str, float] = {}
-        for name, value in ranges.items():
-            if not isinstance(name, str):
-                raise TypeError(f"AnalogNoiseConfig: `output_ranges` keys must be layer names (str), got {name!r}")
-            check_range("AnalogNoiseConfig", f"output_ranges[{name!r}]", value, MIN_OUT_BOUND, MAX_OUT_BOUND)
-            out[name] = float(value)
-        return out
+        return _check_layer_ranges("output_ranges", ranges, MIN_OUT_BOUND, MAX_OUT_BOUND)
 
     @staticmethod
     def _normalize_noise(noise: Any) -> list[NoiseModel]:
