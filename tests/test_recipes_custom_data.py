@@ -250,3 +250,35 @@ def test_dataset_name_local_folders(bert_dir, tmp_path):
     assert set(res["eval"]) == {"dev"} and {"accuracy", "f1"} <= set(res["eval"]["dev"]["clean"])
     with pytest.raises(ValueError, match=r"no split \['validation'\]"):
         run_glue.main(_args(bert_dir, tmp_path / "out3", "--dataset_name", str(tmp_path / "saved")))
+
+
+def test_a_digital_model_measured_and_predicting_with_calibrated_adc_ranges(bert_dir, tmp_path, monkeypatch):
+    """--output_range_alpha on run_glue: a digital model's chips (the sweep and --do_predict's chip 0) read through
+    ADC ranges calibrated on the training examples; without the flag nothing is calibrated; results.json records the
+    alpha."""
+    from hf_cim import calibration
+
+    calls = []
+    real = calibration.calibrate_output_ranges
+
+    def spy(model, batches, **kw):
+        found = real(model, batches, **kw)
+        calls.append((sum(len(b["input_ids"]) for b in batches), kw["alpha"], found))
+        return found
+
+    monkeypatch.setattr(calibration, "calibrate_output_ranges", spy)
+    train = write_reviews_csv(tmp_path / "train.csv", 40)
+    dev = write_reviews_csv(tmp_path / "dev.csv", 12, seed=1)
+    test = write_reviews_csv(tmp_path / "test.csv", 5, seed=2, with_label=False)
+    common = ["--text_columns", "review", "--label_column", "sentiment", "--train_file", train, "--validation_file",
+              dev, "--test_file", test, "--do_train", "--do_eval", "--do_predict", "--gradient", "none", "--preset",
+              "rram", "--calibration_samples", "16"]  # fmt: skip
+    calibrated = run_glue.main(_args(bert_dir, tmp_path / "adc", *common, "--output_range_alpha", "6"))
+    # the chip sweep, then --do_predict's chip: each time the first 16 training examples, at 6 sigma, every layer
+    assert [(n, alpha) for n, alpha, _ in calls] == [(16, 6.0), (16, 6.0)]
+    assert calls[0][2] == calls[1][2] and len(calls[0][2]) > 0  # the same model and examples: the same ranges
+    assert calibrated["analog"]["output_range_alpha"] == 6.0
+    lines = (tmp_path / "adc" / "predict_results.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction\tprediction_chip_0" and len(lines) == 6
+    one_range = run_glue.main(_args(bert_dir, tmp_path / "one", *common))
+    assert len(calls) == 2 and one_range["analog"]["output_range_alpha"] is None
