@@ -105,6 +105,23 @@ def test_static_dac_refuses_experts_at_patch_time():
     assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
 
 
+def test_adc_ranges_are_calibrated_for_the_dense_layers_and_refused_for_experts():
+    """Per-layer ADC ranges belong to dense layers: calibration skips the experts (they keep ``out_bound``), and a
+    range naming an expert bank is refused at patch time."""
+    from hf_cim.calibration import calibrate_output_ranges
+
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config())
+    ids = _ids()
+    found = calibrate_output_ranges(model, [ids], forward=lambda m, b: m(input_ids=b))
+    experts = {n for n, _ in _experts(model)}
+    dense = {n for n, _ in hf_cim.patch.analog_layers(model)} - experts
+    assert set(found) == dense and dense
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    with pytest.raises(ValueError, match="output_ranges.*experts"):
+        hf_cim.patch_model(tiny_mixtral(), _config(output_ranges={"model.layers.0.mlp.experts": 5.0}))
+
+
 def test_noise_disabled_is_the_plain_model_and_noise_is_seeded():
     plain = tiny_mixtral().eval()
     a, b = copy.deepcopy(plain), copy.deepcopy(plain)
