@@ -176,25 +176,19 @@ CALIBRATION_SEED = 10_000
 
 
 def calibrate(setting, model: nn.Module, batches, args: argparse.Namespace) -> None:
-    """The converter ranges of patched ``model`` from ``batches``, through the setting's loss: static DAC ranges
-    (``--input_quant static``), then per-layer ADC ranges (``--output_alpha``; they depend on the DAC's)."""
-    from hf_cim.calibration import calibrate_input_ranges, calibrate_output_ranges
-    from hf_cim.patch import get_config
+    """The converter ranges of patched ``model`` from ``batches``, through the setting's loss
+    (:func:`hf_cim.calibration.calibrate_ranges`: ``--input_quant static``, ``--output_alpha``)."""
+    from hf_cim.calibration import calibrate_ranges
 
-    cfg = get_config(model)
-    if cfg.input_quant == "static":
-        calibrate_input_ranges(model, batches, alpha=args.input_alpha, forward=setting.loss)
-    if getattr(args, "output_alpha", None) is not None and cfg.output_bits is not None:
-        calibrate_output_ranges(model, batches, alpha=args.output_alpha, forward=setting.loss)
+    calibrate_ranges(model, batches, input_alpha=args.input_alpha, output_alpha=getattr(args, "output_alpha", None),
+                     forward=setting.loss)  # fmt: skip
 
 
 def calibrates(cfg: hf_cim.AnalogNoiseConfig | None, args: argparse.Namespace) -> bool:
     """Whether ``cfg``'s converters have ranges to calibrate under ``args``."""
-    if cfg is None:
-        return False
-    return cfg.input_quant == "static" or (
-        getattr(args, "output_alpha", None) is not None and cfg.output_bits is not None
-    )
+    from hf_cim.calibration import has_ranges_to_calibrate
+
+    return has_ranges_to_calibrate(cfg, getattr(args, "output_alpha", None))
 
 
 # --------------------------------------------------------------------------------------------------------- settings
@@ -460,7 +454,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     torch.manual_seed(seed)  # same initial weights for every mode of this seed
     model = setting.model()
     cfg = mode_config(mode, train_cond, seed, args.exclude, args.input_quant)
-    static = calibrates(cfg, args)
+    recalibrate = calibrates(cfg, args)
     if cfg is not None:
         hf_cim.patch_model(model, cfg)
         hf_cim.set_drift_time(model, train_cond.t)  # --train preset:level@time: drift in the training loop
@@ -496,7 +490,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
     for step, batch in enumerate(setting.batches(seed, args.steps)):
-        if static and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
+        if recalibrate and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
             calibrate(setting, model, [batch], args)  # the ranges follow the data as the weights move
         if probe_every and (step % probe_every == 0 or step == args.steps - 1) and step >= digital_steps:
             from hf_cim.callbacks import gradient_alignment
@@ -559,8 +553,9 @@ def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, 
 
 def on_chips(setting, model: nn.Module, cfg: hf_cim.AnalogNoiseConfig, t: float, chips: int, args=None) -> list:
     """The metrics of ``model`` patched with ``cfg`` on chips 0..chips-1 at age ``t``, unpatched after. Chip k is
-    programmed with seed k and its read noise reseeded with 1000 + k: the same chips for every model and config. A
-    static DAC is calibrated first on the fixed calibration batches."""
+    programmed with seed k and its read noise reseeded with 1000 + k: the same chips for every model and config.
+    Calibrated converter ranges (a static DAC, ``--output_alpha``) are calibrated first on the fixed calibration
+    batches."""
     hf_cim.patch_model(model, cfg)
     if calibrates(cfg, args):
         calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)), args)

@@ -30,7 +30,14 @@ from .patch import analog_layers, get_config, noise_disabled
 from .tile import TileSpec, clean_partial_sums
 from .validation import check_range
 
-__all__ = ["batch_to", "calibrate_input_ranges", "calibrate_output_ranges", "default_forward"]
+__all__ = [
+    "batch_to",
+    "calibrate_input_ranges",
+    "calibrate_output_ranges",
+    "calibrate_ranges",
+    "default_forward",
+    "has_ranges_to_calibrate",
+]
 
 #: Range of ``alpha``: below 0.1 σ nearly every input clips; beyond 1000 σ the 8-bit grid is coarser than the data.
 MIN_ALPHA, MAX_ALPHA = 0.1, 1000.0
@@ -198,3 +205,30 @@ def calibrate_output_ranges(
     found = {name: min(max(alpha * std, MIN_OUT_BOUND), MAX_OUT_BOUND) for name, std in stds.items()}
     config.output_ranges = {**(config.output_ranges or {}), **found}
     return found
+
+
+def has_ranges_to_calibrate(config: Any, output_alpha: float | None) -> bool:
+    """Whether a model patched with ``config`` has converter ranges to calibrate: a static DAC's, or ADC ranges per
+    layer when ``output_alpha`` is given and the config has an ADC."""
+    if config is None:
+        return False
+    return config.input_quant == "static" or (output_alpha is not None and config.output_bits is not None)
+
+
+def calibrate_ranges(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    input_alpha: float = 3.0,
+    output_alpha: float | None = None,
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> None:
+    """Every converter range ``model`` has to calibrate (:func:`has_ranges_to_calibrate`), in the order they depend
+    on each other: a static DAC's ranges (:func:`calibrate_input_ranges`, ``input_alpha``), then the ADC's per layer
+    (:func:`calibrate_output_ranges`, ``output_alpha``; its partial sums go through the DAC's ranges)."""
+    config = get_config(model)
+    batches = list(batches)
+    if config is not None and config.input_quant == "static":
+        calibrate_input_ranges(model, batches, alpha=input_alpha, forward=forward)
+    if config is not None and output_alpha is not None and config.output_bits is not None:
+        calibrate_output_ranges(model, batches, alpha=output_alpha, forward=forward)

@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from transformers.trainer_callback import TrainerCallback
@@ -412,33 +412,26 @@ class DigitalWarmupCallback(TrainerCallback):
 
 
 class _RangeCallback(TrainerCallback):
-    """Calibrates converter ranges on fixed ``batches`` when training begins, every ``every`` optimizer steps and
-    when training ends; subclasses say which ranges (:meth:`_calibrate_on`)."""
+    """Calibrates converter ranges with ``calibrate`` on fixed ``batches`` when training begins, every ``every``
+    optimizer steps and when training ends."""
 
-    default_alpha: float = 3.0
-
-    def __init__(
-        self, batches: list[Any], every: int = 50, alpha: float | None = None, forward=default_forward
-    ) -> None:
+    def __init__(self, calibrate: Callable[..., Any], batches: list[Any], every: int, alpha: float, forward) -> None:
         super().__init__()
         who = type(self).__name__
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"{who}: `every` must be an int >= 1, got {every!r}")
-        alpha = self.default_alpha if alpha is None else alpha
         check_range(who, "alpha", alpha, 0.1, 1000.0)
         self.batches = list(batches)
         if not self.batches:
             raise ValueError(f"{who}: `batches` is empty: give at least one calibration batch")
+        self.calibrate = calibrate
         self.every = every
         self.alpha = float(alpha)
         self.forward = forward
 
-    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
-        raise NotImplementedError
-
     def _calibrate(self, model: Any) -> None:
         device = next(model.parameters()).device
-        self._calibrate_on(model, [batch_to(b, device) for b in self.batches])
+        self.calibrate(model, [batch_to(b, device) for b in self.batches], alpha=self.alpha, forward=self.forward)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._calibrate(model)
@@ -467,10 +460,8 @@ class InputRangeCallback(_RangeCallback):
         forward: how a batch runs through the model (default: ``model(**batch)`` for a dict).
     """
 
-    default_alpha = 3.0
-
-    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
-        calibrate_input_ranges(model, batches, alpha=self.alpha, forward=self.forward)
+    def __init__(self, batches: list[Any], every: int = 50, alpha: float = 3.0, forward=default_forward) -> None:
+        super().__init__(calibrate_input_ranges, batches, every, alpha, forward)
 
 
 class OutputRangeCallback(_RangeCallback):
@@ -480,10 +471,8 @@ class OutputRangeCallback(_RangeCallback):
     :class:`InputRangeCallback` (callbacks run in the order added): the partial sums depend on the DAC's ranges.
     """
 
-    default_alpha = 6.0
-
-    def _calibrate_on(self, model: Any, batches: list[Any]) -> None:
-        calibrate_output_ranges(model, batches, alpha=self.alpha, forward=self.forward)
+    def __init__(self, batches: list[Any], every: int = 50, alpha: float = 6.0, forward=default_forward) -> None:
+        super().__init__(calibrate_output_ranges, batches, every, alpha, forward)
 
 
 class WeightClipCallback(TrainerCallback):

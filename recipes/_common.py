@@ -676,25 +676,21 @@ def measured_as_chip(
     if hf_cim.patch.get_config(model) is not None:
         yield model
         return
-    static = noise_config.input_quant == "static"
-    adc = args.output_range_alpha is not None and noise_config.output_bits is not None
-    config = noise_config.replace(input_ranges=None, output_ranges=None) if static or adc else noise_config
+    from hf_cim.calibration import batch_to, calibrate_ranges, has_ranges_to_calibrate
+
+    calibrated = has_ranges_to_calibrate(noise_config, args.output_range_alpha)
+    config = noise_config.replace(input_ranges=None, output_ranges=None) if calibrated else noise_config
     hf_cim.patch_model(model, config)
     try:
-        if static or adc:
-            from hf_cim.calibration import batch_to, calibrate_input_ranges, calibrate_output_ranges
-
+        if calibrated:
             if not calibration:
                 raise ValueError(
                     "calibrated converter ranges (--input_quant static, --output_range_alpha) need calibration data: "
                     "none was given"
                 )
             device = next(model.parameters()).device
-            batches = [batch_to(b, device) for b in calibration]
-            if static:
-                calibrate_input_ranges(model, batches, alpha=args.input_range_alpha)
-            if adc:
-                calibrate_output_ranges(model, batches, alpha=args.output_range_alpha)
+            calibrate_ranges(model, [batch_to(b, device) for b in calibration], input_alpha=args.input_range_alpha,
+                             output_alpha=args.output_range_alpha)  # fmt: skip
         yield model
     finally:
         hf_cim.unpatch_model(model)

@@ -749,7 +749,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     add_recipe_callbacks(trainer)
     calibration = calibration_batches(trainer, train if train is not None else eval_sets.get(primary), analog_args)
-    add_range_calibration(trainer, calibration, analog_args)  # static DAC only
+    add_range_calibration(trainer, calibration, analog_args)
     add_digital_warmup(trainer, analog_args, ste_default=DIGITAL_WARMUP_RATIO)
     add_weight_clip(trainer, analog_args)
     results: dict = {
