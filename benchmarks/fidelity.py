@@ -4,7 +4,8 @@ For one setting (model + data) this trains one model per (training mode, trainin
 batch order and same number of steps for every mode of a seed — then measures every model on the same simulated
 chips (chip seeds 0..N-1, programmed with :func:`hf_cim.program_chip`) under every evaluation condition
 (preset, level, drift time). Results are cached per run in ``--out`` (``runs/*.json``), so a sweep can be extended
-or resumed; the tables (mean ± spread over training seeds, each seed's value the mean over the chips; the chips'
+or resumed (with ``--keep_models`` the trained weights too, so that measuring a kept model on other chips or with
+other converter ranges trains nothing); the tables (mean ± spread over training seeds, each seed's value the mean over the chips; the chips'
 own spread beside it) go to ``--out/fidelity.md`` and ``--out/summary.json``.
 
 Modes (``--modes``, comma-separated):
@@ -539,6 +540,32 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     return model, info
 
 
+# Fields of a run's key that only change how a trained model is measured, not the model: with ``--keep_models`` a
+# run that differs from a kept one in these alone is measured again without training. A digital model is trained
+# with the noise off, so the chip it would train for and its converters' calibration are measuring choices too.
+_MEASURING_ONLY = ("eval_blocks",)
+_DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "input_quant", "input_alpha", "output_alpha",
+                           "calibrate_every", "calibration_batches")  # fmt: skip
+
+
+def training_key(mode: str, run_key: dict) -> dict:
+    """The part of a run's key that its trained weights depend on."""
+    drop = _MEASURING_ONLY + (_DIGITAL_MEASURING_ONLY if mode == "digital" else ())
+    return {k: v for k, v in run_key.items() if k not in drop}
+
+
+def load_trained(setting, path: str, key: dict) -> tuple[nn.Module | None, dict | None]:
+    """The model kept at ``path`` by an earlier run with the same training key, or ``(None, None)``."""
+    if not os.path.isfile(path):
+        return None, None
+    kept = torch.load(path, map_location="cpu", weights_only=True)
+    if kept["key"] != key:
+        return None, None
+    model = setting.model()
+    model.load_state_dict(kept["state_dict"])
+    return model, kept["info"]
+
+
 def measure(setting, model: nn.Module, conditions: list[Condition], chips: int, exclude, args=None) -> dict:
     """The clean metrics, and each condition's metrics on chips 0..chips-1 (same chips for every model). With
     ``--input_quant static`` every model's DAC ranges are calibrated on the same batches first."""
@@ -739,6 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration_batches", type=int, default=4,
                    help="static DAC / --output_alpha: training batches (a fixed seed, the same for every model) "
                         "calibrated on before measuring.")  # fmt: skip
+    p.add_argument("--keep_models", action="store_true",
+                   help="Keep each trained model in --out/runs/<mode>_seed<seed>.pt and reuse it when a run differs "
+                        "only in how it is measured (conditions, chips, eval blocks; for digital models also the "
+                        "converters' calibration and the chip trained for).")  # fmt: skip
     p.add_argument("--out", required=True)
     return p
 
@@ -795,7 +826,13 @@ def main(argv: list[str] | None = None) -> dict:
                     runs[(mode, seed)] = cached["result"]
                     continue
             t0 = time.perf_counter()
-            model, info = train(setting, mode, seed, args)
+            model_path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.pt")
+            trained_key = training_key(mode, mode_key)
+            model, info = load_trained(setting, model_path, trained_key) if args.keep_models else (None, None)
+            if model is None:
+                model, info = train(setting, mode, seed, args)
+                if args.keep_models:
+                    torch.save({"key": trained_key, "state_dict": model.state_dict(), "info": info}, model_path)
             result = measure(setting, model, conditions, args.chips, args.exclude, args)
             result["info"] = info
             runs[(mode, seed)] = result

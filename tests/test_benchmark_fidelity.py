@@ -287,3 +287,28 @@ def test_distillation_modes_and_loss(tmp_path):
     assert run("ft50_ste_hw_kd", "--kd_alpha", "1") != plain
     with pytest.raises(SystemExit):
         run("ft50_ste_hw_kd", "--kd_alpha", "1.5")
+
+
+def test_kept_models_are_measured_again_without_training(tmp_path, monkeypatch):
+    """--keep_models: a run that differs only in how it is measured reuses the trained weights (for a digital model
+    also across converter calibrations, which its training never sees); a noise-aware model whose training sees the
+    calibration is trained again."""
+    out = tmp_path / "fid"
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "1",
+            "--steps", "4", "--batch_size", "8", "--eval", "pcm:1", "--keep_models", "--out", str(out),
+            "--threads", "1"]  # fmt: skip
+    first = fidelity.main(argv)
+    kept = torch.load(out / "runs" / "digital_seed0.pt", weights_only=True)
+    assert "output_alpha" not in kept["key"] and kept["key"]["steps"] == 4
+    trained = []
+    real_train = fidelity.train
+    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args: trained.append(mode)
+                        or real_train(setting, mode, seed, args))  # fmt: skip
+    again = fidelity.main([*argv, "--eval", "pcm:1,pcm:2", "--output_alpha", "6"])
+    assert trained == ["ste_hw"]  # the digital model was loaded, not retrained
+    assert again["digital"]["clean"] == first["digital"]["clean"]  # the same weights
+    assert json.load(open(out / "runs" / "digital_seed0.json"))["args"]["output_alpha"] == 6.0
+    # a change of training (the step count) trains the digital model again
+    fidelity.main([*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]])
+    assert trained == ["ste_hw", "digital", "ste_hw"]
+    assert torch.load(out / "runs" / "digital_seed0.pt", weights_only=True)["key"]["steps"] == 5
