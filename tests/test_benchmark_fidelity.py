@@ -309,6 +309,6 @@ def test_kept_models_are_measured_again_without_training(tmp_path, monkeypatch):
     assert again["digital"]["clean"] == first["digital"]["clean"]  # the same weights
     assert json.load(open(out / "runs" / "digital_seed0.json"))["args"]["output_alpha"] == 6.0
     # a change of training (the step count) trains the digital model again
-    fidelity.main([*argv[:argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2:]])
+    fidelity.main([*argv[: argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2 :]])
     assert trained == ["ste_hw", "digital", "ste_hw"]
     assert torch.load(out / "runs" / "digital_seed0.pt", weights_only=True)["key"]["steps"] == 5
