@@ -603,9 +603,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return m, s
 
 
-def summarize(runs: dict, modes: list[str], seeds: list[int], labels: list[str], metric: str, lower: bool) -> dict:
+def summarize(
+    runs: dict, modes: list[str], seeds: list[int], labels: list[str], metric: str, lower: bool, reference="digital"
+) -> dict:
     """Per (mode, condition): mean ± std over seeds of the chip-mean, the chips' std, and the share of the chip's
-    cost recovered against ``digital`` (paired per seed and chip)."""
+    cost recovered against the ``reference`` row, ``digital`` (paired per seed and chip)."""
     table: dict = {}
     for mode in modes:
         row = {}
@@ -616,11 +618,11 @@ def summarize(runs: dict, modes: list[str], seeds: list[int], labels: list[str],
             means = [sum(v) / len(v) for v in per_seed]
             chip_std = sum(_mean_std(v)[1] for v in per_seed) / len(per_seed)
             cell = {"mean": _mean_std(means), "chip_std": chip_std}
-            if "digital" in modes and mode != "digital":
+            if reference in modes and mode != reference:
                 d_chip = [
-                    sum(c[metric] for c in runs[("digital", s)]["chips"][label]) / len(per_seed[0]) for s in seeds
+                    sum(c[metric] for c in runs[(reference, s)]["chips"][label]) / len(per_seed[0]) for s in seeds
                 ]
-                d_clean = [runs[("digital", s)]["clean"][metric] for s in seeds]
+                d_clean = [runs[(reference, s)]["clean"][metric] for s in seeds]
                 sign = 1.0 if lower else -1.0
                 cost = sign * (sum(d_chip) - sum(d_clean)) / len(seeds)  # what the chip takes from the digital model
                 gain = sign * (sum(d_chip) - sum(means)) / len(seeds)
@@ -641,7 +643,7 @@ def summarize(runs: dict, modes: list[str], seeds: list[int], labels: list[str],
     return table
 
 
-def markdown(table: dict, labels: list[str], metric: str, header: str) -> str:
+def markdown(table: dict, labels: list[str], metric: str, header: str, reference: str = "digital") -> str:
     lines = [header, ""]
     cols = ["clean", *labels]
     lines.append("| trained | " + " | ".join(cols) + " | s/step |")
@@ -667,8 +669,8 @@ def markdown(table: dict, labels: list[str], metric: str, header: str) -> str:
             cells = [f"{cos[k][0]:.4f} ± {cos[k][1]:.4f}" for k in ("first", "mean", "last")]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     lines += ["", f"Metric: {metric}; `mean ± std` over training seeds of each model's mean over the chips; "
-              "`chips ±`: the std over chips (mean over seeds); `Δ`: paired difference to `digital` on the same "
-              "chips (mean ± std over seeds); `rec.`: share of the chip's cost to the digital model (its chip − clean "
+              f"`chips ±`: the std over chips (mean over seeds); `Δ`: paired difference to `{reference}` on the same "
+              f"chips (mean ± std over seeds); `rec.`: share of the chip's cost to `{reference}` (its chip − clean "
               "metric, mean over seeds) that the mode recovers on the same chips (– where that cost is next to nothing: "
               "none, or a share beyond ±200 %)."]  # fmt: skip
     return "\n".join(lines)
