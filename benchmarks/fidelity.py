@@ -5,8 +5,9 @@ batch order and same number of steps for every mode of a seed — then measures 
 chips (chip seeds 0..N-1, programmed with :func:`hf_cim.program_chip`) under every evaluation condition
 (preset, level, drift time). Results are cached per run in ``--out`` (``runs/*.json``), so a sweep can be extended
 or resumed (with ``--keep_models`` the trained weights too, so that measuring a kept model on other chips or with
-other converter ranges trains nothing); the tables (mean ± spread over training seeds, each seed's value the mean over the chips; the chips'
-own spread beside it) go to ``--out/fidelity.md`` and ``--out/summary.json``.
+other converter ranges trains nothing); the tables (mean ± spread over training seeds, each seed's value the mean
+over the chips; the chips' own spread beside it) go to ``--out/fidelity.md`` and ``--out/summary.json``.
+``fidelity_table.py`` pairs runs of different folders (each model at its own converter ranges) in one table.
 
 Modes (``--modes``, comma-separated):
 
@@ -607,7 +608,7 @@ def summarize(
     runs: dict, modes: list[str], seeds: list[int], labels: list[str], metric: str, lower: bool, reference="digital"
 ) -> dict:
     """Per (mode, condition): mean ± std over seeds of the chip-mean, the chips' std, and the share of the chip's
-    cost recovered against the ``reference`` row, ``digital`` (paired per seed and chip)."""
+    cost recovered against the ``reference`` row (default ``digital``), paired per seed and chip."""
     table: dict = {}
     for mode in modes:
         row = {}
