@@ -545,13 +545,13 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
 # run that differs from a kept one in these alone is measured again without training. A digital model is trained
 # with the noise off, so the chip it would train for and its converters' calibration are measuring choices too.
 _MEASURING_ONLY = ("eval_blocks",)
-_DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "input_quant", "input_alpha", "output_alpha",
+DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "input_quant", "input_alpha", "output_alpha",
                            "calibrate_every", "calibration_batches")  # fmt: skip
 
 
 def training_key(mode: str, run_key: dict) -> dict:
     """The part of a run's key that its trained weights depend on."""
-    drop = _MEASURING_ONLY + (_DIGITAL_MEASURING_ONLY if mode == "digital" else ())
+    drop = _MEASURING_ONLY + (DIGITAL_MEASURING_ONLY if mode == "digital" else ())
     return {k: v for k, v in run_key.items() if k not in drop}
 
 

@@ -29,8 +29,7 @@ import fidelity  # noqa: E402
 # What a row's cached key may differ in from the reference's: the mode's own settings, the chip it trained for and
 # the converters' calibration. Anything else (the setting, the model, the data, the budget, the evaluation blocks)
 # would compare models that were not trained or measured alike, and is refused.
-_PER_ROW = ("input_quant", "input_alpha", "output_alpha", "calibrate_every", "calibration_batches", "clip_sigmas",
-            "kd_alpha", "kd_temperature", "digital_fraction", "train")  # fmt: skip
+_PER_ROW = (*fidelity.DIGITAL_MEASURING_ONLY, "clip_sigmas", "kd_alpha", "kd_temperature")
 
 
 def parse_row(text: str) -> tuple[str, str, str]:

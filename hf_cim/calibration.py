@@ -207,12 +207,18 @@ def calibrate_output_ranges(
     return found
 
 
+def _calibrates_dac(config: Any) -> bool:
+    return config is not None and config.input_quant == "static"
+
+
+def _calibrates_adc(config: Any, output_alpha: float | None) -> bool:
+    return config is not None and output_alpha is not None and config.output_bits is not None
+
+
 def has_ranges_to_calibrate(config: Any, output_alpha: float | None) -> bool:
     """Whether a model patched with ``config`` has converter ranges to calibrate: a static DAC's, or ADC ranges per
     layer when ``output_alpha`` is given and the config has an ADC."""
-    if config is None:
-        return False
-    return config.input_quant == "static" or (output_alpha is not None and config.output_bits is not None)
+    return _calibrates_dac(config) or _calibrates_adc(config, output_alpha)
 
 
 def calibrate_ranges(
@@ -228,7 +234,7 @@ def calibrate_ranges(
     (:func:`calibrate_output_ranges`, ``output_alpha``; its partial sums go through the DAC's ranges)."""
     config = get_config(model)
     batches = list(batches)
-    if config is not None and config.input_quant == "static":
+    if _calibrates_dac(config):
         calibrate_input_ranges(model, batches, alpha=input_alpha, forward=forward)
-    if config is not None and output_alpha is not None and config.output_bits is not None:
+    if _calibrates_adc(config, output_alpha):
         calibrate_output_ranges(model, batches, alpha=output_alpha, forward=forward)

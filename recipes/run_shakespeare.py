@@ -450,9 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=default_data_collator,
     )
     add_recipe_callbacks(trainer, tokens_per_sample=data_args.block_size)
-    calibration = calibration_batches(
-        trainer, train if train is not None else valid, analog_args
-    )  # calibrated converters only
+    calibration = calibration_batches(trainer, train if train is not None else valid, analog_args)
     add_range_calibration(trainer, calibration, analog_args)
     add_digital_warmup(trainer, analog_args, ste_default=DIGITAL_WARMUP_RATIO)
     add_weight_clip(trainer, analog_args)
