@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hf_cim
+from hf_cim.calibration import CHIP_CORRECTIONS, calibrate_chip_outputs
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.0 * 86400.0}
 BASE_MODES = {
@@ -544,7 +545,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
 # Fields of a run's key that only change how a trained model is measured, not the model: with ``--keep_models`` a
 # run that differs from a kept one in these alone is measured again without training. A digital model is trained
 # with the noise off, so the chip it would train for and its converters' calibration are measuring choices too.
-_MEASURING_ONLY = ("eval_blocks",)
+_MEASURING_ONLY = ("eval_blocks", "chip_calibration")
 DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "input_quant", "input_alpha", "output_alpha",
                            "calibrate_every", "calibration_batches")  # fmt: skip
 
@@ -583,14 +584,21 @@ def on_chips(setting, model: nn.Module, cfg: hf_cim.AnalogNoiseConfig, t: float,
     """The metrics of ``model`` patched with ``cfg`` on chips 0..chips-1 at age ``t``, unpatched after. Chip k is
     programmed with seed k and its read noise reseeded with 1000 + k: the same chips for every model and config.
     Calibrated converter ranges (a static DAC, ``--output_alpha``) are calibrated first on the fixed calibration
-    batches."""
+    batches; with ``--chip_calibration`` each programmed chip's outputs are then corrected on the same batches
+    (:func:`hf_cim.calibration.calibrate_chip_outputs`)."""
     hf_cim.patch_model(model, cfg)
+    correction = getattr(args, "chip_calibration", "none")
+    if calibrates(cfg, args) or correction != "none":
+        batches = list(setting.batches(CALIBRATION_SEED, args.calibration_batches))
     if calibrates(cfg, args):
-        calibrate(setting, model, list(setting.batches(CALIBRATION_SEED, args.calibration_batches)), args)
+        calibrate(setting, model, batches, args)
     model.eval()
     per_chip = []
     for chip in range(chips):
         hf_cim.program_chip(model, seed=chip, t_inference=t)
+        if correction != "none":
+            hf_cim.reseed(model, 2_000 + chip)  # the read noise while chip k is calibrated
+            calibrate_chip_outputs(model, batches, kind=correction, forward=setting.loss)
         hf_cim.reseed(model, 1_000 + chip)  # the read noise of chip k: the same for every model
         per_chip.append(setting.evaluate(model))
     hf_cim.unpatch_model(model)
@@ -769,6 +777,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration_batches", type=int, default=4,
                    help="static DAC / --output_alpha: training batches (a fixed seed, the same for every model) "
                         "calibrated on before measuring.")  # fmt: skip
+    p.add_argument("--chip_calibration", choices=("none",) + CHIP_CORRECTIONS, default="none",
+                   help="Correct each programmed chip's outputs per layer before measuring, fitted on the calibration "
+                        "batches: affine (a scale and an offset per output column) or gain (one scale per layer); "
+                        "the same for every model.")  # fmt: skip
     p.add_argument("--keep_models", action="store_true",
                    help="Keep each trained model in --out/runs/<mode>_seed<seed>.pt and reuse it when a run differs "
                         "only in how it is measured (conditions, chips, eval blocks; for digital models also the "
@@ -811,6 +823,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output_alpha is not None:  # (only then: earlier cached runs stay valid)
         key_args.update(output_alpha=args.output_alpha, calibrate_every=args.calibrate_every,
                         calibration_batches=args.calibration_batches)  # fmt: skip
+    if args.chip_calibration != "none":  # (only then: earlier cached runs stay valid)
+        key_args.update(chip_calibration={"kind": args.chip_calibration, "batches": args.calibration_batches})
     if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
         key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
     runs = {}
@@ -852,6 +866,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"`{args.train}`, {args.steps} steps, seeds {args.seeds}, {args.chips} chips"
               + (f", static DAC ranges ({args.input_alpha:g} σ)" if args.input_quant == "static" else "")
               + (f", ADC ranges per layer ({args.output_alpha:g} σ)" if args.output_alpha is not None else "")
+              + (f", chip outputs corrected ({args.chip_calibration})" if args.chip_calibration != "none" else "")
               + "\n\n"
               f"`{cmd}` at commit {_commit()}, torch {torch.__version__}, {platform.machine()}, "
               f"{torch.get_num_threads()} threads")  # fmt: skip

@@ -13,6 +13,13 @@ loop's choice; ``benchmarks/fidelity.py --calibrate_every``), and once more on c
 
 ADC ranges: :func:`calibrate_output_ranges` sets each layer's ADC clipping range to ``alpha`` times the std of the
 partial sums its tiles produce on clean data (``output_ranges``), instead of one ``out_bound`` for every layer.
+
+Chip output correction: :func:`calibrate_chip_outputs` measures a *programmed* chip (:func:`hf_cim.program_chip`)
+and corrects each layer's outputs per column in its digital periphery, ``y ← a·y + b``, with ``a``, ``b`` the
+least-squares fit of the digital outputs on the chip's outputs for the same inputs (or one gain per layer). Chips
+with per-column affine correction do this after programming (e.g. the 64-core PCM chip of Le Gallo et al., Nature
+Electronics 2023); it takes out what the devices shifted systematically (a column's gain and offset: the mean of
+lognormal factors, drift, a column's stuck devices on average) and leaves what varies from input to input.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .validation import check_range
 
 __all__ = [
     "batch_to",
+    "calibrate_chip_outputs",
     "calibrate_input_ranges",
     "calibrate_output_ranges",
     "calibrate_ranges",
@@ -39,6 +47,8 @@ __all__ = [
     "has_ranges_to_calibrate",
 ]
 
+#: The forms :func:`calibrate_chip_outputs` fits: a scale and an offset per output column, or one scale per layer.
+CHIP_CORRECTIONS = ("affine", "gain")
 #: Range of ``alpha``: below 0.1 σ nearly every input clips; beyond 1000 σ the 8-bit grid is coarser than the data.
 MIN_ALPHA, MAX_ALPHA = 0.1, 1000.0
 _FLOOR = 1e-12  # an input that was all zeros on the calibration data: a tiny, valid range
@@ -238,3 +248,99 @@ def calibrate_ranges(
         calibrate_input_ranges(model, batches, alpha=input_alpha, forward=forward)
     if _calibrates_adc(config, output_alpha):
         calibrate_output_ranges(model, batches, alpha=output_alpha, forward=forward)
+
+
+def calibrate_chip_outputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    kind: str = "affine",
+    forward: Callable[[nn.Module, Any], Any] = default_forward,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Calibrate the programmed chip's output correction of every dense patched layer from ``batches``.
+
+    Runs ``forward(model, batch)`` for each batch in eval mode, without autograd, on the programmed chip (each
+    layer's old correction dropped first); each layer compares its chip output ``y`` with its digital output ``y₀``
+    for the same input and fits, over every output vector of the batches, ``y₀ ≈ a·y + b``: per output column
+    (``kind="affine"``: ``a = cov(y, y₀)/var(y)``, ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not
+    vary gets ``a = 1``) or one ``a`` per layer and ``b = 0`` (``kind="gain"``: ``a = Σy·y₀/Σy²``, a global gain
+    compensation). The chip's forward then applies ``a·y + b`` after its ADC (in its digital periphery) until it is
+    programmed again or cleared. The fit draws read noise from each layer's stream: reseed
+    (:func:`hf_cim.reseed`) before measuring for noise that does not depend on it. MoE experts are not corrected.
+
+    Args:
+        model: a patched model with a programmed chip (:func:`hf_cim.program_chip`) and noise in evaluation.
+        batches: calibration inputs (e.g. a few training batches); consumed once.
+        kind: ``"affine"`` or ``"gain"``.
+        forward: how a batch runs through the model (default :func:`default_forward`).
+
+    Returns:
+        ``{layer name: (a, b)}``: float32 tensors of one value per output column (``"gain"``: all equal; b zero).
+
+    Raises:
+        ValueError: ``kind`` is unknown, the model has no programmed chip or no noise in evaluation, ``batches`` is
+            empty, or a fit is not finite.
+    """
+    if kind not in CHIP_CORRECTIONS:
+        raise ValueError(f"calibrate_chip_outputs: `kind` must be one of {CHIP_CORRECTIONS}, got {kind!r}")
+    config = get_config(model)
+    dense = [layer for _, layer in analog_layers(model) if isinstance(layer, AnalogLayer)]
+    if config is None or not dense:
+        raise ValueError("calibrate_chip_outputs: the model has no patched dense layer; call hf_cim.patch_model first")
+    if not config.noise_in_eval:
+        raise ValueError("calibrate_chip_outputs: the config has noise_in_eval=False, so evaluation runs no chip")
+    unprogrammed = [layer.hf_cim_name for layer in dense if not layer.is_programmed]
+    if unprogrammed:
+        raise ValueError(
+            f"calibrate_chip_outputs: layer {unprogrammed[0]!r} has no programmed chip; call hf_cim.program_chip first"
+        )
+    if any(layer.hf_cim_disabled for layer in dense):
+        raise ValueError("calibrate_chip_outputs: noise is disabled (hf_cim.noise_disabled); the chip must run")
+    # Per layer, float64 sums over output vectors: Σy, Σy₀, Σy², Σy·y₀ per column, and the number of vectors.
+    sums: dict[str, list] = {}
+
+    def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        y = module.grad_rows(out).double()
+        y0 = module.grad_rows(module.clean_forward(args[0])).double()
+        new = (y.sum(0), y0.sum(0), (y * y).sum(0), (y * y0).sum(0), y.shape[0])
+        old = sums.get(module.hf_cim_name)
+        sums[module.hf_cim_name] = list(new) if old is None else [a + b for a, b in zip(old, new)]
+
+    for layer in dense:
+        layer.hf_cim_state.chip_correction = None
+    handles = [layer.register_forward_hook(record) for layer in dense]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                forward(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not sums:
+        raise ValueError("calibrate_chip_outputs: `batches` gave no batch to calibrate on")
+    found = {}
+    for layer in dense:
+        name = layer.hf_cim_name
+        if name not in sums:
+            continue
+        sy, sy0, syy, syy0, n = sums[name]
+        if kind == "gain":
+            scale = (syy0.sum() / syy.sum()).expand_as(sy)
+            offset = torch.zeros_like(sy)
+        else:
+            mean, mean0 = sy / n, sy0 / n
+            var = syy / n - mean * mean
+            varies = var > 1e-12 * (syy / n)  # a constant column: its cancellation error, not a variance
+            scale = torch.where(varies, (syy0 / n - mean * mean0) / var.where(varies, 1.0), 1.0)
+            offset = mean0 - scale * mean
+        if not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()):  # one host read per layer
+            raise ValueError(f"calibrate_chip_outputs: the fit of {name!r} is not finite on the calibration data")
+        device = layer.weight.device
+        found[name] = (scale.to(device, torch.float32), offset.to(device, torch.float32))
+    for layer in dense:
+        if layer.hf_cim_name in found:
+            layer.hf_cim_state.chip_correction = found[layer.hf_cim_name]
+    return found

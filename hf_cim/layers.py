@@ -158,10 +158,13 @@ class AnalogLayerMixin:
         cfg = self.hf_cim_config
         with torch.no_grad():
             self.hf_cim_state.chip = program_weights(weight.float(), TileSpec.from_config(cfg), ctx, cfg.noise)
+        self.hf_cim_state.chip_correction = None
 
     def clear_program(self) -> None:
-        """Forget the programmed chip: evaluation draws the static noise anew at every forward again."""
+        """Forget the programmed chip (and its output correction): evaluation draws the static noise anew at every
+        forward again."""
         self.hf_cim_state.chip = None
+        self.hf_cim_state.chip_correction = None
 
     @property
     def is_programmed(self) -> bool:
@@ -194,7 +197,8 @@ class AnalogLayerMixin:
             spec = TileSpec.from_config(cfg)
             input_range = self.input_range() if spec.static_range else None
             ctx = self._noise_context(x.device)
-            if self.hf_cim_state.chip is not None and not self.training:
+            on_chip = self.hf_cim_state.chip is not None and not self.training
+            if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip
             else:
                 w_oi = self.weight_oi(weight).float()
@@ -216,6 +220,9 @@ class AnalogLayerMixin:
             )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]
+            correction = self.hf_cim_state.chip_correction
+            if on_chip and correction is not None:  # the chip's digital periphery: per-column affine correction
+                y2d = torch.addcmul(correction[1], y2d, correction[0])
             return self.from_rows(y2d, x).to(out_dtype)
 
     def input_range(self) -> float:

@@ -38,6 +38,10 @@ def _replay_records() -> collections.deque:
     return collections.deque(maxlen=REPLAY_DEPTH)
 
 
+#: The plain fields :meth:`AnalogState.snapshot` keeps as they are (the generator and replay records need more).
+_SNAPSHOT_FIELDS = ("config", "name", "level", "seed", "t_inference", "disabled", "chip", "chip_correction")
+
+
 @dataclass(eq=False)
 class AnalogState:
     """The analog state of one patched layer.
@@ -52,6 +56,9 @@ class AnalogState:
         generator: the noise stream, created on the first noisy forward (after the process group exists).
         chip: the programmed chip (:func:`hf_cim.program_chip`): ``(weights, scales)`` of a dense layer, one such
             pair per projection of an experts module; None when not programmed.
+        chip_correction: the programmed chip's output correction, ``(scale, offset)`` per output column of a dense
+            layer (:func:`hf_cim.calibration.calibrate_chip_outputs`); None when not calibrated. Programming a chip
+            or clearing it drops it: a correction belongs to the devices it was measured on.
         replay: generator states recorded by training forwards, replayed by activation-checkpoint recomputes.
         replay_generator: the copy a recompute draws from while it runs (None otherwise).
     """
@@ -64,6 +71,7 @@ class AnalogState:
     disabled: bool = False
     generator: torch.Generator | None = field(default=None, repr=False)
     chip: Any = field(default=None, repr=False)
+    chip_correction: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     replay: collections.deque = field(default_factory=_replay_records, repr=False)
     replay_generator: torch.Generator | None = field(default=None, repr=False)
 
@@ -76,7 +84,7 @@ class AnalogState:
         """Everything :meth:`restore` needs to put this state back, generator position included."""
         gen = self.generator
         return _Snapshot(
-            fields=(self.config, self.name, self.level, self.seed, self.t_inference, self.disabled, self.chip),
+            fields=tuple(getattr(self, name) for name in _SNAPSHOT_FIELDS),
             generator=gen,
             generator_state=None if gen is None else gen.get_state(),
             replay=list(self.replay),
@@ -85,7 +93,8 @@ class AnalogState:
 
     def restore(self, snap: _Snapshot) -> None:
         """Put back what :meth:`snapshot` saw: the same generator object, rewound to the same position."""
-        self.config, self.name, self.level, self.seed, self.t_inference, self.disabled, self.chip = snap.fields
+        for name, value in zip(_SNAPSHOT_FIELDS, snap.fields):
+            setattr(self, name, value)
         if snap.generator is not None:
             snap.generator.set_state(snap.generator_state)
         self.generator = snap.generator

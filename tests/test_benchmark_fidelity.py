@@ -312,3 +312,44 @@ def test_kept_models_are_measured_again_without_training(tmp_path, monkeypatch):
     fidelity.main([*argv[: argv.index("--steps") + 1], "5", *argv[argv.index("--steps") + 2 :]])
     assert trained == ["ste_hw", "digital", "ste_hw"]
     assert torch.load(out / "runs" / "digital_seed0.pt", weights_only=True)["key"]["steps"] == 5
+
+
+def test_chip_calibration_corrects_every_chip_of_every_model_without_retraining(tmp_path, monkeypatch):
+    """--chip_calibration: each programmed chip is corrected on the fixed calibration batches before it is measured
+    (the same batches for every model and chip); kept models are measured again without training."""
+    from hf_cim import calibration
+
+    out = tmp_path / "fid"
+    argv = ["--setting", "digits", "--train", "paper:3", "--modes", "digital,ste_hw", "--seeds", "0", "--chips", "2",
+            "--steps", "4", "--batch_size", "8", "--eval", "paper:3", "--keep_models", "--calibration_batches", "2",
+            "--out", str(out), "--threads", "1"]  # fmt: skip
+    first = fidelity.main(argv)
+    seen = []
+
+    def spy(model, batches, **kw):
+        seen.append(([b[0].clone() for b in batches], kw["kind"]))
+        return calibration.calibrate_chip_outputs(model, batches, **kw)
+
+    monkeypatch.setattr(fidelity, "calibrate_chip_outputs", spy)
+    monkeypatch.setattr(fidelity, "train", lambda *a: pytest.fail("a kept model was trained again"))
+    corrected = fidelity.main([*argv, "--chip_calibration", "affine"])
+    assert len(seen) == 4 and {kind for _, kind in seen} == {"affine"}  # 2 models x 2 chips
+    assert all(torch.equal(x, y) for batches, _ in seen[1:] for x, y in zip(batches, seen[0][0]))
+    for mode in ("digital", "ste_hw"):
+        assert corrected[mode]["clean"] == first[mode]["clean"]
+        assert corrected[mode]["paper L3"]["mean"] != first[mode]["paper L3"]["mean"]
+    assert "chip outputs corrected (affine)" in (out / "fidelity.md").read_text()
+    # the digital model's chip metric is the library's: program chip k, calibrate, reseed, evaluate
+    args = fidelity.build_parser().parse_args([*argv, "--chip_calibration", "gain"])
+    setting = fidelity.SETTINGS["digits"](args)
+    model, _ = fidelity.load_trained(setting, str(out / "runs" / "digital_seed0.pt"),
+                                     fidelity.training_key("digital", json.load(open(out / "runs" / "digital_seed0.json"))["args"]))  # fmt: skip
+    got = fidelity.on_chips(setting, model, hf_cim.get_preset("paper", level=3.0), 0.0, 1, args)
+    batches = list(setting.batches(fidelity.CALIBRATION_SEED, 2))
+    hf_cim.patch_model(model, hf_cim.get_preset("paper", level=3.0))
+    model.eval()
+    hf_cim.program_chip(model, seed=0)
+    hf_cim.reseed(model, 2_000)
+    calibration.calibrate_chip_outputs(model, batches, kind="gain", forward=setting.loss)
+    hf_cim.reseed(model, 1_000)
+    assert got == [setting.evaluate(model)]

@@ -1,5 +1,7 @@
 """hf_cim.calibration: static DAC ranges from data, their forward, and the checkpoint that carries them."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,3 +210,122 @@ def test_output_ranges_follow_a_static_dac_and_travel_with_the_checkpoint(tmp_pa
         hf_cim.reseed(m, 7)
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# -- the programmed chip's output correction -------------------------------------------------------------------------
+def _chip_layer(layer: nn.Module, noise=(), **fields) -> nn.Module:
+    cfg = dict(noise=list(noise), input_bits=None, weight_bits=None, output_bits=None, tile_size=None)
+    cfg.update(fields)
+    model = hf_cim.patch_model(nn.Sequential(layer), hf_cim.AnalogNoiseConfig(**cfg))
+    return hf_cim.program_chip(model.eval(), seed=3)
+
+
+def _scale_columns(layer: nn.Module, c: torch.Tensor) -> None:
+    """Make the programmed chip of ``layer`` an exact per-column gain ``c`` of the clean product."""
+    w_prog, w_scale = layer.hf_cim_state.chip
+    layer.hf_cim_state.chip = (w_prog * c[:, None], w_scale)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Linear(12, 6), (40, 12)),
+        (lambda: __import__("transformers").pytorch_utils.Conv1D(6, 12), (5, 8, 12)),
+        (lambda: nn.Conv2d(3, 6, 3, padding=1), (4, 3, 5, 5)),
+    ],
+    ids=["linear", "conv1d", "conv2d"],
+)
+def test_affine_correction_undoes_a_per_column_gain_exactly(make, shape):
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    torch.manual_seed(0)
+    model = _chip_layer(make())
+    layer = model[0]
+    c = torch.linspace(0.5, 1.5, 6)
+    _scale_columns(layer, c)
+    x = torch.randn(*shape)
+    clean = layer.clean_forward(x)
+    assert not torch.allclose(model(x), clean, atol=1e-3)  # the chip is off before the correction
+    found = calibrate_chip_outputs(model, [x, torch.randn(*shape)])
+    scale, offset = found["0"]
+    torch.testing.assert_close(scale, 1 / c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(offset, layer.bias.detach() * (1 - 1 / c), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model(x), clean, rtol=1e-5, atol=1e-5)
+
+
+def test_affine_fit_is_least_squares_per_column_on_the_chip_outputs():
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    torch.manual_seed(1)
+    model = _chip_layer(nn.Linear(16, 5), noise=[{"name": "lognormal", "std": 0.3}])
+    layer = model[0]
+    batches = [torch.randn(30, 16) for _ in range(3)]
+    chip = torch.cat([model(b) for b in batches]).double()
+    clean = torch.cat([layer.clean_forward(b) for b in batches]).double()
+    scale, offset = calibrate_chip_outputs(model, batches)["0"]
+    for col in range(5):
+        design = torch.stack([chip[:, col], torch.ones(len(chip), dtype=torch.float64)], 1)
+        ref = torch.linalg.lstsq(design, clean[:, col : col + 1]).solution.squeeze(1)
+        torch.testing.assert_close(scale[col].double(), ref[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(offset[col].double(), ref[1], rtol=1e-5, atol=1e-5)
+    corrected = model(batches[0])
+    layer.hf_cim_state.chip_correction = None
+    torch.testing.assert_close(corrected, model(batches[0]) * scale + offset, rtol=1e-6, atol=1e-6)
+
+
+def test_gain_on_a_lognormal_chip_is_its_regression_factor():
+    """One gain through the origin on a chip with w' = w·exp(σξ): E[y·y₀]/E[y²] = m/E[f²] = exp(−1.5σ²) for many
+    independent inputs (m = exp(σ²/2) the factor's mean; its spread dilutes the regression)."""
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    torch.manual_seed(2)
+    sigma = 0.3
+    model = _chip_layer(nn.Linear(1024, 256, bias=False), noise=[{"name": "lognormal", "std": sigma}])
+    scale, offset = calibrate_chip_outputs(model, [torch.randn(256, 1024)], kind="gain")["0"]
+    assert torch.all(scale == scale[0]) and torch.all(offset == 0)
+    assert scale[0].item() == pytest.approx(math.exp(-1.5 * sigma**2), rel=0.01)
+
+
+def test_chip_correction_belongs_to_the_programmed_chip_and_eval_only():
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    torch.manual_seed(3)
+    model = _chip_layer(nn.Linear(8, 4))  # no device noise: only the chip's column gains below differ from clean
+    layer = model[0]
+    _scale_columns(layer, torch.tensor([0.5, 0.8, 1.2, 2.0]))
+    x = torch.randn(20, 8)
+    raw = model(x)
+    calibrate_chip_outputs(model, [x])
+    clean = layer.clean_forward(x)
+    torch.testing.assert_close(model(x), clean)
+    model.train()  # training programs its weights anew at every forward: neither the chip nor its correction
+    torch.testing.assert_close(model(x), clean)
+    model.eval()
+    hf_cim.program_chip(model, seed=3)  # programming again: the correction is gone
+    assert layer.hf_cim_state.chip_correction is None
+    _scale_columns(layer, torch.tensor([0.5, 0.8, 1.2, 2.0]))
+    torch.testing.assert_close(model(x), raw)
+    calibrate_chip_outputs(model, [x])
+    hf_cim.clear_chip(model)
+    assert layer.hf_cim_state.chip_correction is None
+
+
+def test_chip_correction_errors_name_the_problem():
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    model = _chip_layer(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="`kind` must be one of"):
+        calibrate_chip_outputs(model, [torch.randn(2, 8)], kind="column")
+    with pytest.raises(ValueError, match="gave no batch"):
+        calibrate_chip_outputs(model, [])
+    with pytest.raises(ValueError, match="noise is disabled"), hf_cim.patch.noise_disabled(model):
+        calibrate_chip_outputs(model, [torch.randn(2, 8)])
+    hf_cim.clear_chip(model)
+    with pytest.raises(ValueError, match="no programmed chip"):
+        calibrate_chip_outputs(model, [torch.randn(2, 8)])
+    quiet = hf_cim.patch_model(nn.Sequential(nn.Linear(8, 4)), hf_cim.AnalogNoiseConfig(noise_in_eval=False))
+    hf_cim.program_chip(quiet, seed=0)
+    with pytest.raises(ValueError, match="noise_in_eval=False"):
+        calibrate_chip_outputs(quiet, [torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="no patched dense layer"):
+        calibrate_chip_outputs(nn.Linear(8, 4), [torch.randn(2, 8)])

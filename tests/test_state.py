@@ -10,6 +10,7 @@ from helpers import tiny_gpt2
 from torch import nn
 
 import hf_cim
+from hf_cim.calibration import calibrate_chip_outputs
 from hf_cim.chip import program_chip
 from hf_cim.patch import analog_layers, noise_disabled, reseed, set_drift_time, set_noise_level
 from hf_cim.state import STATE_ATTR, AnalogState, analog_states, preserve_analog_state
@@ -30,7 +31,7 @@ def train_logits(model):
 
 def fields(layer):
     s = layer.hf_cim_state
-    return (s.config, s.name, s.level, s.seed, s.t_inference, s.disabled, s.chip, s.generator)
+    return (s.config, s.name, s.level, s.seed, s.t_inference, s.disabled, s.chip, s.chip_correction, s.generator)
 
 
 def test_every_patched_layer_holds_one_state_and_the_old_attributes_forward_to_it():
@@ -124,9 +125,11 @@ def test_preserve_analog_state_restores_everything_even_when_the_block_raises():
     set_noise_level(model, 0.5)
     set_drift_time(model, 10.0)
     program_chip(model, seed=1, t_inference=10.0)
+    calibrate_chip_outputs(model, [IDS], forward=lambda m, ids: m(input_ids=ids))
     train_logits(model)
     layers = [m for _, m in analog_layers(model)]
     before = [fields(m) for m in layers]
+    assert all(m.hf_cim_state.chip_correction is not None for m in layers)
     cfg = hf_cim.patch.get_config(model)
     with pytest.raises(RuntimeError, match="boom"), preserve_analog_state(model):
         program_chip(model, seed=7, t_inference=3600.0)
