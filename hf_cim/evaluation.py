@@ -279,6 +279,7 @@ def evaluate_robustness(
     plot: bool = True,
     evaluate_kwargs: dict[str, Any] | None = None,
     log_prefix: str | None = "chip",
+    calibrate_chip: Callable[[nn.Module], Any] | None = None,
 ) -> RobustnessResult:
     """Evaluate ``model`` on simulated chips (seeds) × noise levels × drift times; mean ± std over chips per cell.
 
@@ -301,6 +302,10 @@ def evaluate_robustness(
             every integration get it) with per cell ``<log_prefix>/level_<l>/t_<time>/<metric>`` (mean over chips)
             and ``..._std`` (``chip/level_1/t_1d/loss``; ``eval_`` dropped from the metric, times as
             :func:`format_time`). None: every evaluation logs as usual and no summary is logged.
+        calibrate_chip: called with the model after each chip is programmed, before it is measured: a chip's own
+            calibration, e.g. ``functools.partial(hf_cim.calibration.calibrate_chip_outputs, batches=batches)``
+            (per-column output correction). The measuring noise is reseeded after it, so it does not depend on what
+            the calibration drew.
 
     The model runs in eval mode with noise on (whatever ``noise_in_eval`` says) during the sweep, and the digital
     baseline under :func:`hf_cim.noise_disabled`. Afterwards the model's training flags, noise level, programmed
@@ -324,6 +329,8 @@ def evaluate_robustness(
         raise ValueError(f"evaluate_robustness: `seeds` must be a non-empty list of ints >= 0, got {seeds!r}")
     levels = check_number_list("evaluate_robustness", "levels", levels, 0.0, 100.0)
     times = check_number_list("evaluate_robustness", "t_inference", t_inference, 0.0, None)
+    if calibrate_chip is not None and not callable(calibrate_chip):
+        raise ValueError(f"evaluate_robustness: `calibrate_chip` must be callable or None, got {calibrate_chip!r}")
     run = _as_evaluate_fn(evaluate_fn, model, evaluate_kwargs)
     trainer = evaluate_fn if _is_trainer(evaluate_fn) and log_prefix is not None else None
 
@@ -354,6 +361,8 @@ def evaluate_robustness(
                     for seed in seeds:
                         set_noise_level(model, level)
                         program_chip(model, seed, t)
+                        if calibrate_chip is not None:
+                            calibrate_chip(model)
                         reseed(model, seed)
                         with _logs_muted(trainer):
                             values.append(_metric_of(run(model), metric))

@@ -7,6 +7,7 @@ No library logic lives here: the noise config comes from :meth:`hf_cim.AnalogNoi
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_cim
+from hf_cim.calibration import CHIP_CORRECTIONS
 from hf_cim.evaluation import TIME_UNITS, format_time, robustness_markdown
 from hf_cim.hub import redact_argv, redact_secrets
 
@@ -32,6 +34,7 @@ logger = logging.getLogger("recipes")
 GRADIENT_CHOICES = ("ste", "ste_detach", "full", "none")
 BACKWARD_WEIGHTS_CHOICES = ("clean", "programmed")
 INPUT_QUANT_CHOICES = ("per_token", "per_tensor", "static")
+CHIP_CALIBRATION_CHOICES = ("none",) + CHIP_CORRECTIONS
 # The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
 # differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
 STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed"}
@@ -124,6 +127,15 @@ class AnalogArguments:
             "e.g. 6. Default: the preset's one out_bound for every layer."
         },
     )
+    chip_calibration: str = field(
+        default="none",
+        metadata={
+            "help": "Each simulated chip's own calibration before it is measured, for every model alike: affine "
+            "(each layer's outputs corrected per column by a scale and an offset fitted on the calibration "
+            "examples, as chips with per-column affine correction do; hf_cim.calibration.calibrate_chip_outputs), "
+            "gain (one scale per layer) or none."
+        },
+    )
     calibrate_every: int = field(
         default=50,
         metadata={
@@ -133,8 +145,8 @@ class AnalogArguments:
     calibration_samples: int = field(
         default=64,
         metadata={
-            "help": "--input_quant static / --output_range_alpha: the first N training examples (validation "
-            "examples without --do_train) the ranges are calibrated on."
+            "help": "--input_quant static / --output_range_alpha / --chip_calibration: the first N training "
+            "examples (validation examples without --do_train) the ranges and chips are calibrated on."
         },
     )
     overwrite_output_dir: bool = field(
@@ -215,6 +227,10 @@ class AnalogArguments:
             raise ValueError(f"`--input_range_alpha` must be in [0.1, 1000], got {self.input_range_alpha}")
         if self.output_range_alpha is not None and not 0.1 <= self.output_range_alpha <= 1000.0:
             raise ValueError(f"`--output_range_alpha` must be in [0.1, 1000], got {self.output_range_alpha}")
+        if self.chip_calibration not in CHIP_CALIBRATION_CHOICES:
+            raise ValueError(
+                f"`--chip_calibration` must be one of {CHIP_CALIBRATION_CHOICES}, got {self.chip_calibration!r}"
+            )
         if self.calibrate_every < 1 or self.calibration_samples < 1:
             raise ValueError(
                 f"`--calibrate_every` and `--calibration_samples` must be >= 1, got {self.calibrate_every} and "
@@ -614,10 +630,11 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
 
 # -- static DAC ranges ------------------------------------------------------------------------------------------------
 def calibration_batches(trainer: transformers.Trainer, dataset: Any, args: AnalogArguments) -> list[Any]:
-    """The batches converter ranges are calibrated on (a static DAC's, ``--output_range_alpha``'s ADC ranges): the
-    first ``--calibration_samples`` examples of ``dataset``, in order, collated as the trainer's evaluation batches
-    (the same on every rank). Empty when nothing is calibrated."""
-    if (args.input_quant != "static" and args.output_range_alpha is None) or dataset is None:
+    """The batches converter ranges and chips are calibrated on (a static DAC's, ``--output_range_alpha``'s ADC
+    ranges, ``--chip_calibration``): the first ``--calibration_samples`` examples of ``dataset``, in order, collated
+    as the trainer's evaluation batches (the same on every rank). Empty when nothing is calibrated."""
+    calibrates = args.input_quant == "static" or args.output_range_alpha is not None or args.chip_calibration != "none"
+    if not calibrates or dataset is None:
         return []
     subset = dataset.select(range(min(args.calibration_samples, len(dataset))))
     return list(trainer.get_eval_dataloader(subset))
@@ -823,12 +840,22 @@ def measure_chips(
 
     ``metric`` is the key without prefix (``"f1"``, ``"loss"``). A model trained with ``--gradient none`` is patched
     with ``noise_config`` for the sweep and unpatched after (:func:`measured_as_chip`; a static DAC calibrated on
-    ``calibration``). Tables and plots go to ``output_dir/robustness_<set>/``.
+    ``calibration``). With ``--chip_calibration`` every chip's outputs are corrected on ``calibration`` after it is
+    programmed. Tables and plots go to ``output_dir/robustness_<set>/``.
     """
+    from hf_cim.calibration import batch_to, calibrate_chip_outputs
     from hf_cim.evaluation import evaluate_robustness
 
     out: dict[str, Any] = {}
     with measured_as_chip(trainer.model, noise_config, calibration or [], args) as model:
+        calibrate_chip = None
+        if args.chip_calibration != "none":
+            if not calibration:
+                raise ValueError("--chip_calibration needs calibration data: none was given")
+            device = next(model.parameters()).device
+            calibrate_chip = functools.partial(
+                calibrate_chip_outputs, batches=[batch_to(b, device) for b in calibration], kind=args.chip_calibration
+            )
         for name, dataset in eval_sets.items():
             if args.eval_chips == 0:
                 with hf_cim.noise_disabled(model):
@@ -849,6 +876,7 @@ def measure_chips(
                 evaluate_kwargs={"eval_dataset": dataset},
                 # trackers get the digital eval_* once and one record of chip/level_<l>/t_<time>/<metric>[_std]
                 log_prefix="chip" if len(eval_sets) == 1 else f"chip/{name}",
+                calibrate_chip=calibrate_chip,
             )
             log_plot_to_trackers(trainer, os.path.join(robustness_dir, "robustness.png"), f"chip/{name}/plot", since)
             out[name] = {

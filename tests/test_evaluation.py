@@ -164,14 +164,40 @@ def test_files_round_trip_and_markdown(program_only, tmp_path):
         ({"levels": (-1.0,)}, ValueError, "`levels`"),
         ({"t_inference": ()}, ValueError, "`t_inference`"),
         ({"evaluate_fn": 3}, TypeError, "`evaluate_fn`"),
+        ({"calibrate_chip": "affine"}, ValueError, "`calibrate_chip`"),
     ],
-    ids=["metric", "seeds-zero", "seeds-negative", "levels", "times-empty", "evaluate-fn"],
+    ids=["metric", "seeds-zero", "seeds-negative", "levels", "times-empty", "evaluate-fn", "calibrate-chip"],
 )
 def test_validation(program_only, kwargs, error, match):
     model, fn = program_only
     args = {"evaluate_fn": fn, "metric": "mse", "progress": False, **kwargs}
     with pytest.raises(error, match=match):
         evaluate_robustness(model, **args)
+
+
+def test_each_chip_is_calibrated_after_programming_and_before_it_is_measured(program_only):
+    """``calibrate_chip`` runs once per chip on the programmed chip; the correction it fits is what is measured (here
+    the per-column affine correction, which lowers every chip's error against the digital outputs) and is gone after
+    the sweep with the chip."""
+    import functools
+
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    model, fn = program_only
+    plain = evaluate_robustness(model, fn, "mse", seeds=3, progress=False)
+    calls = []
+
+    def calibrate(m):
+        calls.append(all(layer.is_programmed for _, layer in hf_cim.patch.analog_layers(m)))
+        return functools.partial(calibrate_chip_outputs, batches=list(X.split(16)))(m)
+
+    corrected = evaluate_robustness(model, fn, "mse", seeds=3, progress=False, calibrate_chip=calibrate)
+    assert calls == [True, True, True]
+    assert all(c < p for c, p in zip(corrected.rows[0]["values"], plain.rows[0]["values"]))
+    assert corrected.clean == plain.clean
+    assert all(layer.hf_cim_state.chip_correction is None for _, layer in hf_cim.patch.analog_layers(model))
+    again = evaluate_robustness(model, fn, "mse", seeds=3, progress=False, calibrate_chip=calibrate)
+    assert again.rows == corrected.rows
 
 
 def test_unpatched_model_is_an_error():

@@ -410,6 +410,42 @@ def test_output_range_alpha_calibrates_each_models_adc_ranges(tmp_path):
     assert any(r["values"] != o["values"] for r, o in rows if r["level"] > 0)
 
 
+def test_chip_calibration_corrects_every_chip_of_both_models(tmp_path, monkeypatch):
+    """--chip_calibration affine: each chip of the noise-aware model and of its digital twin is corrected after it
+    is programmed, on the first --calibration_samples training blocks, and the correction changes what the chips
+    read (lognormal device variation: a chip's columns are off in gain)."""
+    from _common import AnalogArguments, parse_args
+
+    from hf_cim import calibration
+
+    with pytest.raises(ValueError, match="`--chip_calibration` must be one of"):
+        parse_args((AnalogArguments,), ["--chip_calibration", "column"])
+    calls = []
+    real = calibration.calibrate_chip_outputs
+
+    def spy(model, batches, **kw):
+        calls.append((len(batches), kw["kind"]))
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(calibration, "calibrate_chip_outputs", spy)
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    common = ["--max_steps", "2", "--preset", "paper", "--level", "3", "--eval_chips", "2", "--calibration_samples",
+              "4", "--per_device_eval_batch_size", "2"]  # fmt: skip
+    res = run_shakespeare.main(clm_args(path, tmp_path / "aff", *common, "--chip_calibration", "affine",
+                                        "--gradient", "ste", "--digital_baseline", "true"))  # fmt: skip
+    rows = res["eval"]["validation"]["robustness"]
+    assert calls == [(2, "affine")] * (2 * 2 * len(rows))  # 2 models x 2 chips per row; 4 blocks in batches of 2
+    assert res["analog"]["chip_calibration"] == "affine"
+    plain = run_shakespeare.main(clm_args(path, tmp_path / "raw", *common, "--gradient", "ste",
+                                          "--digital_baseline", "true"))  # fmt: skip
+    assert len(calls) == 4 * len(rows) and plain["analog"]["chip_calibration"] == "none"
+    for key in ("eval", "digital_baseline"):
+        a = res[key]["eval"]["validation"] if key == "digital_baseline" else res[key]["validation"]
+        b = plain[key]["eval"]["validation"] if key == "digital_baseline" else plain[key]["validation"]
+        assert a["clean"]["loss"] == b["clean"]["loss"]
+        assert a["robustness"][0]["values"] != b["robustness"][0]["values"]
+
+
 def test_digital_warmup_runs_the_first_steps_digitally(tmp_path):
     from _common import AnalogArguments, parse_args
 
