@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import hf_cim
-from hf_cim.calibration import CHIP_CORRECTIONS, calibrate_chip_outputs
+from hf_cim.calibration import calibrate_chip_outputs
+from hf_cim.correction import CHIP_CORRECTIONS
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.0 * 86400.0}
 BASE_MODES = {
@@ -71,6 +72,10 @@ BASE_MODES = {
     "ste_prog": dict(gradient="ste", mask_saturated=False, backward_weights="programmed"),
     "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed"),
     "ste_detach_hw": dict(gradient="ste_detach", mask_saturated=True, backward_weights="programmed"),
+    # ste_hw trained for a chip that corrects its outputs per column (measure with --chip_calibration affine)
+    "ste_hw_cal": dict(
+        gradient="ste", mask_saturated=True, backward_weights="programmed", train_output_correction="affine"
+    ),  # fmt: skip
 }
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import MAX_OUT_BOUND, MIN_OUT_BOUND
+from .correction import CHIP_CORRECTIONS, column_sums, fit_correction
 from .layers import AnalogLayer
 from .patch import analog_layers, get_config, noise_disabled
 from .tile import TileSpec, clean_partial_sums
@@ -47,8 +48,6 @@ __all__ = [
     "has_ranges_to_calibrate",
 ]
 
-#: The forms :func:`calibrate_chip_outputs` fits: a scale and an offset per output column, or one scale per layer.
-CHIP_CORRECTIONS = ("affine", "gain")
 #: Range of ``alpha``: below 0.1 σ nearly every input clips; beyond 1000 σ the 8-bit grid is coarser than the data.
 MIN_ALPHA, MAX_ALPHA = 0.1, 1000.0
 _FLOOR = 1e-12  # an input that was all zeros on the calibration data: a tiny, valid range
@@ -296,15 +295,13 @@ def calibrate_chip_outputs(
         )
     if any(layer.hf_cim_disabled for layer in dense):
         raise ValueError("calibrate_chip_outputs: noise is disabled (hf_cim.noise_disabled); the chip must run")
-    # Per layer, float64 sums over output vectors: Σy, Σy₀, Σy², Σy·y₀ per column, and the number of vectors.
+    # Per layer, float64 sums over output vectors (hf_cim.correction.column_sums).
     sums: dict[str, list] = {}
 
     def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        y = module.grad_rows(out).double()
-        y0 = module.grad_rows(module.clean_forward(args[0])).double()
-        new = (y.sum(0), y0.sum(0), (y * y).sum(0), (y * y0).sum(0), y.shape[0])
+        new = column_sums(module.grad_rows(out), module.grad_rows(module.clean_forward(args[0])))
         old = sums.get(module.hf_cim_name)
-        sums[module.hf_cim_name] = list(new) if old is None else [a + b for a, b in zip(old, new)]
+        sums[module.hf_cim_name] = new if old is None else [a + b for a, b in zip(old, new)]
 
     for layer in dense:
         layer.hf_cim_state.chip_correction = None
@@ -326,16 +323,7 @@ def calibrate_chip_outputs(
         name = layer.hf_cim_name
         if name not in sums:
             continue
-        sy, sy0, syy, syy0, n = sums[name]
-        if kind == "gain":
-            scale = (syy0.sum() / syy.sum()).expand_as(sy)
-            offset = torch.zeros_like(sy)
-        else:
-            mean, mean0 = sy / n, sy0 / n
-            var = syy / n - mean * mean
-            varies = var > 1e-12 * (syy / n)  # a constant column: its cancellation error, not a variance
-            scale = torch.where(varies, (syy0 / n - mean * mean0) / var.where(varies, 1.0), 1.0)
-            offset = mean0 - scale * mean
+        scale, offset = fit_correction(sums[name], kind)
         if not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()):  # one host read per layer
             raise ValueError(f"calibrate_chip_outputs: the fit of {name!r} is not finite on the calibration data")
         device = layer.weight.device

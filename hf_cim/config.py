@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .converters import adc_step
+from .correction import CHIP_CORRECTIONS
 from .noise.base import (
     NoiseModel,
     get_noise_model_class,
@@ -326,6 +327,14 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             GPU's reduced-precision matrix units then stay idle: on an H200 GPT-2 small's ``ste`` step took 123 ms
             with float32 products and a float32 saved input against 97 ms with both in bfloat16,
             docs/benchmarks.md). A float32 model without autocast computes in float32 either way.
+        train_output_correction: ``None`` (default), ``"affine"`` or ``"gain"``: noise-aware training forwards
+            correct each layer's output as a calibrated chip's periphery does
+            (:func:`hf_cim.calibration.calibrate_chip_outputs`): the chip sampled for the step is fitted on the batch
+            it computes, ``y₀ ≈ a·y + b`` per output column (or one gain per layer), and ``a·y + b`` goes on (``a``,
+            ``b`` not differentiated). For a model measured on chips that are calibrated so (``calibrate_chip_outputs``, the recipes'
+            ``--chip_calibration``): it trains for what is left after the correction instead of for the columns'
+            gains, which the chip removes anyway. Costs one digital product per layer and step; evaluation forwards
+            are not touched.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD
@@ -354,6 +363,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     )
     product_precision: str = field(
         default="autocast", metadata={"help": "Crossbar product operands: autocast (the compute dtype) or float32."}
+    )
+    train_output_correction: str | None = field(
+        default=None,
+        metadata={"help": "Training forwards: per-column output correction fitted per batch (affine, gain)."},
     )
 
     def __post_init__(self) -> None:
@@ -396,6 +409,11 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"AnalogNoiseConfig: `seed` must be an int >= 0, got {self.seed!r}")
         self._check_backward_fields()
+        if self.train_output_correction is not None and self.train_output_correction not in CHIP_CORRECTIONS:
+            raise ValueError(
+                f"AnalogNoiseConfig: `train_output_correction` must be None or one of {CHIP_CORRECTIONS}, "
+                f"got {self.train_output_correction!r}"
+            )
 
     def _check_backward_fields(self) -> None:
         if not isinstance(self.mask_saturated, bool):

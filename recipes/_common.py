@@ -25,7 +25,7 @@ import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_cim
-from hf_cim.calibration import CHIP_CORRECTIONS
+from hf_cim.correction import CHIP_CORRECTIONS
 from hf_cim.evaluation import TIME_UNITS, format_time, robustness_markdown
 from hf_cim.hub import redact_argv, redact_secrets
 

@@ -33,6 +33,12 @@ def test_fine_tuning_modes_name_their_digital_share():
     assert fidelity.split_mode("ft50_full", 0.75) == (0.5, "full")
     assert fidelity.split_mode("ste_hw_clip", 0.75) == (0.0, "ste_hw_clip")
     assert fidelity.split_mode("ft_ste_hw_clip", 0.75) == (0.75, "ste_hw_clip")
+    assert fidelity.split_mode("ft_ste_hw_cal", 0.75) == (0.75, "ste_hw_cal")
+    cal = fidelity.mode_config("ft_ste_hw_cal", fidelity.Condition.parse("paper:3"), 0, None)
+    assert cal.train_output_correction == "affine" and cal.gradient == "ste" and cal.mask_saturated
+    assert (
+        fidelity.mode_config("ft_ste_hw", fidelity.Condition.parse("paper:3"), 0, None).train_output_correction is None
+    )
     for bad in ("ft_digital", "ft5x_ste", "ft123_ste", "ft_", "digital_clip", "magic_clip"):
         with pytest.raises(ValueError, match="unknown mode"):
             fidelity.split_mode(bad, 0.75)
