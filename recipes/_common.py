@@ -133,7 +133,8 @@ class AnalogArguments:
             "help": "Each simulated chip's own calibration before it is measured, for every model alike: affine "
             "(each layer's outputs corrected per column by a scale and an offset fitted on the calibration "
             "examples, as chips with per-column affine correction do; hf_cim.calibration.calibrate_chip_outputs), "
-            "gain (one scale per layer) or none."
+            "gain (one scale per layer) or none. A noise-aware model trains for such a chip: each training forward's "
+            "sampled chip is corrected the same way on its batch (the config's train_output_correction)."
         },
     )
     calibrate_every: int = field(
@@ -625,6 +626,8 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
     }
     if args.input_quant is not None:
         overrides["input_quant"] = args.input_quant
+    if args.chip_calibration != "none":  # trained for the chip it is measured on: calibrated the same way
+        overrides["train_output_correction"] = args.chip_calibration
     return hf_cim.AnalogNoiseConfig.from_preset(args.preset, level=args.level, **overrides)
 
 

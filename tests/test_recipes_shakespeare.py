@@ -436,14 +436,17 @@ def test_chip_calibration_corrects_every_chip_of_both_models(tmp_path, monkeypat
     rows = res["eval"]["validation"]["robustness"]
     assert calls == [(2, "affine")] * (2 * 2 * len(rows))  # 2 models x 2 chips per row; 4 blocks in batches of 2
     assert res["analog"]["chip_calibration"] == "affine"
+    assert res["analog"]["config"]["train_output_correction"] == "affine"  # trained for the calibrated chip
     plain = run_shakespeare.main(clm_args(path, tmp_path / "raw", *common, "--gradient", "ste",
                                           "--digital_baseline", "true"))  # fmt: skip
     assert len(calls) == 4 * len(rows) and plain["analog"]["chip_calibration"] == "none"
-    for key in ("eval", "digital_baseline"):
-        a = res[key]["eval"]["validation"] if key == "digital_baseline" else res[key]["validation"]
-        b = plain[key]["eval"]["validation"] if key == "digital_baseline" else plain[key]["validation"]
-        assert a["clean"]["loss"] == b["clean"]["loss"]
-        assert a["robustness"][0]["values"] != b["robustness"][0]["values"]
+    assert plain["analog"]["config"]["train_output_correction"] is None
+    twin, twin_plain = res["digital_baseline"]["eval"]["validation"], plain["digital_baseline"]["eval"]["validation"]
+    assert twin["clean"]["loss"] == twin_plain["clean"]["loss"]  # the same digital model, its chips corrected
+    assert twin["robustness"][0]["values"] != twin_plain["robustness"][0]["values"]
+    assert (
+        res["eval"]["validation"]["robustness"][0]["values"] != plain["eval"]["validation"]["robustness"][0]["values"]
+    )
 
 
 def test_digital_warmup_runs_the_first_steps_digitally(tmp_path):
