@@ -334,7 +334,7 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             ``b`` not differentiated). For a model measured on chips that are calibrated so (``calibrate_chip_outputs``, the recipes'
             ``--chip_calibration``): it trains for what is left after the correction instead of for the columns'
             gains, which the chip removes anyway. Costs one digital product per layer and step; evaluation forwards
-            are not touched.
+            and MoE experts are not touched.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD
