@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -685,6 +685,22 @@ def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], arg
         trainer.add_callback(OutputRangeCallback(batches, every=args.calibrate_every, alpha=args.output_range_alpha))
 
 
+def chip_calibrator(
+    model: torch.nn.Module, calibration: list[Any] | None, args: AnalogArguments
+) -> Callable[[torch.nn.Module], Any] | None:
+    """``--chip_calibration``: the call that corrects a programmed chip's outputs on the ``calibration`` batches
+    (:func:`hf_cim.calibration.calibrate_chip_outputs`), or None without the flag."""
+    if args.chip_calibration == "none":
+        return None
+    if not calibration:
+        raise ValueError("--chip_calibration needs calibration data: none was given")
+    from hf_cim.calibration import batch_to, calibrate_chip_outputs
+
+    device = next(model.parameters()).device
+    batches = [batch_to(b, device) for b in calibration]
+    return functools.partial(calibrate_chip_outputs, batches=batches, kind=args.chip_calibration)
+
+
 @contextmanager
 def measured_as_chip(
     model: torch.nn.Module, noise_config: hf_cim.AnalogNoiseConfig, calibration: list[Any], args: AnalogArguments
@@ -846,19 +862,11 @@ def measure_chips(
     ``calibration``). With ``--chip_calibration`` every chip's outputs are corrected on ``calibration`` after it is
     programmed. Tables and plots go to ``output_dir/robustness_<set>/``.
     """
-    from hf_cim.calibration import batch_to, calibrate_chip_outputs
     from hf_cim.evaluation import evaluate_robustness
 
     out: dict[str, Any] = {}
     with measured_as_chip(trainer.model, noise_config, calibration or [], args) as model:
-        calibrate_chip = None
-        if args.chip_calibration != "none":
-            if not calibration:
-                raise ValueError("--chip_calibration needs calibration data: none was given")
-            device = next(model.parameters()).device
-            calibrate_chip = functools.partial(
-                calibrate_chip_outputs, batches=[batch_to(b, device) for b in calibration], kind=args.chip_calibration
-            )
+        calibrate_chip = chip_calibrator(model, calibration, args)
         for name, dataset in eval_sets.items():
             if args.eval_chips == 0:
                 with hf_cim.noise_disabled(model):
@@ -991,14 +999,18 @@ def predict_digital_and_chip(
     calibration: list[Any] | None = None,
 ) -> tuple[Any, Any]:
     """``--do_predict``: the predictions (logits) of the digital model and of simulated chip 0 (``noise_config`` at its
-    level, drifted to ``t_inference`` seconds). A digital model is patched for the chip and unpatched after
-    (:func:`measured_as_chip`)."""
+    level, drifted to ``t_inference`` seconds; with ``--chip_calibration`` its outputs corrected on ``calibration``). A
+    digital model is patched for the chip and unpatched after (:func:`measured_as_chip`)."""
     with measured_as_chip(trainer.model, noise_config, calibration or [], args) as model:
         with hf_cim.noise_disabled(model):
             digital = trainer.predict(dataset, metric_key_prefix="predict").predictions
         model.eval()
         hf_cim.program_chip(model, seed=0, t_inference=t_inference)
+        calibrate_chip = chip_calibrator(model, calibration, args)
         try:
+            if calibrate_chip is not None:
+                calibrate_chip(model)
+                hf_cim.reseed(model, 0)  # chip 0's read noise as the sweep measures it
             chip = trainer.predict(dataset, metric_key_prefix="predict").predictions
         finally:
             hf_cim.clear_chip(model)

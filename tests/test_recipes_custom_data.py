@@ -252,6 +252,33 @@ def test_dataset_name_local_folders(bert_dir, tmp_path):
         run_glue.main(_args(bert_dir, tmp_path / "out3", "--dataset_name", str(tmp_path / "saved")))
 
 
+def test_chip_calibration_corrects_every_chip_measured_and_predicted(bert_dir, tmp_path, monkeypatch):
+    """--chip_calibration affine on run_glue: every chip of the sweep and --do_predict's chip 0 is corrected on the
+    first --calibration_samples training examples after it is programmed; results.json records it."""
+    from hf_cim import calibration
+
+    calls = []
+    real = calibration.calibrate_chip_outputs
+
+    def spy(model, batches, **kw):
+        calls.append((sum(len(b["input_ids"]) for b in batches), kw["kind"]))
+        return real(model, batches, **kw)
+
+    monkeypatch.setattr(calibration, "calibrate_chip_outputs", spy)
+    train = write_reviews_csv(tmp_path / "train.csv", 40)
+    dev = write_reviews_csv(tmp_path / "dev.csv", 12, seed=1)
+    test = write_reviews_csv(tmp_path / "test.csv", 5, seed=2, with_label=False)
+    common = ["--text_columns", "review", "--label_column", "sentiment", "--train_file", train, "--validation_file",
+              dev, "--test_file", test, "--do_train", "--do_eval", "--do_predict", "--gradient", "none", "--preset",
+              "paper", "--level", "3", "--calibration_samples", "16", "--eval_chips", "2"]  # fmt: skip
+    res = run_glue.main(_args(bert_dir, tmp_path / "cal", *common, "--chip_calibration", "affine"))
+    cells = len(next(iter(res["eval"].values()))["robustness"])
+    assert calls == [(16, "affine")] * (2 * cells + 1)  # 2 chips per cell, then the prediction's chip 0
+    assert res["analog"]["chip_calibration"] == "affine"
+    lines = (tmp_path / "cal" / "predict_results.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction\tprediction_chip_0" and len(lines) == 6
+
+
 def test_a_digital_model_measured_and_predicting_with_calibrated_adc_ranges(bert_dir, tmp_path, monkeypatch):
     """--output_range_alpha on run_glue: a digital model's chips (the sweep and --do_predict's chip 0) read through
     ADC ranges calibrated on the training examples; without the flag nothing is calibrated; results.json records the
