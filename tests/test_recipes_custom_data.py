@@ -252,6 +252,17 @@ def test_dataset_name_local_folders(bert_dir, tmp_path):
         run_glue.main(_args(bert_dir, tmp_path / "out3", "--dataset_name", str(tmp_path / "saved")))
 
 
+def _digital_reviews_run(tmp_path, preset, *extra):
+    """run_glue's arguments for a digital model trained on a reviews CSV, measured and predicting on ``preset``
+    chips, calibrated on the first 16 training examples (the predictions: 5 unlabelled reviews)."""
+    train = write_reviews_csv(tmp_path / "train.csv", 40)
+    dev = write_reviews_csv(tmp_path / "dev.csv", 12, seed=1)
+    test = write_reviews_csv(tmp_path / "test.csv", 5, seed=2, with_label=False)
+    return ["--text_columns", "review", "--label_column", "sentiment", "--train_file", train, "--validation_file",
+            dev, "--test_file", test, "--do_train", "--do_eval", "--do_predict", "--gradient", "none", "--preset",
+            preset, "--calibration_samples", "16", *extra]  # fmt: skip
+
+
 def test_chip_calibration_corrects_every_chip_measured_and_predicted(bert_dir, tmp_path, monkeypatch):
     """--chip_calibration affine on run_glue: every chip of the sweep and --do_predict's chip 0 is corrected on the
     first --calibration_samples training examples after it is programmed; results.json records it."""
@@ -265,12 +276,7 @@ def test_chip_calibration_corrects_every_chip_measured_and_predicted(bert_dir, t
         return real(model, batches, **kw)
 
     monkeypatch.setattr(calibration, "calibrate_chip_outputs", spy)
-    train = write_reviews_csv(tmp_path / "train.csv", 40)
-    dev = write_reviews_csv(tmp_path / "dev.csv", 12, seed=1)
-    test = write_reviews_csv(tmp_path / "test.csv", 5, seed=2, with_label=False)
-    common = ["--text_columns", "review", "--label_column", "sentiment", "--train_file", train, "--validation_file",
-              dev, "--test_file", test, "--do_train", "--do_eval", "--do_predict", "--gradient", "none", "--preset",
-              "paper", "--level", "3", "--calibration_samples", "16", "--eval_chips", "2"]  # fmt: skip
+    common = _digital_reviews_run(tmp_path, "paper", "--level", "3", "--eval_chips", "2")
     res = run_glue.main(_args(bert_dir, tmp_path / "cal", *common, "--chip_calibration", "affine"))
     cells = len(next(iter(res["eval"].values()))["robustness"])
     assert calls == [(16, "affine")] * (2 * cells + 1)  # 2 chips per cell, then the prediction's chip 0
@@ -294,12 +300,7 @@ def test_a_digital_model_measured_and_predicting_with_calibrated_adc_ranges(bert
         return found
 
     monkeypatch.setattr(calibration, "calibrate_output_ranges", spy)
-    train = write_reviews_csv(tmp_path / "train.csv", 40)
-    dev = write_reviews_csv(tmp_path / "dev.csv", 12, seed=1)
-    test = write_reviews_csv(tmp_path / "test.csv", 5, seed=2, with_label=False)
-    common = ["--text_columns", "review", "--label_column", "sentiment", "--train_file", train, "--validation_file",
-              dev, "--test_file", test, "--do_train", "--do_eval", "--do_predict", "--gradient", "none", "--preset",
-              "rram", "--calibration_samples", "16"]  # fmt: skip
+    common = _digital_reviews_run(tmp_path, "rram")
     calibrated = run_glue.main(_args(bert_dir, tmp_path / "adc", *common, "--output_range_alpha", "6"))
     # the chip sweep, then --do_predict's chip: each time the first 16 training examples, at 6 sigma, every layer
     assert [(n, alpha) for n, alpha, _ in calls] == [(16, 6.0), (16, 6.0)]
