@@ -86,3 +86,29 @@ def test_config_names_the_allowed_corrections():
         hf_cim.AnalogNoiseConfig(train_output_correction="column")
     cfg = hf_cim.AnalogNoiseConfig(train_output_correction="gain")
     assert hf_cim.AnalogNoiseConfig.from_dict(cfg.to_dict()).train_output_correction == "gain"
+
+
+def test_full_mode_differentiates_the_corrected_output_with_the_fit_held_fixed():
+    """``gradient="full"``: autograd runs through ``a·y + b`` with ``a``, ``b`` constants, so the input gradient is the
+    uncorrected one scaled by ``a`` per output column (the same sampled chip, reseeded)."""
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(4))
+    g = torch.randn(32, 8, generator=torch.Generator().manual_seed(5))
+    out = {}
+    for correction in (None, "affine"):
+        model = _lognormal_layer(correction, gradient="full").train()
+        hf_cim.reseed(model, 7)
+        xr = x.clone().requires_grad_(True)
+        y = model(xr)
+        y.backward(g)
+        out[correction] = (y.detach(), xr.grad)
+    y_raw, grad_raw = out[None]
+    with torch.no_grad():
+        clean = _lognormal_layer(None)[0].clean_forward(x)
+    scale, offset = fit_correction(column_sums(y_raw, clean), "affine")
+    torch.testing.assert_close(out["affine"][0], y_raw * scale + offset, rtol=1e-5, atol=1e-6)
+    model = _lognormal_layer(None, gradient="full").train()
+    hf_cim.reseed(model, 7)
+    xr = x.clone().requires_grad_(True)
+    model(xr).backward(g * scale)
+    torch.testing.assert_close(out["affine"][1], xr.grad)
+    assert not torch.allclose(out["affine"][1], grad_raw)
