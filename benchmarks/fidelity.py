@@ -75,7 +75,7 @@ BASE_MODES = {
     # ste_hw trained for a chip that corrects its outputs per column (measure with --chip_calibration affine)
     "ste_hw_cal": dict(
         gradient="ste", mask_saturated=True, backward_weights="programmed", train_output_correction="affine"
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -592,10 +592,12 @@ def on_chips(setting, model: nn.Module, cfg: hf_cim.AnalogNoiseConfig, t: float,
     batches; with ``--chip_calibration`` each programmed chip's outputs are then corrected on the same batches
     (:func:`hf_cim.calibration.calibrate_chip_outputs`)."""
     hf_cim.patch_model(model, cfg)
+    ranges = calibrates(cfg, args)
     correction = getattr(args, "chip_calibration", "none")
-    if calibrates(cfg, args) or correction != "none":
-        batches = list(setting.batches(CALIBRATION_SEED, args.calibration_batches))
-    if calibrates(cfg, args):
+    batches = (
+        list(setting.batches(CALIBRATION_SEED, args.calibration_batches)) if ranges or correction != "none" else []
+    )
+    if ranges:
         calibrate(setting, model, batches, args)
     model.eval()
     per_chip = []

@@ -326,8 +326,7 @@ def calibrate_chip_outputs(
         scale, offset = fit_correction(sums[name], kind)
         if not bool(torch.isfinite(scale).all() & torch.isfinite(offset).all()):  # one host read per layer
             raise ValueError(f"calibrate_chip_outputs: the fit of {name!r} is not finite on the calibration data")
-        device = layer.weight.device
-        found[name] = (scale.to(device, torch.float32), offset.to(device, torch.float32))
+        found[name] = (scale.to(layer.weight.device), offset.to(layer.weight.device))
     for layer in dense:
         if layer.hf_cim_name in found:
             layer.hf_cim_state.chip_correction = found[layer.hf_cim_name]

@@ -331,10 +331,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             correct each layer's output as a calibrated chip's periphery does
             (:func:`hf_cim.calibration.calibrate_chip_outputs`): the chip sampled for the step is fitted on the batch
             it computes, ``y₀ ≈ a·y + b`` per output column (or one gain per layer), and ``a·y + b`` goes on (``a``,
-            ``b`` not differentiated). For a model measured on chips that are calibrated so (``calibrate_chip_outputs``, the recipes'
-            ``--chip_calibration``): it trains for what is left after the correction instead of for the columns'
-            gains, which the chip removes anyway. Costs one digital product per layer and step; evaluation forwards
-            and MoE experts are not touched.
+            ``b`` not differentiated). For a model measured on chips that are calibrated so
+            (``calibrate_chip_outputs``, the recipes' ``--chip_calibration``): it trains for what is left after the
+            correction instead of for the columns' gains, which the chip removes anyway. Costs one digital product
+            per layer and step; evaluation forwards and MoE experts are not touched.
     """
 
     quant_method: ClassVar[str] = QUANT_METHOD
