@@ -206,8 +206,6 @@ class AnalogLayerMixin:
                 w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)
             saturation = None
             if aux is not None:
-                if cfg.backward_weights == "programmed":
-                    aux["weight"] = w_prog * w_scale
                 saturation = [] if cfg.mask_saturated else None
                 if cfg.mask_saturated and input_range is not None:
                     aux["input_mask"] = dac_pass_mask(
@@ -221,6 +219,10 @@ class AnalogLayerMixin:
             )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]
+            if aux is not None and cfg.backward_weights == "programmed":
+                # After the product, this forward's own programmed weights are scaled in place: no second
+                # weight-sized tensor per step (77 MB for GPT-2's LM head). A programmed chip's are kept intact.
+                aux["weight"] = w_prog * w_scale if on_chip else w_prog.mul_(w_scale)
             correction = self.hf_cim_state.chip_correction
             if on_chip and correction is not None:  # the chip's digital periphery: per-column affine correction
                 y2d = torch.addcmul(correction[1], y2d, correction[0])

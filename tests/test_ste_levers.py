@@ -105,6 +105,25 @@ def test_programmed_weights_input_gradient_equals_full_under_lognormal_noise(kin
     torch.testing.assert_close(gw_prog, gw_plain, rtol=1e-5, atol=1e-5)  # the weight gradient stays clean
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_programmed_weights_backward_leaves_a_programmed_chip_intact(kind):
+    """The forward scales its own programmed weights in place for the backward; a programmed chip's weights, read
+    by a differentiated forward in eval (``noise_in_eval``), are not this forward's own and must stay as programmed."""
+    plain, x = _layer(kind)
+    layer = _patched(plain, gradient="ste", noise="paper", level=3.0, output_bits=None, tile_size=None,
+                     backward_weights="programmed", noise_in_eval=True)  # fmt: skip
+    layer.program(seed=4)
+    layer.eval()
+    w_chip, scale = (t.clone() for t in layer.hf_cim_state.chip)
+    g = torch.randn_like(plain(x))
+    _, gx, _, _ = layer_grads(layer, x, g)
+    _, gx_again, _, _ = layer_grads(layer, x, g)
+    torch.testing.assert_close(layer.hf_cim_state.chip[0], w_chip, rtol=0, atol=0)
+    torch.testing.assert_close(gx_again, gx, rtol=0, atol=0)
+    ref = layer.input_grad_from_rows(layer.grad_rows(g) @ (w_chip * scale), x)
+    torch.testing.assert_close(gx, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("levers", [dict(mask_saturated=True), dict(backward_weights="programmed"),
                                     dict(mask_saturated=True, backward_weights="programmed")],
                          ids=["mask", "programmed", "both"])  # fmt: skip
