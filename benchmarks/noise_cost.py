@@ -12,8 +12,9 @@ within each round (``_harness.py``):
    linear-like layer patched), plain vs ``ste`` (a bare ``AnalogNoiseConfig()``) and every preset of
    :mod:`hf_cim.presets` at ``level = 1`` with ``gradient="ste"``; then each physical preset with its second-order
    products in float32 (``ReadNoise(spread_dtype="float32")``, ``IRDrop(current_dtype="float32",
-   position_dtype="float32")``: the exact
-   reference the bfloat16 defaults are held against), ``pcm`` with ``IRDrop(column_current="mean")`` and ``pcm``
+   position_dtype="float32")``: the exact reference the bfloat16 products are held against) and in bfloat16
+   whatever the CPU (the presets' ``"auto"`` default is one of the two: bfloat16 where the CPU multiplies it
+   natively), ``pcm`` with ``IRDrop(column_current="mean")`` and ``pcm``
    with its read noise drawn once per product on the weights (``ReadNoise(draw="batch")``); each also with the tied
    LM head kept digital (``exclude_modules=["lm_head"]``; ``--head``), because the 384×50257 head does about 65 % of
    the model's matrix-product work. ``--variants`` keeps only the named ones. Targets on CPU (issue 17, CPU-time
@@ -132,14 +133,15 @@ def bench_layer(args: argparse.Namespace) -> dict:
     return {"tokens": tokens, "width": width, "timing": timing.to_dict(), "ratio_to_converters": extra}
 
 
-def _exact(noise: list) -> list:
-    """The same noise models with their second-order products in float32 (the exact reference)."""
+def _second_order_in(noise: list, dtype: str) -> list:
+    """The same noise models with their second-order products in ``dtype`` (``"float32"``: the exact reference;
+    ``"bfloat16"``: the rounded products whatever the CPU)."""
     out = []
     for model in noise:
         if isinstance(model, ReadNoise):
-            model = dataclasses.replace(model, spread_dtype="float32")
+            model = dataclasses.replace(model, spread_dtype=dtype)
         elif isinstance(model, IRDrop):
-            model = dataclasses.replace(model, current_dtype="float32", position_dtype="float32")
+            model = dataclasses.replace(model, current_dtype=dtype, position_dtype=dtype)
         out.append(model)
     return out
 
@@ -150,8 +152,10 @@ def preset_variants(head: str) -> dict[str, dict]:
     out = {"ste": {"name": None}}
     for name in hf_cim.list_presets():
         out[name] = {"name": name}
-    for name in ("pcm", "pcm_drift", "rram"):
-        out[f"{name} (float32 second-order products)"] = {"name": name, "noise": _exact(preset_noise(name))}
+    for dtype in ("float32", "bfloat16"):
+        for name in ("pcm", "pcm_drift", "rram"):
+            noise = _second_order_in(preset_noise(name), dtype)
+            out[f"{name} ({dtype} second-order products)"] = {"name": name, "noise": noise}
     out["pcm (ir_drop mean current)"] = {
         "name": "pcm",
         "noise": [ReadNoise(std=0.0175, shape="pcm"), IRDrop(column_current="mean"), OutputNoise(std=0.04)],

@@ -50,17 +50,56 @@ __all__ = [
     "integral_floats_to_ints",
     "list_noise_models",
     "noise_model_from_dict",
+    "fast_bfloat16_products",
     "register_noise_model",
+    "resolve_spread_dtype",
     "spread_bmm",
 ]
 
 #: Precisions a model may compute a second-order term in (a noise spread, an IR-drop correction): never the signal.
-SPREAD_DTYPES = ("bfloat16", "float32")
+#: ``"auto"`` is ``"bfloat16"`` where the device multiplies bfloat16 natively (:func:`fast_bfloat16_products`), else
+#: ``"float32"``.
+SPREAD_DTYPES = ("auto", "bfloat16", "float32")
+
+_FAST_BF16: dict[tuple[str, int | None], bool] = {}
+
+
+def fast_bfloat16_products(device: torch.device) -> bool:
+    """Whether a bfloat16 matrix product on ``device`` runs on native kernels: CUDA devices that support bfloat16,
+    CPUs on which torch multiplies bfloat16 through oneDNN (AVX-512 or AMX on x86, the BF16 extension on ARM).
+
+    Elsewhere (an x86 CPU with AVX2 only, for one) torch's CPU GEMM falls back to a scalar bfloat16 loop: measured on
+    an AVX2-only AMD EPYC, a ``(2, 2048, 256) × (2, 256, 50257)`` product took 42 s in bfloat16 against 1.1 s in
+    float32 (docs/noise_models.md), so a spread computed "cheaply" in bfloat16 there costs 38× the exact one.
+    Cached per device.
+    """
+    key = (device.type, device.index)
+    found = _FAST_BF16.get(key)
+    if found is None:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                found = bool(torch.cuda.is_bf16_supported())
+        elif device.type == "cpu":
+            check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+            found = bool(torch.backends.mkldnn.is_available() and check is not None and check())
+        else:  # no evidence either way: the exact reference
+            found = False
+        _FAST_BF16[key] = found
+    return found
+
+
+def resolve_spread_dtype(dtype: str, device: torch.device) -> str:
+    """``"bfloat16"`` or ``"float32"``: ``dtype`` itself, or for ``"auto"`` what :func:`fast_bfloat16_products`
+    says ``device`` multiplies fast."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bfloat16_products(device) else "float32"
 
 
 def spread_bmm(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
     """``torch.bmm(a, b)`` for a term that sets a noise spread or a small correction, not the signal.
 
+    ``dtype="auto"`` is one of the two below, by :func:`resolve_spread_dtype` for ``a``'s device.
     ``dtype="float32"`` is the reference: the plain product. ``"bfloat16"`` rounds both operands to bfloat16 (8
     significant bits: relative error <= u = 2^-8 each), multiplies with float32 accumulation (oneDNN on the CPU,
     cuBLAS on CUDA) and returns the bfloat16 result (torch's CPU GEMM has no float32 output for bfloat16 inputs):
@@ -70,10 +109,10 @@ def spread_bmm(a: torch.Tensor, b: torch.Tensor, dtype: str) -> torch.Tensor:
     0.6 %; the errors of the operands mostly average out over the rows (observed <= 0.85 % and 0.45 % on LLM-like
     data with outlier features). A signed sum has no such relative bound where it cancels: keep those float32. On
     CPUs with AMX or AVX512-BF16 this product costs about a fifth of the float32 one; on CPUs without bfloat16
-    instructions it may cost more (choose ``"float32"`` there). Inputs that are not float32 (float64 in tests) are
-    multiplied as they are.
+    instructions it costs far more (``"auto"`` chooses ``"float32"`` there). Inputs that are not float32 (float64 in
+    tests) are multiplied as they are.
     """
-    if dtype == "float32" or a.dtype != torch.float32:
+    if a.dtype != torch.float32 or resolve_spread_dtype(dtype, a.device) == "float32":
         return torch.bmm(a, b)
     return torch.bmm(a.to(torch.bfloat16), b.to(torch.bfloat16))
 

@@ -169,11 +169,14 @@ class ReadNoise(NoiseModel):
     ``|W| <= 1`` ↔ ``g_max``).
 
     The ``pcm`` shape's ``Σ_j |W_ij|·x_j²`` (``draw="token"``) sets only the spread of the noise, never the signal:
-    by default (``spread_dtype="bfloat16"``) it is one bfloat16 product with float32 accumulation
-    (:func:`hf_cim.noise.base.spread_bmm`), at about a fifth of a float32 product's cost on CPUs with bfloat16
-    instructions. All its terms are non-negative, so the variance is within 1.2 % of the float32 one for every output
-    whatever the data, and the spread ``σ·sqrt(·)`` within 0.6 % (``tests/test_noise_gaussian.py`` holds it to 1 %,
-    relative, per output): far below the uncertainty of ``std`` itself. ``spread_dtype="float32"`` is the exact reference. The
+    by default (``spread_dtype="auto"``) it is one bfloat16 product with float32 accumulation
+    (:func:`hf_cim.noise.base.spread_bmm`) where the device multiplies bfloat16 natively
+    (:func:`hf_cim.noise.base.fast_bfloat16_products`; about a fifth of a float32 product's cost on CPUs with AMX or
+    AVX512-BF16), and a float32 product elsewhere (on an AVX2-only CPU a bfloat16 product costs some 38× a float32
+    one). All its terms are non-negative, so the bfloat16 variance is within 1.2 % of the float32 one for every
+    output whatever the data, and the spread ``σ·sqrt(·)`` within 0.6 % (``tests/test_noise_gaussian.py`` holds it to
+    1 %, relative, per output): far below the uncertainty of ``std`` itself. ``spread_dtype="float32"`` is the exact
+    reference, ``"bfloat16"`` the rounded product on any device. The
     draws (``ξ``) and the signal ``y`` are the same either way.
 
     Args:
@@ -181,14 +184,14 @@ class ReadNoise(NoiseModel):
             (``w_noise``, ``PCM_READ``).
         shape: ``"constant"`` or ``"pcm"`` (with ``draw="token"``, ``"pcm"`` costs one more matrix product per tile).
         draw: ``"token"`` or ``"batch"`` (see above).
-        spread_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the ``pcm``
-            shape's spread product (see above).
+        spread_dtype: ``"auto"`` (default), ``"bfloat16"`` or ``"float32"`` (the exact reference): the precision of
+            the ``pcm`` shape's spread product (see above).
     """
 
     std: float = 0.0175
     shape: str = "pcm"
     draw: str = "token"
-    spread_dtype: str = "bfloat16"
+    spread_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_range("ReadNoise", "std", self.std, 0.0, 10.0)

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, check_range, check_spread_dtype, register_noise_model, spread_bmm
+from .base import (
+    NoiseContext,
+    NoiseModel,
+    check_range,
+    check_spread_dtype,
+    register_noise_model,
+    resolve_spread_dtype,
+    spread_bmm,
+)
 
 __all__ = ["COLUMN_CURRENT_MODES", "IRDrop", "ir_drop_position_weights"]
 
@@ -53,8 +61,9 @@ class IRDrop(NoiseModel):
     one of the two extra matrix products.
 
     Cost: two extra matrix products per tile (``|x|·|W|ᵀ`` and ``(x·p)·Wᵀ``); one with ``column_current="mean"``.
-    The first only sizes the correction: its terms are non-negative, so by default (``current_dtype="bfloat16"``)
-    it runs as a bfloat16 product with float32 accumulation (:func:`hf_cim.noise.base.spread_bmm`, about a fifth of
+    The first only sizes the correction: its terms are non-negative, so by default (``current_dtype="auto"``: in
+    bfloat16 where the device multiplies it natively, :func:`hf_cim.noise.base.fast_bfloat16_products`; in float32
+    elsewhere) it runs as a bfloat16 product with float32 accumulation (:func:`hf_cim.noise.base.spread_bmm`, about a fifth of
     the float32 cost on CPUs with bfloat16 instructions) and ``a_i`` stays within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of
     the float32 value for every output whatever the data (observed <= 0.85 % on LLM-like data with outlier
     features); ``c_i``, hence the correction, follows ``a_i`` with no larger relative error (``(dc/da)·a/c`` lies in
@@ -62,7 +71,7 @@ class IRDrop(NoiseModel):
     ``tests/test_noise_ir_drop.py`` holds the correction within 1 % of float32's, relative, per output, on Linear,
     Conv1D and Conv2d layers with 1 to 3 tiles. The second product, ``Σ_j W_ij·x_j·p_j``, is a signed sum shaped
     like the signal: it can cancel to about zero, where no bound relative to its value holds for a rounded product.
-    By default (``position_dtype="bfloat16"``) it also runs as a bfloat16 product, with the bound a rounded dot
+    By default (``position_dtype="auto"``, as above) it also runs as a bfloat16 product, with the bound a rounded dot
     product does have: within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of ``Σ_j |W_ij·x_j·p_j|``, the size of its terms, for every
     output (``tests/test_noise_ir_drop.py``; the correction within 1 % in norm there). The correction is itself a
     small part of the signal, so its error is a far smaller one.
@@ -73,17 +82,17 @@ class IRDrop(NoiseModel):
         g_ratio: ``γ``, the ratio of the wire-segment conductance to ``g_max`` (> 0). Default 5.7·10⁵ (aihwkit's
             ``ir_drop_g_ratio`` default).
         column_current: ``"exact"`` (one matrix product) or ``"mean"`` (rank-one estimate, see above).
-        current_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the column
-            current product ``Σ_j |W_ij|·|x_j|`` (see above).
-        position_dtype: ``"bfloat16"`` (default) or ``"float32"`` (the exact reference): the precision of the
-            position-weighted product ``Σ_j W_ij·x_j·p_j`` (see above).
+        current_dtype: ``"auto"`` (default), ``"bfloat16"`` or ``"float32"`` (the exact reference): the precision of
+            the column current product ``Σ_j |W_ij|·|x_j|`` (see above).
+        position_dtype: ``"auto"`` (default), ``"bfloat16"`` or ``"float32"`` (the exact reference): the precision
+            of the position-weighted product ``Σ_j W_ij·x_j·p_j`` (see above).
     """
 
     scale: float = 1.0
     g_ratio: float = 5.7e5
     column_current: str = "exact"
-    current_dtype: str = "bfloat16"
-    position_dtype: str = "bfloat16"
+    current_dtype: str = "auto"
+    position_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         check_range("IRDrop", "scale", self.scale, 0.0, 1000.0)
@@ -120,15 +129,17 @@ class IRDrop(NoiseModel):
         rows = max(used, array_rows or 0)
         pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)[:used]
         w_t = w.transpose(1, 2)
-        if self.current_dtype == self.position_dtype == "bfloat16" and w.dtype == torch.float32:
+        current_dtype = resolve_spread_dtype(self.current_dtype, x.device)
+        position_dtype = resolve_spread_dtype(self.position_dtype, x.device)
+        if current_dtype == position_dtype == "bfloat16" and w.dtype == torch.float32:
             w_t = w_t.to(torch.bfloat16)  # rounded once for both products (|round(w)| = round(|w|): the same numbers)
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
         if self.column_current == "exact":
-            a = spread_bmm(x_abs, w_t.abs(), self.current_dtype)  # (tiles, T, out)
+            a = spread_bmm(x_abs, w_t.abs(), current_dtype)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        return a, spread_bmm(x * (pos * s), w_t, self.position_dtype)  # bounded by its terms' size (class doc)
+        return a, spread_bmm(x * (pos * s), w_t, position_dtype)  # bounded by its terms' size (class doc)
 
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""The precision of second-order terms (:mod:`hf_cim.noise.base`): ``"auto"`` multiplies in bfloat16 only where the
+device does so natively, and is exactly one of the two explicit choices."""
+
+import pytest
+import torch
+
+from hf_cim.noise import IRDrop, ReadNoise, base, noise_model_from_dict
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def bf16_native(monkeypatch):
+    """Set what :func:`hf_cim.noise.base.fast_bfloat16_products` answers for the CPU (its cache), for one test."""
+
+    def set_to(value: bool) -> None:
+        monkeypatch.setitem(base._FAST_BF16, ("cpu", None), value)
+
+    return set_to
+
+
+def _operands(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(2, 33, 70, generator=gen), torch.randn(2, 70, 19, generator=gen)
+
+
+def test_cpu_answer_is_torchs_onednn_bfloat16_check():
+    base._FAST_BF16.pop(("cpu", None), None)
+    expected = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert base.fast_bfloat16_products(CPU) is bool(expected)
+    assert base._FAST_BF16[("cpu", None)] is bool(expected)  # asked once per device
+
+
+def test_devices_without_evidence_get_float32():
+    assert base.fast_bfloat16_products(torch.device("meta")) is False
+    assert base.resolve_spread_dtype("auto", torch.device("meta")) == "float32"
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "emulated"])
+def test_auto_is_exactly_the_explicit_choice_for_the_device(bf16_native, native):
+    bf16_native(native)
+    assert base.resolve_spread_dtype("auto", CPU) == ("bfloat16" if native else "float32")
+    for explicit in ("bfloat16", "float32"):  # an explicit choice is kept whatever the device
+        assert base.resolve_spread_dtype(explicit, CPU) == explicit
+    a, b = _operands()
+    auto = base.spread_bmm(a, b, "auto")
+    assert torch.equal(auto, base.spread_bmm(a, b, "bfloat16" if native else "float32"))
+    assert auto.dtype == (torch.bfloat16 if native else torch.float32)
+    if not native:
+        assert torch.equal(auto, torch.bmm(a, b))  # the exact reference
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "emulated"])
+def test_models_default_to_auto_and_follow_it(bf16_native, native):
+    bf16_native(native)
+    x, w = _operands(1)
+    x, w_t = x.abs(), w.transpose(1, 2)  # hook layout: x (tiles, T, rows), w (tiles, out, rows)
+    choice = "bfloat16" if native else "float32"
+    read = ReadNoise()
+    assert read.spread_dtype == "auto"
+    assert torch.equal(read.variance(x, w_t), ReadNoise(spread_dtype=choice).variance(x, w_t))
+    drop = IRDrop(g_ratio=300.0)
+    assert (drop.current_dtype, drop.position_dtype) == ("auto", "auto")
+    ref = IRDrop(g_ratio=300.0, current_dtype=choice, position_dtype=choice)
+    for got, want in zip(drop.terms(x, w_t, 1.0, 128), ref.terms(x, w_t, 1.0, 128)):
+        assert torch.equal(got, want)
+
+
+def test_auto_is_checked_and_round_trips():
+    for model in (ReadNoise(spread_dtype="auto"), IRDrop(current_dtype="auto", position_dtype="auto")):
+        assert noise_model_from_dict(model.to_dict()) == model
+    with pytest.raises(ValueError, match=r"`spread_dtype` must be one of \('auto', 'bfloat16', 'float32'\)"):
+        ReadNoise(spread_dtype="bf16")
