@@ -253,6 +253,13 @@ def _native_reram_program_(out, w, coeffs, g_max, s, clip_max, key):
     return out
 
 
+def _native_stuck_at_(out, w, u, p_off, p_on):
+    if not (native.accepts(out, w, u) and _same_layout(out, w) and u.is_contiguous()) or _native_lib() is None:
+        return NotImplemented
+    native.stuck_at(w, u, out, p_off, p_on)
+    return out
+
+
 _COEFFS: dict[tuple[float, ...], torch.Tensor] = {}
 
 
@@ -307,6 +314,7 @@ _noise_stages = {
     "add_scaled_randn_": _stage("add_scaled_randn_", None, _native_add_scaled_randn_),
     "ir_drop_": _stage("ir_drop_", None, _native_ir_drop_),
     "reram_program_": _stage("reram_program_", None, _native_reram_program_),
+    "stuck_at_": _stage("stuck_at_", None, _native_stuck_at_),
 }
 
 

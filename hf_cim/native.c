@@ -316,6 +316,25 @@ void hfc_ir_drop(float *y, const void *a, const void *y_pos, i64 n, int a_bf16, 
     }
 }
 
+/* StuckAtFaults.program on a weight tensor in one pass: each weight's device pair g+ = max(w, 0), g- = max(-w, 0),
+ * with its uniforms (torch.rand's over the pair tensor: g+ at i, g- at n + i), is stuck off (0) where u < p_off and
+ * stuck on (1) where p_off <= u < p_hi (p_hi = p_off + p_on rounded to float32, as torch compares a float32 tensor
+ * with a Python number), and out = g+' − g-'. The comparisons are the torch formula's, so the numbers are its
+ * numbers. */
+static inline float stuck_device(float g, float u, float p_off, float p_hi) {
+    return u < p_off ? F(0.0) : (u < p_hi ? F(1.0) : g);
+}
+
+void hfc_stuck_at(const float *w, const float *u, float *out, i64 n, float p_off, float p_hi, int threads) {
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
+        for (i64 i = lo; i < hi; ++i) {
+            const float wi = w[i];
+            out[i] = stuck_device(maxf(F(0.0), wi), u[i], p_off, p_hi) -
+                     stuck_device(maxf(F(0.0), -wi), u[n + i], p_off, p_hi);
+        }
+    }
+}
+
 /* ReRAMNoise.program on a weight tensor in one pass: each weight's device pair g+ = max(w, 0), g- = max(-w, 0) gets
  * g' = clamp(g + s·max(poly(min(g, 1)) / g_max, 0)·z, 0, clip_max) (poly: Horner, highest order first, as
  * hf_cim.noise.conductance.polyval), z the Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and

@@ -65,6 +65,7 @@ _SIGNATURES = {
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
     "hfc_reram_program": [_ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
+    "hfc_stuck_at": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
 }
 
 
@@ -450,6 +451,20 @@ def reram_program(
         w.data_ptr(), out.data_ptr(), w.numel(), coeffs.data_ptr(), n_coeffs, g_max, s, has_clip,
         clip_max if has_clip else 0.0, k0, k1, threads(),
     )  # fmt: skip
+
+
+def stuck_at(w: torch.Tensor, u: torch.Tensor, out: torch.Tensor, p_off: float, p_on: float) -> None:
+    """``out`` = ``w`` with stuck devices: each device of the pair ``g± = max(±w, 0)`` is 0 where its uniform
+    ``u < p_off``, 1 where ``p_off <= u < p_off + p_on`` (``StuckAtFaults.program``); ``u`` has shape ``(2, *w.shape)``
+    (``g⁺``'s then ``g⁻``'s)."""
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+    _check("stuck_at", "w", w, shape)
+    _check("stuck_at", "u", u, (2, *shape))
+    _check("stuck_at", "out", out, shape)
+    for name, p in (("p_off", p_off), ("p_on", p_on)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"hf_cim.native.stuck_at: `{name}` must be in [0, 1], got {p}")
+    _lib().hfc_stuck_at(w.data_ptr(), u.data_ptr(), out.data_ptr(), w.numel(), p_off, p_off + p_on, threads())
 
 
 def available() -> bool:

@@ -337,12 +337,15 @@ def analog_matmul(
         # Each slice lies in [-1, 1]: its share of the normalized input is slice_weight / qmax.
         shares = [s / qmax for s in slice_weights]
         in_scale = 1.0
+        ctx.last_tile_rows = 0  # every slice's last tile is padded: the tiles interleave, none is skipped
     else:
         x_t = w_t = None
         if output_models or differentiable:
             # The hooks see whole crossbars: a partly used last tile is a full-size array whose extra rows carry no
             # input and no conductance (IR-drop's row count and positions are the physical array's).
             x_t, w_t = _tile(x_n, w, spec.tile_size)
+            used = x_n.shape[-1] - (x_t.shape[0] - 1) * x_t.shape[-1]
+            ctx.last_tile_rows = used if used < x_t.shape[-1] else 0
         shares = [1.0]
     if differentiable or spec.input_slice_bits is not None:
         # (slices·tiles, T, out); times in_scale: normalized units

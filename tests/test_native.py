@@ -230,3 +230,20 @@ def test_reram_program_checks_its_buffers():
         native.reram_program(w, torch.zeros(4, 5), torch.zeros(0), 40.0, 1.0, None, 1, 2)
     with pytest.raises(ValueError, match="`w` must be a contiguous float32"):
         native.reram_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2)
+
+
+def test_stuck_at_checks_its_buffers_and_probabilities():
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    w, out = torch.zeros(4, 5), torch.zeros(4, 5)
+    u = torch.rand(2, 4, 5)
+    with pytest.raises(ValueError, match="`u` must be a contiguous float32 CPU tensor of shape \\(2, 4, 5\\)"):
+        native.stuck_at(w, torch.rand(4, 5), out, 0.1, 0.1)
+    with pytest.raises(ValueError, match="`out` must be a contiguous float32"):
+        native.stuck_at(w, u, out.t(), 0.1, 0.1)
+    with pytest.raises(ValueError, match="`p_on` must be in \\[0, 1\\], got 1.5"):
+        native.stuck_at(w, u, out, 0.1, 1.5)
+    native.stuck_at(torch.full((4, 5), 0.5), torch.zeros(2, 4, 5), out, 0.5, 0.0)  # every device stuck off
+    assert torch.equal(out, torch.zeros(4, 5))

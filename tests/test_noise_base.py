@@ -71,3 +71,34 @@ def test_auto_is_checked_and_round_trips():
         assert noise_model_from_dict(model.to_dict()) == model
     with pytest.raises(ValueError, match=r"`spread_dtype` must be one of \('auto', 'bfloat16', 'float32'\)"):
         ReadNoise(spread_dtype="bf16")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("last_rows", [1, 37, 69])
+def test_padded_rows_of_the_last_tile_are_skipped_with_the_same_sums(dtype, last_rows):
+    """Three tiles of 70 rows, the last one zero beyond ``last_rows``: the products over its real rows only equal
+    the padded ones (the same terms; only the blocking of the sums may differ)."""
+    gen = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 33, 70, generator=gen), torch.randn(3, 70, 19, generator=gen)
+    a[-1, :, last_rows:] = 0.0
+    b[-1, last_rows:] = 0.0
+    padded = base.spread_bmm(a, b, dtype)
+    skipped = base.spread_bmm(a, b, dtype, last_rows)
+    assert skipped.dtype == padded.dtype and skipped.shape == padded.shape
+    torch.testing.assert_close(skipped.float(), padded.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(skipped[:-1], padded[:-1])  # the full tiles: the same product
+    b[-1, last_rows:] = 1.0  # what the skipped rows would add, were they not padding: nothing is read there
+    torch.testing.assert_close(base.spread_bmm(a, b, dtype, last_rows), skipped, rtol=0, atol=0)
+
+
+def test_skipping_needs_a_partial_last_tile_of_several_and_no_autograd():
+    a, b = _operands(2)  # two tiles of 70 rows
+    for last_rows in (0, 70, 71):  # nothing to skip: the plain product
+        assert torch.equal(base.spread_bmm(a, b, "float32", last_rows), torch.bmm(a, b))
+    one = base.spread_bmm(a[:1], b[:1], "float32", 10)
+    assert torch.equal(one, torch.bmm(a[:1], b[:1]))
+    a.requires_grad_(True)  # ``full`` mode: the products stay differentiable
+    out = base.spread_bmm(a, b, "float32", 10)
+    out.sum().backward()
+    assert a.grad is not None
+    torch.testing.assert_close(a.grad[-1], b[-1].sum(-1).expand(33, 70))  # every row, padding included

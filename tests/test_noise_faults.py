@@ -38,3 +38,43 @@ def test_zero_probabilities_change_nothing_and_sum_is_validated():
         StuckAtFaults(p_off=0.6, p_on=0.5)
     with pytest.raises(ValueError, match="`p_on` must be in"):
         StuckAtFaults(p_on=1.5)
+
+
+@pytest.mark.parametrize("level", [1.0, 3.0, 1000.0], ids=["L1", "L3", "saturated"])
+@pytest.mark.parametrize("impl", ["native", "eager"])
+def test_fused_pass_equals_the_torch_formula_bit_for_bit(impl, level):
+    """Without autograd the faults are one pass of the backend (the C kernel on the CPU): the same devices stuck, the
+    same numbers as the differentiable formula from the same generator state, uniforms on the thresholds included."""
+    from hf_cim import kernels, native
+
+    if impl == "native" and not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.rand(257, 129, generator=gen) * 2 - 1).clamp(-1, 1)
+    w[0, :8] = torch.tensor([0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-30, -1e-30])
+    model = StuckAtFaults(p_off=0.01, p_on=0.002)
+    kernels.set_native(impl == "native")
+    try:
+        c = ctx(seed=5, level=level)
+        c.sampler = kernels.SAMPLER
+        with torch.no_grad():
+            fast = model.program(w, c)
+    finally:
+        kernels.set_native(None)
+    ref = model.program(w.clone().requires_grad_(True), ctx(seed=5, level=level)).detach()
+    assert torch.equal(fast, ref)
+    stuck = fast != w
+    assert 0.0 < stuck.float().mean() < 1.0 if level < 1000.0 else stuck.float().mean() > 0.5
+
+
+def test_fused_pass_keeps_the_gradient_path_and_the_stream():
+    # Under autograd the formula runs (gradient 1 through working devices, 0 through stuck ones); either way one
+    # uniform per device is drawn, so the layer's stream is where it was before the pass existed.
+    w = torch.linspace(-1, 1, 1001).requires_grad_(True)
+    c = ctx(seed=2)
+    out = StuckAtFaults(p_off=0.2, p_on=0.1).program(w, c)
+    out.sum().backward()
+    assert set(torch.unique(w.grad).tolist()) <= {0.0, 1.0} and 0.0 < w.grad.mean().item() < 1.0
+    expected = torch.Generator().manual_seed(2)
+    torch.rand(2, 1001, generator=expected)
+    assert torch.equal(c.generator.get_state(), expected.get_state())

@@ -211,3 +211,35 @@ def test_current_dtype_is_checked_and_round_trips():
     assert noise_model_from_dict(model.to_dict()) == model
     old = {k: v for k, v in model.to_dict().items() if k != "position_dtype"}  # saved before the field existed
     assert noise_model_from_dict(old).position_dtype == "auto"
+
+
+@pytest.mark.parametrize("tile_size, last", [(128, 0), (256, 128), (100, 84), (512, 0)])
+def test_the_tile_simulation_tells_the_hooks_which_rows_of_the_last_tile_are_real(tile_size, last):
+    """384 rows on tiles of ``tile_size``: the last tile's real rows reach the hooks (0: none padded), and IR-drop's
+    correction over them equals the one over the whole zero-padded tile."""
+    import hf_cim
+
+    layer = torch.nn.Linear(384, 16)
+    noise = [IRDrop(g_ratio=300.0, current_dtype="float32", position_dtype="float32")]
+    hf_cim.patch_model(layer, hf_cim.get_preset("rram", 1.0, tile_size=tile_size, noise=noise))
+    seen = []
+    original = IRDrop.output
+
+    def recording(self, y, x, w, ctx):
+        seen.append((x.clone(), w.clone(), ctx.last_tile_rows, ctx.tile_rows))
+        return original(self, y, x, w, ctx)
+
+    IRDrop.output = recording
+    try:
+        with torch.no_grad():
+            layer.train()(torch.randn(3, 5, 384, generator=torch.Generator().manual_seed(0)))
+    finally:
+        IRDrop.output = original
+    ((x, w, last_rows, rows),) = seen
+    tiles = -(-384 // tile_size) if tile_size < 384 else 1
+    assert x.shape[0] == tiles and last_rows == last
+    model = IRDrop(g_ratio=300.0, current_dtype="float32", position_dtype="float32")
+    a_skip, pos_skip = model.terms(x, w, 1.0, rows, last_rows)
+    a_pad, pos_pad = model.terms(x, w, 1.0, rows)
+    torch.testing.assert_close(a_skip, a_pad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(pos_skip, pos_pad, rtol=1e-5, atol=1e-7)

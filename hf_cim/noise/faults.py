@@ -50,8 +50,21 @@ class StuckAtFaults(NoiseModel):
         p_on = min(1.0 - p_off, self.p_on * ctx.level)
         if p_off == 0.0 and p_on == 0.0:
             return w
-        g = to_pair(w)
-        u = ctx.rand_like(g)
-        g = torch.where(u < p_off, torch.zeros_like(g), g)
-        g = torch.where((u >= p_off) & (u < p_off + p_on), torch.ones_like(g), g)
-        return from_pair(g)
+        u = ctx.rand_like(w.expand(2, *w.shape))  # one uniform per device of each pair: g⁺'s, then g⁻'s
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _stick(w, u, p_off, p_on)
+        # Without autograd: the backend's one pass over the weights (the C kernel on the CPU), the same numbers.
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+
+        def reference(out, w, u, p_off, p_on):
+            return out.copy_(_stick(w, u, p_off, p_on))
+
+        return ctx.fused("stuck_at_", reference, out, w, u, p_off, p_on)
+
+
+def _stick(w: torch.Tensor, u: torch.Tensor, p_off: float, p_on: float) -> torch.Tensor:
+    """``w`` with each device of its pairs stuck off where ``u < p_off`` and on where ``p_off <= u < p_off + p_on``."""
+    g = to_pair(w)
+    g = torch.where(u < p_off, torch.zeros_like(g), g)
+    g = torch.where((u >= p_off) & (u < p_off + p_on), torch.ones_like(g), g)
+    return from_pair(g)

@@ -231,13 +231,14 @@ class ReadNoise(NoiseModel):
             if grad:
                 return y + ctx.randn_like(y) * spread * sigma
             return y.add_(ctx.randn_like(y).mul_(spread), alpha=sigma)
-        var = self.variance(x, w)
+        var = self.variance(x, w, ctx.last_tile_rows)
         if grad:
             # The floor keeps the ``full`` mode's gradient finite where a token is all zeros.
             return y + ctx.randn_like(y) * var.to(y.dtype).clamp(min=1e-12).sqrt() * sigma
         return ctx.add_scaled_randn_(y, var, sigma, sqrt_scale=True)
 
-    def variance(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def variance(self, x: torch.Tensor, w: torch.Tensor, last_tile_rows: int = 0) -> torch.Tensor:
         """The ``pcm`` shape's ``Σ_j |W_ij|·x_j²`` per tile, token and output (``(tiles, T, out)``), computed in
-        ``spread_dtype``: the spread is ``σ·sqrt`` of it."""
-        return spread_bmm(x * x, w.abs().transpose(1, 2), self.spread_dtype)
+        ``spread_dtype`` (the last tile over its first ``last_tile_rows`` rows when they are fewer: the rest is zero
+        padding): the spread is ``σ·sqrt`` of it."""
+        return spread_bmm(x * x, w.abs().transpose(1, 2), self.spread_dtype, last_tile_rows)

@@ -109,14 +109,14 @@ class IRDrop(NoiseModel):
         if s == 0.0:
             return y
         grad = torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or w.requires_grad)
-        a, y_pos = self.terms(x, w, s, ctx.tile_rows)
+        a, y_pos = self.terms(x, w, s, ctx.tile_rows, ctx.last_tile_rows)
         if grad:
             a, y_pos = a.to(y.dtype), y_pos.to(y.dtype)
             return y - a * (0.05 * a * a - 0.2 * a + 0.5) * y_pos
         return ctx.fused("ir_drop_", _correct_, y, a, y_pos)  # the backend's one pass, or the formula below
 
     def terms(
-        self, x: torch.Tensor, w: torch.Tensor, s: float, array_rows: int | None = None
+        self, x: torch.Tensor, w: torch.Tensor, s: float, array_rows: int | None = None, last_tile_rows: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, s·Σ_j W_ij·x_j·p_j)`` per tile, token and output (``(tiles, T, out)`` each), the exact column current
         in ``current_dtype``; the correction is ``a·(0.05a² − 0.2a + 0.5)`` times the second.
@@ -124,7 +124,8 @@ class IRDrop(NoiseModel):
         ``array_rows`` (``ctx.tile_rows``): the rows ``n`` of the physical array. A layer narrower than the array
         uses its first ``k < n`` rows, next to the read-out: the wire is still ``n`` rows long, so ``n`` and the
         positions ``j/n`` are the array's, exactly as for the zero-padded last tile of a wider layer. None or
-        smaller than ``x``'s width: ``x``'s width."""
+        smaller than ``x``'s width: ``x``'s width. ``last_tile_rows`` (``ctx.last_tile_rows``): the last tile's rows
+        that carry input; its products skip the rest (zero padding: the same sums)."""
         used = x.shape[-1]
         rows = max(used, array_rows or 0)
         pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)[:used]
@@ -136,10 +137,12 @@ class IRDrop(NoiseModel):
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
         if self.column_current == "exact":
-            a = spread_bmm(x_abs, w_t.abs(), current_dtype)  # (tiles, T, out)
+            a = spread_bmm(x_abs, w_t.abs(), current_dtype, last_tile_rows)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        return a, spread_bmm(x * (pos * s), w_t, position_dtype)  # bounded by its terms' size (class doc)
+        return a, spread_bmm(
+            x * (pos * s), w_t, position_dtype, last_tile_rows
+        )  # bounded by its terms' size (class doc)
 
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
