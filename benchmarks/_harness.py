@@ -41,6 +41,7 @@ __all__ = [
     "TimingResult",
     "current_rss_mb",
     "emit_child_result",
+    "cpu_line",
     "machine_info",
     "markdown_table",
     "peak_rss_mb",
@@ -185,10 +186,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_line(info: dict[str, object]) -> str:
+    """The CPU of :func:`machine_info` as a table header names it: model, vector ISA, whether bfloat16 is native."""
+    bf16 = "bfloat16 native" if info.get("cpu_bf16_native") else "bfloat16 emulated"
+    return f"{info['cpu']} ({info.get('cpu_isa', '?')}, {bf16})"
+
+
 def machine_info(device: str | torch.device = "cpu") -> dict[str, object]:
     """What the numbers were measured on: CPU model, cores, torch version, threads, GPU name and the command line."""
+    from hf_cim.noise.base import fast_bfloat16_products
+
     info: dict[str, object] = {
         "cpu": _cpu_model(),
+        # What the presets' second-order products run in ("auto": bfloat16 only where it is native) and how fast the
+        # float32 products are: tables from machines that differ here are not comparable.
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_native": fast_bfloat16_products(torch.device("cpu")),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

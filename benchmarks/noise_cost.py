@@ -48,7 +48,15 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _harness import machine_info, markdown_table, run_interleaved, set_threads, summarize, write_json  # noqa: E402
+from _harness import (  # noqa: E402
+    cpu_line,
+    machine_info,
+    markdown_table,
+    run_interleaved,
+    set_threads,
+    summarize,
+    write_json,
+)
 
 import hf_cim  # noqa: E402
 from hf_cim.noise import (  # noqa: E402
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"machine": info, "settings": vars(args)}
     print(f"# Noise-model cost ({'quick, indicative only' if args.quick else 'full'})\n")
     print(
-        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
+        f"Machine: {cpu_line(info)}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads, "
         f"1-min load average at start {info.get('load_average_1min')}"
     )
     print(f"Command: `{info['command']}`; {args.rounds} rounds × {args.steps} repetitions, medians (min–max).")

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _harness import (  # noqa: E402
+    cpu_line,
     current_rss_mb,
     emit_child_result,
     machine_info,
@@ -587,7 +588,9 @@ def main(argv: list[str] | None = None) -> dict:
         results["sweep"] = bench_sweep(args, widths)
 
     print(f"# Step time and memory ({'quick, indicative only' if args.quick else 'full'})\n")
-    print(f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads", end="")
+    print(
+        f"Machine: {cpu_line(info)}, {info['cores']} cores, torch {info['torch']}, {info['threads']} threads", end=""
+    )
     print(f", GPU {info['gpu']} (CUDA {info['cuda']})" if "gpu" in info else "", end="")
     print(f", amp {args.amp}" if args.amp else "", end="")
     print(f", 1-min load average at start {info.get('load_average_1min')}")
