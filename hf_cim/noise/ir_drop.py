@@ -63,8 +63,8 @@ class IRDrop(NoiseModel):
     Cost: two extra matrix products per tile (``|x|·|W|ᵀ`` and ``(x·p)·Wᵀ``); one with ``column_current="mean"``.
     The first only sizes the correction: its terms are non-negative, so by default (``current_dtype="auto"``: in
     bfloat16 where the device multiplies it natively, :func:`hf_cim.noise.base.fast_bfloat16_products`; in float32
-    elsewhere) it runs as a bfloat16 product with float32 accumulation (:func:`hf_cim.noise.base.spread_bmm`, about a fifth of
-    the float32 cost on CPUs with bfloat16 instructions) and ``a_i`` stays within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of
+    elsewhere) it runs as a bfloat16 product with float32 accumulation (:func:`hf_cim.noise.base.spread_bmm`, about
+    a fifth of the float32 cost on CPUs with bfloat16 instructions) and ``a_i`` stays within ``(1 + 2^-8)^3 − 1 < 1.2 %`` of
     the float32 value for every output whatever the data (observed <= 0.85 % on LLM-like data with outlier
     features); ``c_i``, hence the correction, follows ``a_i`` with no larger relative error (``(dc/da)·a/c`` lies in
     (0.7, 1] for ``a <= 1``; ``a <= n²/γ < 0.5`` at the presets' tiles).
