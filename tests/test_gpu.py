@@ -135,3 +135,16 @@ def test_half_precision_crossbar_product_on_the_device_is_the_rounded_operands_f
     ref = _tiled_product(x, w.to(torch.bfloat16).float(), rows)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_second_order_products_run_in_bfloat16_only_where_the_device_has_it_natively():
+    from hf_cim.noise import base
+
+    if DEVICE.type == "cuda":
+        native = torch.version.hip is not None or torch.cuda.get_device_capability(DEVICE)[0] >= 8
+    else:
+        native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert base.fast_bfloat16_products(DEVICE) is native
+    a = torch.rand(2, 64, 96, device=DEVICE)
+    b = torch.rand(2, 96, 40, device=DEVICE)
+    assert base.spread_bmm(a, b, "auto").dtype == (torch.bfloat16 if native else torch.float32)

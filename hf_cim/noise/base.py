@@ -65,8 +65,8 @@ _FAST_BF16: dict[tuple[str, int | None], bool] = {}
 
 
 def fast_bfloat16_products(device: torch.device) -> bool:
-    """Whether a bfloat16 matrix product on ``device`` runs on native kernels: CUDA devices that support bfloat16,
-    CPUs on which torch multiplies bfloat16 through oneDNN (AVX-512 or AMX on x86, the BF16 extension on ARM).
+    """Whether a bfloat16 matrix product on ``device`` runs on native kernels: CUDA devices with native bfloat16
+    (compute capability 8.0 and later; ROCm), CPUs on which torch multiplies bfloat16 through oneDNN (AVX-512 or AMX on x86, the BF16 extension on ARM).
 
     Elsewhere (an x86 CPU with AVX2 only, for one) torch's CPU GEMM falls back to a scalar bfloat16 loop: measured on
     an AVX2-only AMD EPYC, a ``(2, 2048, 256) × (2, 256, 50257)`` product took 42 s in bfloat16 against 1.1 s in
@@ -78,7 +78,7 @@ def fast_bfloat16_products(device: torch.device) -> bool:
     if found is None:
         if device.type == "cuda":
             with torch.cuda.device(device):
-                found = bool(torch.cuda.is_bf16_supported())
+                found = bool(torch.cuda.is_bf16_supported(including_emulation=False))  # Ampere and later
         elif device.type == "cpu":
             check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
             found = bool(torch.backends.mkldnn.is_available() and check is not None and check())
