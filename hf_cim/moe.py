@@ -267,7 +267,8 @@ class AnalogExpertsMixin(AnalogLayerMixin):
         with torch.autocast(x.device.type, enabled=False):
             w_oi = self._w_oi(weight)
             ctx = self._proj_context(name, x.device, w_oi.shape[-1])
-            if self.hf_cim_state.chip is not None and not self.training:
+            on_chip = self.hf_cim_state.chip is not None and not self.training
+            if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
             else:
@@ -295,7 +296,10 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 )
                 if aux is not None:
                     aux["mask"].append(saturation[0] if saturation else None)
-                    aux["weight"].append(w_prog[j] * w_scale[j] if cfg.backward_weights == "programmed" else None)
+                    w_b = None
+                    if cfg.backward_weights == "programmed":  # in place after the product, as the dense layers
+                        w_b = w_prog[j] * w_scale[j] if on_chip else w_prog[j].mul_(w_scale[j])
+                    aux["weight"].append(w_b)
                 ys.append(y)
             y = torch.cat(ys) if ys else xf.new_zeros(0, w_oi.shape[1])
             return y.to(out_dtype)

@@ -553,3 +553,23 @@ def test_ste_projection_under_autocast_saves_bfloat16_input_and_returns_float32_
     ref = torch.cat([g[plan.rows(e)] @ w[e].to(torch.bfloat16) for e in plan.hit]).float()
     rows = torch.cat([torch.arange(10)[plan.rows(e)] for e in plan.hit])
     torch.testing.assert_close(x.grad[rows], ref, rtol=1e-2, atol=1e-2)
+
+
+def test_programmed_weights_backward_leaves_the_experts_chip_intact():
+    """The experts' forward scales its own programmed weights in place for the input gradient; a programmed chip's,
+    read by a differentiated forward in eval (``noise_in_eval``), stay as programmed: the same chip, the same
+    gradients, twice."""
+    model = tiny_mixtral()
+    hf_cim.patch_model(model, _config(noise=STATIC, backward_weights="programmed", noise_in_eval=True))
+    hf_cim.program_chip(model, seed=3)
+    model.eval()
+    chips = {n: {k: tuple(t.clone() for t in v) for k, v in m.hf_cim_state.chip.items()} for n, m in _experts(model)}
+    ids = _ids()
+    loss_1, g_1 = _grads(model, ids)
+    loss_2, g_2 = _grads(model, ids)
+    for n, m in _experts(model):
+        for k, (w, s) in chips[n].items():
+            assert torch.equal(m.hf_cim_state.chip[k][0], w) and torch.equal(m.hf_cim_state.chip[k][1], s), (n, k)
+    assert torch.equal(loss_1, loss_2)
+    for name in g_1:
+        assert torch.equal(g_1[name], g_2[name]), name
