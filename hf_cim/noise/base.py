@@ -66,7 +66,8 @@ _FAST_BF16: dict[tuple[str, int | None], bool] = {}
 
 def fast_bfloat16_products(device: torch.device) -> bool:
     """Whether a bfloat16 matrix product on ``device`` runs on native kernels: CUDA devices with native bfloat16
-    (compute capability 8.0 and later; ROCm), CPUs on which torch multiplies bfloat16 through oneDNN (AVX-512 or AMX on x86, the BF16 extension on ARM).
+    (compute capability 8.0 and later; ROCm), CPUs on which torch multiplies bfloat16 through oneDNN (AVX-512 or AMX
+    on x86, the BF16 extension on ARM).
 
     Elsewhere (an x86 CPU with AVX2 only, for one) torch's CPU GEMM falls back to a scalar bfloat16 loop: measured on
     an AVX2-only AMD EPYC, a ``(2, 2048, 256) × (2, 256, 50257)`` product took 42 s in bfloat16 against 1.1 s in

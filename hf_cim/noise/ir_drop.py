@@ -140,9 +140,8 @@ class IRDrop(NoiseModel):
             a = spread_bmm(x_abs, w_t.abs(), current_dtype, last_tile_rows)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        return a, spread_bmm(
-            x * (pos * s), w_t, position_dtype, last_tile_rows
-        )  # bounded by its terms' size (class doc)
+        y_pos = spread_bmm(x * (pos * s), w_t, position_dtype, last_tile_rows)  # bounded by its terms' size (class doc)
+        return a, y_pos
 
 
 def _correct_(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> torch.Tensor:
