@@ -140,7 +140,8 @@ class IRDrop(NoiseModel):
             a = spread_bmm(x_abs, w_t.abs(), current_dtype, last_tile_rows)  # (tiles, T, out)
         else:  # (tiles, T, 1) · (tiles, 1, out)
             a = torch.bmm(x_abs.mean(dim=-1, keepdim=True), w.abs().sum(dim=-1).unsqueeze(1))
-        y_pos = spread_bmm(x * (pos * s), w_t, position_dtype, last_tile_rows)  # bounded by its terms' size (class doc)
+        # Bounded by its terms' size (class doc).
+        y_pos = spread_bmm(x * (pos * s), w_t, position_dtype, last_tile_rows)
         return a, y_pos
 
 
