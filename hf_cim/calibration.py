@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import MAX_OUT_BOUND, MIN_OUT_BOUND
+from .converters import dac_clip
 from .correction import CHIP_CORRECTIONS, column_sums, fit_correction
 from .layers import AnalogLayer
 from .patch import analog_layers, get_config, noise_disabled
@@ -260,8 +261,9 @@ def calibrate_chip_outputs(
 
     Runs ``forward(model, batch)`` for each batch in eval mode, without autograd, on the programmed chip (each
     layer's old correction dropped first); each layer compares its chip output ``y`` with its digital output ``y₀``
-    for the same input and fits, over every output vector of the batches, ``y₀ ≈ a·y + b``: per output column
-    (``kind="affine"``: ``a = cov(y, y₀)/var(y)``, ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not
+    for the same input as its DAC passes it (a static DAC's clip applied, :func:`hf_cim.converters.dac_clip`: the
+    correction is for the array's errors, not for the DAC's known clip) and fits, over every output vector of the
+    batches, ``y₀ ≈ a·y + b``: per output column (``kind="affine"``: ``a = cov(y, y₀)/var(y)``, ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not
     vary gets ``a = 1``) or one ``a`` per layer and ``b = 0`` (``kind="gain"``: ``a = Σy·y₀/Σy²``, a global gain
     compensation). The chip's forward then applies ``a·y + b`` after its ADC (in its digital periphery) until it is
     programmed again or cleared. The fit draws read noise from each layer's stream: reseed
@@ -298,8 +300,12 @@ def calibrate_chip_outputs(
     # Per layer, float64 sums over output vectors (hf_cim.correction.column_sums).
     sums: dict[str, list] = {}
 
+    static = TileSpec.from_config(config).static_range
+    input_ranges = {layer.hf_cim_name: layer.input_range() if static else None for layer in dense}
+
     def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        new = column_sums(module.grad_rows(out), module.grad_rows(module.clean_forward(args[0])))
+        passed = dac_clip(args[0], input_ranges[module.hf_cim_name])
+        new = column_sums(module.grad_rows(out), module.grad_rows(module.clean_forward(passed)))
         old = sums.get(module.hf_cim_name)
         sums[module.hf_cim_name] = new if old is None else [a + b for a, b in zip(old, new)]
 

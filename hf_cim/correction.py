@@ -44,7 +44,8 @@ def correct_on_batch(
     y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, kind: str
 ) -> torch.Tensor:
     """``a·y + b`` with ``(a, b)`` fitted on this batch itself: ``y`` the chip's ``(vectors, out)`` output for the
-    input rows ``x`` ``(vectors, in)``, against the digital ``x·wᵀ + bias`` (``w`` ``(out, in)``). ``a`` and ``b`` are
+    input rows ``x`` ``(vectors, in)`` as its DAC passes them (:func:`hf_cim.converters.dac_clip`), against the
+    digital ``x·wᵀ + bias`` (``w`` ``(out, in)``). ``a`` and ``b`` are
     constants to autograd."""
     with torch.no_grad():
         y_clean = x.detach().float() @ w.detach().float().t()

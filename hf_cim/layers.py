@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AnalogNoiseConfig
-from .converters import dac_pass_mask
+from .converters import dac_clip, dac_pass_mask
 from .correction import correct_on_batch
 from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
@@ -227,7 +227,7 @@ class AnalogLayerMixin:
             if on_chip and correction is not None:  # the chip's digital periphery: per-column affine correction
                 y2d = torch.addcmul(correction[1], y2d, correction[0])
             elif self.training and cfg.train_output_correction is not None:  # the sampled chip, fitted on its batch
-                y2d = correct_on_batch(y2d, x2d, w_oi, bias, cfg.train_output_correction)
+                y2d = correct_on_batch(y2d, dac_clip(x2d, input_range), w_oi, bias, cfg.train_output_correction)
             return self.from_rows(y2d, x).to(out_dtype)
 
     def input_range(self) -> float:

@@ -10,6 +10,7 @@ from torch import nn
 
 import hf_cim
 from hf_cim.calibration import calibrate_input_ranges, calibrate_output_ranges
+from hf_cim.correction import column_sums, fit_correction
 from hf_cim.patch import get_config
 
 
@@ -308,6 +309,30 @@ def test_chip_correction_belongs_to_the_programmed_chip_and_eval_only():
     calibrate_chip_outputs(model, [x])
     hf_cim.clear_chip(model)
     assert layer.hf_cim_state.chip_correction is None
+
+
+def test_correction_is_fitted_against_the_product_of_the_clipped_input():
+    """A static DAC's clip is its known transfer, not an array error: on a chip whose only departure from the digital
+    layer is that clip, the fitted correction is the identity (fitted against the unclipped product it would not be:
+    the clipped outliers would pull every column's scale and offset)."""
+    from hf_cim.calibration import calibrate_chip_outputs
+
+    torch.manual_seed(4)
+    model = _chip_layer(nn.Linear(16, 6), input_quant="static")
+    layer = model[0]
+    get_config(model).input_ranges = {"0": 1.0}
+    batches = [torch.randn(64, 16) * 1.5 for _ in range(2)]
+    assert (batches[0].abs() > 1.0).float().mean() > 0.4  # the DAC clips a good share of the inputs
+    clipped = layer.clean_forward(batches[0].clamp(-1.0, 1.0))
+    torch.testing.assert_close(model(batches[0]), clipped, rtol=1e-5, atol=1e-5)
+    scale, offset = calibrate_chip_outputs(model, batches)["0"]
+    torch.testing.assert_close(scale, torch.ones(6), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(offset, torch.zeros(6), rtol=0, atol=1e-5)
+    torch.testing.assert_close(model(batches[0]), clipped, rtol=1e-5, atol=1e-5)
+    unclipped = torch.cat([layer.clean_forward(b) for b in batches])
+    chip = torch.cat([layer.clean_forward(b.clamp(-1.0, 1.0)) for b in batches])
+    old_scale, _ = fit_correction(column_sums(chip, unclipped), "affine")
+    assert (old_scale - 1).abs().max() > 0.1  # what the unclipped target would have fitted
 
 
 def test_chip_correction_errors_name_the_problem():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_cim.converters import adc_levels, quantize_input, quantize_weight, round_ste, slice_input
+from hf_cim.converters import adc_levels, dac, dac_clip, quantize_input, quantize_weight, round_ste, slice_input
 
 
 def test_8bit_dac_gives_at_most_255_levels_per_token():
@@ -86,3 +86,11 @@ def test_slices_recombine_exactly(slice_bits):
     assert slices.abs().max() <= 1.0
     recombined = sum(w * s for w, s in zip(weights, slices))
     assert torch.equal(recombined, x_int)
+
+
+def test_dac_clip_is_the_static_dacs_clamp_in_input_units_and_abs_max_passes_all():
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(5)) * 2
+    x_int, absmax = dac(x, 1.0, per_token=False, quantize=False, static_range=1.5)
+    torch.testing.assert_close(dac_clip(x, 1.5), x_int * absmax, rtol=1e-6, atol=1e-6)
+    assert (x.abs() > 1.5).any() and dac_clip(x, 1.5).abs().max() == 1.5
+    assert dac_clip(x, None) is x

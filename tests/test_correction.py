@@ -112,3 +112,19 @@ def test_full_mode_differentiates_the_corrected_output_with_the_fit_held_fixed()
     model(xr).backward(g * scale)
     torch.testing.assert_close(out["affine"][1], xr.grad)
     assert not torch.allclose(out["affine"][1], grad_raw)
+
+
+def test_a_training_forward_fits_against_the_product_of_the_clipped_input():
+    """A static DAC that clips, and no other noise: the sampled chip computes the digital product of the clipped
+    input, which the per-batch fit must leave alone (a = 1, b = 0)."""
+    cfg = hf_cim.AnalogNoiseConfig(noise=[], input_bits=None, weight_bits=None, output_bits=None, tile_size=None,
+                                   input_quant="static", input_ranges={"0": 1.0},
+                                   train_output_correction="affine")  # fmt: skip
+    torch.manual_seed(0)
+    model = hf_cim.patch_model(nn.Sequential(nn.Linear(16, 8)), cfg).train()
+    x = 1.5 * torch.randn(64, 16, generator=torch.Generator().manual_seed(6))
+    assert (x.abs() > 1.0).float().mean() > 0.4
+    with torch.no_grad():
+        y = model(x)
+        want = model[0].clean_forward(x.clamp(-1.0, 1.0))
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
