@@ -45,8 +45,7 @@ def correct_on_batch(
 ) -> torch.Tensor:
     """``a·y + b`` with ``(a, b)`` fitted on this batch itself: ``y`` the chip's ``(vectors, out)`` output for the
     input rows ``x`` ``(vectors, in)`` as its DAC passes them (:func:`hf_cim.converters.dac_clip`), against the
-    digital ``x·wᵀ + bias`` (``w`` ``(out, in)``). ``a`` and ``b`` are
-    constants to autograd."""
+    digital ``x·wᵀ + bias`` (``w`` ``(out, in)``). ``a`` and ``b`` are constants to autograd."""
     with torch.no_grad():
         y_clean = x.detach().float() @ w.detach().float().t()
         if bias is not None:
