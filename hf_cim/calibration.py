@@ -264,9 +264,9 @@ def calibrate_chip_outputs(
     for the same input as its DAC passes it (a static DAC's clip applied, :func:`hf_cim.converters.dac_clip`: the
     correction is for the array's errors, not for the DAC's known clip) and fits, over every output vector of the
     batches, ``y₀ ≈ a·y + b``: per output column (``kind="affine"``: ``a = cov(y, y₀)/var(y)``,
-    ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not vary gets ``a = 1``) or one ``a`` per layer and ``b = 0`` (``kind="gain"``: ``a = Σy·y₀/Σy²``, a global gain
-    compensation). The chip's forward then applies ``a·y + b`` after its ADC (in its digital periphery) until it is
-    programmed again or cleared. The fit draws read noise from each layer's stream: reseed
+    ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not vary gets ``a = 1``) or one ``a`` per layer
+    and ``b = 0`` (``kind="gain"``: ``a = Σy·y₀/Σy²``, a global gain compensation). The chip's forward then applies
+    ``a·y + b`` after its ADC (in its digital periphery) until it is programmed again or cleared. The fit draws read noise from each layer's stream: reseed
     (:func:`hf_cim.reseed`) before measuring for noise that does not depend on it. MoE experts are not corrected.
 
     Args:
