@@ -266,8 +266,9 @@ def calibrate_chip_outputs(
     batches, ``y₀ ≈ a·y + b``: per output column (``kind="affine"``: ``a = cov(y, y₀)/var(y)``,
     ``b = mean(y₀) − a·mean(y)``; a column whose chip output does not vary gets ``a = 1``) or one ``a`` per layer
     and ``b = 0`` (``kind="gain"``: ``a = Σy·y₀/Σy²``, a global gain compensation). The chip's forward then applies
-    ``a·y + b`` after its ADC (in its digital periphery) until it is programmed again or cleared. The fit draws read noise from each layer's stream: reseed
-    (:func:`hf_cim.reseed`) before measuring for noise that does not depend on it. MoE experts are not corrected.
+    ``a·y + b`` after its ADC (in its digital periphery) until it is programmed again or cleared. The fit
+    draws read noise from each layer's stream: reseed (:func:`hf_cim.reseed`) before measuring for noise that does
+    not depend on it. MoE experts are not corrected.
 
     Args:
         model: a patched model with a programmed chip (:func:`hf_cim.program_chip`) and noise in evaluation.
