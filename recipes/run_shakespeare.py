@@ -483,6 +483,7 @@ def main(argv: list[str] | None = None) -> dict:
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "train_t_inference": analog_args.train_time,
             "weight_clip_sigmas": analog_args.weight_clip_sigmas,
+            "input_range_alpha": analog_args.input_range_alpha,
             "output_range_alpha": analog_args.output_range_alpha,
             "chip_calibration": analog_args.chip_calibration,
             "config": noise_config.to_dict(),

@@ -109,6 +109,8 @@ def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert res["task"] == "mrpc" and res["metric"] == "f1" and res["world_size"] == 1
     assert res["num_train_examples"] == 64 and res["analog"]["gradient"] == "ste"
+    assert res["analog"]["digital_warmup_ratio"] == run_glue.DIGITAL_WARMUP_RATIO == 0.75
+    assert res["analog"]["input_range_alpha"] == run_glue.INPUT_RANGE_ALPHA == 6.0
     assert [e["step"] for e in res["train_loss_history"]] == [1, 2, 3, 4]
     val = res["eval"]["validation"]
     assert {"f1", "accuracy", "loss"} <= set(val["clean"])
@@ -129,6 +131,18 @@ def test_mrpc_f1_task_end_to_end(bert_dir, tmp_path, monkeypatch):
     expected = glue_metric("mrpc", preds, np.array([int(r[0]) for r in rows]))
     assert val["clean"]["f1"] == pytest.approx(expected["f1"], abs=1e-9)
     assert val["clean"]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-9)
+
+
+def test_static_dac_range_defaults_to_the_recipes_own():
+    """run_glue's static DAC range is 6 sigma (run_shakespeare's 3), overridable and range-checked like the base."""
+    from _common import AnalogArguments, parse_args
+
+    (glue,) = parse_args((run_glue.GlueAnalogArguments,), [])
+    (base,) = parse_args((AnalogArguments,), [])
+    (given,) = parse_args((run_glue.GlueAnalogArguments,), ["--input_range_alpha", "3"])
+    assert (glue.input_range_alpha, base.input_range_alpha, given.input_range_alpha) == (6.0, 3.0, 3.0)
+    with pytest.raises(ValueError, match=r"`--input_range_alpha` must be in \[0.1, 1000\], got 0.0"):
+        parse_args((run_glue.GlueAnalogArguments,), ["--input_range_alpha", "0"])
 
 
 def test_stsb_regression_with_full_gradient(bert_dir, tmp_path):
