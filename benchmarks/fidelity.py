@@ -18,7 +18,9 @@ Modes (``--modes``, comma-separated):
 * ``ste_hw`` / ``ste_detach_hw``: both levers (the library's hardware-aware STE), in either STE form.
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
   fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
-  share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table.
+  share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table. With ``--restart_lr R``
+  the digital start gets a schedule of its own and the noise-aware steps a restarted one at ``R`` × the peak
+  (:func:`lr_factor`): fine-tuning of a converged digital model rather than the single schedule's tail.
 * ``<mode>_clip``: the mode with its weights clipped to ``--clip_sigmas`` standard deviations of their output
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 * ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
@@ -447,6 +449,25 @@ def distillation_loss(
     return (1.0 - alpha) * loss + alpha * t * t * kl
 
 
+def lr_factor(step: int, steps: int, warmup: int, digital_steps: int = 0, restart: float | None = None) -> float:
+    """The learning rate of optimizer step ``step`` as a share of the peak: a linear warm-up over ``warmup`` steps,
+    then a cosine to zero at ``steps``.
+
+    With ``restart`` (a digital start of ``digital_steps``, ``--restart_lr``) the digital phase is a schedule of its
+    own, warm-up and cosine to zero at ``digital_steps``, and the noise-aware phase restarts: a warm-up over
+    ``min(warmup, a tenth of the phase)`` steps to ``restart`` × the peak, then a cosine to zero at ``steps``. Without
+    it the noise-aware steps take the single schedule's tail (after a 75 % digital start, at most a sixth of the peak).
+    """
+    if restart is not None and digital_steps:
+        if step >= digital_steps:
+            phase = steps - digital_steps
+            return restart * lr_factor(step - digital_steps, phase, min(warmup, max(1, phase // 10)))
+        steps = digital_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def split_batch(batch, parts: int) -> list:
     """``batch`` (a tensor, or a dict of tensors, batch first) as ``parts`` equal micro-batches."""
     size = len(batch) if isinstance(batch, torch.Tensor) else len(next(iter(batch.values())))
@@ -471,16 +492,12 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
         opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     else:
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-    warmup = args.warmup_steps
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     share, base = split_mode(mode, args.digital_fraction)
     digital_steps = int(share * args.steps)
+    restart = args.restart_lr if cfg is not None and digital_steps else None
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: lr_factor(step, args.steps, args.warmup_steps, digital_steps, restart)
+    )
     clip = base.endswith("_clip")
     draws = split_draws(mode)[0]
     kd = split_kd(split_draws(mode)[1])[0]
@@ -551,7 +568,7 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
 # run that differs from a kept one in these alone is measured again without training. A digital model is trained
 # with the noise off, so the chip it would train for and its converters' calibration are measuring choices too.
 _MEASURING_ONLY = ("eval_blocks", "chip_calibration")
-DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "input_quant", "input_alpha", "output_alpha",
+DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "restart_lr", "input_quant", "input_alpha", "output_alpha",
                            "calibrate_every", "calibration_batches")  # fmt: skip
 
 
@@ -745,6 +762,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--digital_fraction", type=float, default=0.75, help="ft_ modes: digital share of the steps.")
+    p.add_argument("--restart_lr", type=float, default=None,
+                   help="ft_ modes: the digital start gets a schedule of its own and the noise-aware steps restart "
+                        "it, at this share of --lr (default: one schedule for the whole run).")  # fmt: skip
     p.add_argument("--exclude", default=None, help="Modules kept digital, comma-separated (default: none).")
     p.add_argument("--arch", default="4x128", help="shakespeare: LAYERSxWIDTH (4x128 = the README main job).")
     p.add_argument("--untied_head", action="store_true",
@@ -804,6 +824,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--calibrate_every and --calibration_batches must be >= 1")
     if args.output_alpha is not None and not 0.1 <= args.output_alpha <= 1000.0:
         p.error(f"--output_alpha must be in [0.1, 1000], got {args.output_alpha}")
+    if args.restart_lr is not None and not 0.0 < args.restart_lr <= 10.0:
+        p.error(f"--restart_lr must be in (0, 10], got {args.restart_lr}")
     if not 0.0 <= args.kd_alpha <= 1.0 or not args.kd_temperature > 0.0:
         p.error(f"--kd_alpha must be in [0, 1] and --kd_temperature > 0, got {args.kd_alpha}, {args.kd_temperature}")
     if args.threads:
@@ -824,6 +846,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               "block_size", "eval_blocks")}  # fmt: skip
     if args.untied_head:  # (only then: earlier cached runs stay valid)
         key_args.update(untied_head=True)
+    if args.restart_lr is not None:  # (only then: earlier cached runs stay valid)
+        key_args.update(restart_lr=args.restart_lr)
     if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
         key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
                         calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip

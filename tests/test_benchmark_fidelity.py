@@ -44,6 +44,49 @@ def test_fine_tuning_modes_name_their_digital_share():
             fidelity.split_mode(bad, 0.75)
 
 
+def test_restarted_schedule_gives_the_noise_aware_phase_its_own_warm_up_and_cosine():
+    import math
+
+    steps, warmup = 100, 10
+    single = [fidelity.lr_factor(s, steps, warmup) for s in range(steps)]
+    assert single[0] == 0.1 and single[9] == 1.0 and single[10] == 1.0
+    assert single[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    # without a restart a digital start changes nothing: the noise-aware steps take the single schedule's tail
+    assert [fidelity.lr_factor(s, steps, warmup, 75) for s in range(steps)] == single
+    assert max(single[75:]) < 1 / 5
+    restarted = [fidelity.lr_factor(s, steps, warmup, 75, restart=0.5) for s in range(steps)]
+    # the digital phase: warm-up, then a cosine that reaches zero at the switch (step 75 of 100)
+    assert restarted[:10] == single[:10]
+    assert restarted[40] == pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 65)))
+    assert restarted[74] == pytest.approx(0.5 * (1 + math.cos(math.pi * 64 / 65)))
+    # the noise-aware phase (25 steps): warm-up over 2 steps (a tenth of it) to 0.5 x the peak, cosine to zero
+    assert restarted[75:78] == pytest.approx([0.25, 0.5, 0.5])
+    assert restarted[99] == pytest.approx(0.25 * (1 + math.cos(math.pi * 22 / 23)))
+    assert fidelity.lr_factor(80, steps, warmup, 0, restart=0.5) == single[80]  # no digital start: no restart
+
+
+def test_restart_lr_is_part_of_a_noise_aware_run_key_only(tmp_path, monkeypatch):
+    out = tmp_path / "fid"
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ft50_ste_hw", "--seeds", "0", "--chips",
+            "1", "--steps", "4", "--batch_size", "8", "--eval", "pcm:1", "--keep_models", "--out", str(out),
+            "--threads", "1"]  # fmt: skip
+    fidelity.main(argv)
+    trained, factors = [], []
+    real_train = fidelity.train
+    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args: trained.append(mode)
+                        or real_train(setting, mode, seed, args))  # fmt: skip
+    real_factor = fidelity.lr_factor
+    monkeypatch.setattr(fidelity, "lr_factor", lambda *a, **k: factors.append((a, k)) or real_factor(*a, **k))
+    fidelity.main([*argv, "--restart_lr", "0.5"])
+    assert trained == ["ft50_ste_hw"]  # the digital model is reused: its training has no second phase
+    # every step of the run asks with the restart (the phase's own schedule is a nested call without one)
+    assert {a[4] if len(a) > 4 else k.get("restart") for a, k in factors if len(a) > 3} == {0.5}
+    kept = torch.load(out / "runs" / "ft50_ste_hw_seed0.pt", weights_only=True)
+    assert kept["key"]["restart_lr"] == 0.5
+    with pytest.raises(SystemExit):
+        fidelity.main([*argv, "--restart_lr", "0"])
+
+
 def test_training_level_prefix_sets_the_level_trained_at():
     c = fidelity.Condition.parse("pcm:1")
     assert fidelity.split_level("at0.5_ste_hw") == (0.5, "ste_hw")
