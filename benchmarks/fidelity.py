@@ -494,9 +494,8 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
         opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     share, base = split_mode(mode, args.digital_fraction)
     digital_steps = int(share * args.steps)
-    restart = args.restart_lr if cfg is not None and digital_steps else None
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, args.steps, args.warmup_steps, digital_steps, restart)
+        opt, lambda step: lr_factor(step, args.steps, args.warmup_steps, digital_steps, args.restart_lr)
     )
     clip = base.endswith("_clip")
     draws = split_draws(mode)[0]
