@@ -20,7 +20,9 @@ Modes (``--modes``, comma-separated):
   fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
   share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table. With ``--restart_lr R``
   the digital start gets a schedule of its own and the noise-aware steps a restarted one at ``R`` × the peak
-  (:func:`lr_factor`): fine-tuning of a converged digital model rather than the single schedule's tail.
+  (:func:`lr_factor`): fine-tuning of a converged digital model rather than the single schedule's tail. With
+  ``--share_digital_start`` the ``ft_`` modes resume from the digital run's state after their digital steps
+  (:class:`DigitalStarts`) instead of training those steps again: the same model, a quarter of the work for ``ft_``.
 * ``<mode>_clip``: the mode with its weights clipped to ``--clip_sigmas`` standard deviations of their output
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 * ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
@@ -478,7 +480,43 @@ def split_batch(batch, parts: int) -> list:
     return [{k: v.chunk(parts)[i] for k, v in batch.items()} for i in range(parts)]
 
 
-def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.Module, dict]:
+@dataclass(frozen=True)
+class DigitalStarts:
+    """``--share_digital_start``: the digital training's state (weights, optimizer, schedule, the losses and step
+    times so far, torch's global generator) after ``steps`` optimizer steps, kept in ``folder`` under the digital run's training ``key``.
+
+    A fine-tuning mode's digital phase is the digital run's first steps (the same init, batches and schedule, the
+    noise off, and the patched layers' digital product equal to the unpatched one), so an ``ft_`` mode resumes from
+    the state kept at its switch to noise instead of training those steps again, with the same result (tested).
+    Whichever run passes a wanted step first keeps it: the digital run, or an ``ft_`` mode that found none."""
+
+    folder: str
+    seed: int
+    key: dict
+    steps: frozenset[int]
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.folder, f"digital_start_seed{self.seed}_step{step}.pt")
+
+    def save(self, step: int, model: nn.Module, opt, sched, losses: list, times: list) -> None:
+        state = {"key": {**self.key, "step": step}, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                 "schedule": sched.state_dict(), "losses": list(losses), "times": list(times),
+                 "rng": torch.get_rng_state()}  # fmt: skip
+        torch.save(state, self.path(step))
+
+    def load(self, step: int) -> dict | None:
+        """The state kept after ``step`` steps by a run with the same digital training, or None."""
+        if not os.path.isfile(self.path(step)):
+            return None
+        state = torch.load(self.path(step), map_location="cpu", weights_only=True)
+        return state if state["key"] == {**self.key, "step": step} else None
+
+
+def train(
+    setting, mode: str, seed: int, args: argparse.Namespace, starts: DigitalStarts | None = None
+) -> tuple[nn.Module, dict]:
+    """One model of ``mode`` and ``seed``; with ``starts`` an ``ft_`` mode resumes from the digital state kept at its
+    switch to noise, and every run keeps the states it passes that ``starts`` wants and lacks."""
     train_cond = Condition.parse(args.train)
     torch.manual_seed(seed)  # same initial weights for every mode of this seed
     model = setting.model()
@@ -497,6 +535,19 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: lr_factor(step, args.steps, args.warmup_steps, digital_steps, args.restart_lr)
     )
+    losses, times, alignment = [], [], []
+    first = 0  # the first step this run trains
+    start = starts.load(digital_steps) if starts is not None and cfg is not None and digital_steps else None
+    if start is not None:
+        model.load_state_dict(start["model"])
+        opt.load_state_dict(start["optimizer"])
+        sched.load_state_dict(start["schedule"])
+        losses, times, first = start["losses"], start["times"], digital_steps
+        torch.set_rng_state(start["rng"])  # (dropout, if a setting has any, draws from it)
+    wanted = set()
+    if starts is not None:
+        wanted = {s for s in starts.steps if s <= digital_steps or cfg is None}  # (after digital_steps: not digital)
+        wanted = {s for s in wanted if s >= first and starts.load(s) is None}
     clip = base.endswith("_clip")
     draws = split_draws(mode)[0]
     kd = split_kd(split_draws(mode)[1])[0]
@@ -511,9 +562,12 @@ def train(setting, mode: str, seed: int, args: argparse.Namespace) -> tuple[nn.M
         return distillation_loss(loss, logits, teacher_logits, args.kd_alpha, args.kd_temperature)
 
     model.train()
-    losses, times, alignment = [], [], []
     probe_every = args.alignment_every if cfg is not None and cfg.gradient != "full" else 0
     for step, batch in enumerate(setting.batches(seed, args.steps)):
+        if step < first:
+            continue  # (the batches are drawn all the same: the data order stays the digital run's)
+        if step in wanted:
+            starts.save(step, model, opt, sched, losses, times)
         if recalibrate and step >= digital_steps and (step - digital_steps) % args.calibrate_every == 0:
             calibrate(setting, model, [batch], args)  # the ranges follow the data as the weights move
         if probe_every and (step % probe_every == 0 or step == args.steps - 1) and step >= digital_steps:
@@ -764,6 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart_lr", type=float, default=None,
                    help="ft_ modes: the digital start gets a schedule of its own and the noise-aware steps restart "
                         "it, at this share of --lr (default: one schedule for the whole run).")  # fmt: skip
+    p.add_argument("--share_digital_start", action="store_true",
+                   help="ft_ modes resume from the digital run's state after their digital steps (kept in "
+                        "--out/runs/digital_start_*.pt) instead of training those steps again; the same models.")  # fmt: skip
     p.add_argument("--exclude", default=None, help="Modules kept digital, comma-separated (default: none).")
     p.add_argument("--arch", default="4x128", help="shakespeare: LAYERSxWIDTH (4x128 = the README main job).")
     p.add_argument("--untied_head", action="store_true",
@@ -825,6 +882,9 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--output_alpha must be in [0.1, 1000], got {args.output_alpha}")
     if args.restart_lr is not None and not 0.0 < args.restart_lr <= 10.0:
         p.error(f"--restart_lr must be in (0, 10], got {args.restart_lr}")
+    if args.share_digital_start and args.restart_lr is not None:
+        p.error("--share_digital_start: with --restart_lr the digital start anneals on a schedule of its own, so it "
+                "is not the digital run's")  # fmt: skip
     if not 0.0 <= args.kd_alpha <= 1.0 or not args.kd_temperature > 0.0:
         p.error(f"--kd_alpha must be in [0, 1] and --kd_temperature > 0, got {args.kd_alpha}, {args.kd_temperature}")
     if args.threads:
@@ -857,8 +917,14 @@ def main(argv: list[str] | None = None) -> dict:
         key_args.update(chip_calibration={"kind": args.chip_calibration, "batches": args.calibration_batches})
     if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
         key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
+    start_steps = frozenset(int(split_mode(m, args.digital_fraction)[0] * args.steps) for m in modes) - {0}
     runs = {}
     for seed in seeds:
+        starts = None
+        if args.share_digital_start:
+            starts = DigitalStarts(
+                os.path.join(args.out, "runs"), seed, training_key("digital", key_args), start_steps
+            )
         for mode in modes:
             path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.json")
             cached = json.load(open(path)) if os.path.isfile(path) else None
@@ -877,7 +943,7 @@ def main(argv: list[str] | None = None) -> dict:
             trained_key = training_key(mode, mode_key)
             model, info = load_trained(setting, model_path, trained_key) if args.keep_models else (None, None)
             if model is None:
-                model, info = train(setting, mode, seed, args)
+                model, info = train(setting, mode, seed, args, starts)
                 if args.keep_models:
                     torch.save({"key": trained_key, "state_dict": model.state_dict(), "info": info}, model_path)
             result = measure(setting, model, conditions, args.chips, args.exclude, args)

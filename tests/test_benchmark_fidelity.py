@@ -73,8 +73,8 @@ def test_restart_lr_is_part_of_a_noise_aware_run_key_only(tmp_path, monkeypatch)
     fidelity.main(argv)
     trained, factors = [], []
     real_train = fidelity.train
-    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args: trained.append(mode)
-                        or real_train(setting, mode, seed, args))  # fmt: skip
+    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args, starts=None: trained.append(mode)
+                        or real_train(setting, mode, seed, args, starts))  # fmt: skip
     real_factor = fidelity.lr_factor
     monkeypatch.setattr(fidelity, "lr_factor", lambda *a, **k: factors.append((a, k)) or real_factor(*a, **k))
     fidelity.main([*argv, "--restart_lr", "0.5"])
@@ -85,6 +85,44 @@ def test_restart_lr_is_part_of_a_noise_aware_run_key_only(tmp_path, monkeypatch)
     assert kept["key"]["restart_lr"] == 0.5
     with pytest.raises(SystemExit):
         fidelity.main([*argv, "--restart_lr", "0"])
+
+
+def test_shared_digital_start_gives_the_same_models_for_a_quarter_of_the_steps(tmp_path, monkeypatch):
+    """--share_digital_start: the ft_ modes resume from the digital run's state at their switch to noise; their
+    models, results and logged losses equal those of the runs that train their digital steps themselves."""
+    argv = ["--setting", "digits", "--train", "pcm:1", "--modes", "digital,ft50_ste_hw,ft75_ste_hw", "--seeds", "0",
+            "--chips", "1", "--steps", "8", "--batch_size", "8", "--eval", "pcm:1", "--keep_models",
+            "--threads", "1"]  # fmt: skip
+    alone = fidelity.main([*argv, "--out", str(tmp_path / "alone")])
+    steps = []
+    real_loss = fidelity.Digits.loss
+    monkeypatch.setattr(
+        fidelity.Digits, "loss", lambda self, model, idx: steps.append(1) or real_loss(self, model, idx)
+    )
+    shared = fidelity.main([*argv, "--share_digital_start", "--out", str(tmp_path / "shared")])
+    assert len(steps) == 8 + 4 + 2  # the digital run, then each ft_ mode's noise-aware steps alone
+    for table in (shared, alone):
+        for row in table.values():
+            row.pop("step_time_s")  # (wall time: the one thing that differs)
+    assert json.dumps(shared) == json.dumps(alone)
+    digital = torch.load(tmp_path / "shared" / "runs" / "digital_seed0.pt", weights_only=True)["state_dict"]
+    for mode in ("ft50_ste_hw", "ft75_ste_hw"):
+        a, b = (torch.load(tmp_path / d / "runs" / f"{mode}_seed0.pt", weights_only=True) for d in ("alone", "shared"))
+        assert a["key"] == b["key"] and a["info"]["train_loss_last10pct"] == b["info"]["train_loss_last10pct"]
+        assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+        assert not all(torch.equal(a["state_dict"][k], digital[k]) for k in digital)  # (noise-aware steps ran)
+    kept = torch.load(tmp_path / "shared" / "runs" / "digital_start_seed0_step6.pt", weights_only=True)
+    assert kept["key"]["step"] == 6 and "train" not in kept["key"] and len(kept["losses"]) == 6
+    # a start kept by another digital training (another learning rate) is not taken: the ft_ mode trains it all
+    monkeypatch.setattr(fidelity.Digits, "loss", real_loss)
+    lr = [*argv, "--lr", "1e-3", "--share_digital_start", "--out", str(tmp_path / "shared")]
+    fidelity.main([*lr[: lr.index("--modes") + 1], "ft50_ste_hw", *lr[lr.index("--modes") + 2 :]])
+    assert (
+        torch.load(tmp_path / "shared" / "runs" / "digital_start_seed0_step4.pt", weights_only=True)["key"]["lr"]
+        == 1e-3
+    )
+    with pytest.raises(SystemExit):
+        fidelity.main([*argv, "--share_digital_start", "--restart_lr", "0.5", "--out", str(tmp_path / "x")])
 
 
 def test_training_level_prefix_sets_the_level_trained_at():
@@ -351,8 +389,8 @@ def test_kept_models_are_measured_again_without_training(tmp_path, monkeypatch):
     assert "output_alpha" not in kept["key"] and kept["key"]["steps"] == 4
     trained = []
     real_train = fidelity.train
-    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args: trained.append(mode)
-                        or real_train(setting, mode, seed, args))  # fmt: skip
+    monkeypatch.setattr(fidelity, "train", lambda setting, mode, seed, args, starts=None: trained.append(mode)
+                        or real_train(setting, mode, seed, args, starts))  # fmt: skip
     again = fidelity.main([*argv, "--eval", "pcm:1,pcm:2", "--output_alpha", "6"])
     assert trained == ["ste_hw"]  # the digital model was loaded, not retrained
     assert again["digital"]["clean"] == first["digital"]["clean"]  # the same weights
