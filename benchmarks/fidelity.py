@@ -483,7 +483,8 @@ def split_batch(batch, parts: int) -> list:
 @dataclass(frozen=True)
 class DigitalStarts:
     """``--share_digital_start``: the digital training's state (weights, optimizer, schedule, the losses and step
-    times so far, torch's global generator) after ``steps`` optimizer steps, kept in ``folder`` under the digital run's training ``key``.
+    times so far, torch's global generator) after ``steps`` optimizer steps, kept in ``folder`` under the digital
+    run's training ``key``.
 
     A fine-tuning mode's digital phase is the digital run's first steps (the same init, batches and schedule, the
     noise off, and the patched layers' digital product equal to the unpatched one), so an ``ft_`` mode resumes from
