@@ -22,7 +22,7 @@ Modes (``--modes``, comma-separated):
   the digital start gets a schedule of its own and the noise-aware steps a restarted one at ``R`` × the peak
   (:func:`lr_factor`): fine-tuning of a converged digital model rather than the single schedule's tail. With
   ``--share_digital_start`` the ``ft_`` modes resume from the digital run's state after their digital steps
-  (:class:`DigitalStarts`) instead of training those steps again: the same model, a quarter of the work for ``ft_``.
+  (:class:`DigitalStarts`) instead of training those steps again: the same models, only their noise-aware steps run.
 * ``<mode>_clip``: the mode with its weights clipped to ``--clip_sigmas`` standard deviations of their output
   channel after every noise-aware optimizer step (:func:`hf_cim.clipping.clip_weights_`), e.g. ``ste_hw_clip``.
 * ``at<L>_<mode>``: the mode trained at noise level ``L`` instead of ``--train``'s (same preset and drift time), e.g.
@@ -545,10 +545,10 @@ def train(
         sched.load_state_dict(start["schedule"])
         losses, times, first = start["losses"], start["times"], digital_steps
         torch.set_rng_state(start["rng"])  # (dropout, if a setting has any, draws from it)
-    wanted = set()
-    if starts is not None:
+    wanted = set()  # (a resumed run passes no digital step it could keep: it starts at its last one)
+    if starts is not None and start is None:
         wanted = {s for s in starts.steps if s <= digital_steps or cfg is None}  # (after digital_steps: not digital)
-        wanted = {s for s in wanted if s >= first and starts.load(s) is None}
+        wanted = {s for s in wanted if starts.load(s) is None}
     clip = base.endswith("_clip")
     draws = split_draws(mode)[0]
     kd = split_kd(split_draws(mode)[1])[0]
