@@ -510,7 +510,7 @@ class DigitalStarts:
         if not os.path.isfile(self.path(step)):
             return None
         state = torch.load(self.path(step), map_location="cpu", weights_only=True)
-        return state if state["key"] == {**self.key, "step": step} else None
+        return state if training_key("digital", state["key"]) == {**self.key, "step": step} else None
 
 
 def train(
@@ -620,10 +620,12 @@ def train(
 
 # Fields of a run's key that only change how a trained model is measured, not the model: with ``--keep_models`` a
 # run that differs from a kept one in these alone is measured again without training. A digital model is trained
-# with the noise off, so the chip it would train for and its converters' calibration are measuring choices too.
+# with the noise off and unpatched, so the chip it would train for, the layers that chip keeps digital and its
+# converters' calibration are measuring choices too. (A kept key is compared after these fields are dropped from it
+# as well, so a field that joins these lists leaves the runs kept before valid.)
 _MEASURING_ONLY = ("eval_blocks", "chip_calibration")
 DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "restart_lr", "input_quant", "input_alpha", "output_alpha",
-                           "calibrate_every", "calibration_batches")  # fmt: skip
+                           "calibrate_every", "calibration_batches", "exclude")  # fmt: skip
 
 
 def training_key(mode: str, run_key: dict) -> dict:
@@ -632,12 +634,12 @@ def training_key(mode: str, run_key: dict) -> dict:
     return {k: v for k, v in run_key.items() if k not in drop}
 
 
-def load_trained(setting, path: str, key: dict) -> tuple[nn.Module | None, dict | None]:
-    """The model kept at ``path`` by an earlier run with the same training key, or ``(None, None)``."""
+def load_trained(setting, path: str, mode: str, key: dict) -> tuple[nn.Module | None, dict | None]:
+    """The model of ``mode`` kept at ``path`` by an earlier run with the same training key, or ``(None, None)``."""
     if not os.path.isfile(path):
         return None, None
     kept = torch.load(path, map_location="cpu", weights_only=True)
-    if kept["key"] != key:
+    if training_key(mode, kept["key"]) != key:
         return None, None
     model = setting.model()
     model.load_state_dict(kept["state_dict"])
@@ -942,7 +944,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             model_path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.pt")
             trained_key = training_key(mode, mode_key)
-            model, info = load_trained(setting, model_path, trained_key) if args.keep_models else (None, None)
+            model, info = load_trained(setting, model_path, mode, trained_key) if args.keep_models else (None, None)
             if model is None:
                 model, info = train(setting, mode, seed, args, starts)
                 if args.keep_models:

@@ -113,6 +113,17 @@ def test_shared_digital_start_gives_the_same_models_for_a_quarter_of_the_steps(t
         assert not all(torch.equal(a["state_dict"][k], digital[k]) for k in digital)  # (noise-aware steps ran)
     kept = torch.load(tmp_path / "shared" / "runs" / "digital_start_seed0_step6.pt", weights_only=True)
     assert kept["key"]["step"] == 6 and "train" not in kept["key"] and len(kept["losses"]) == 6
+    # a chip that keeps a layer digital (--exclude) does not change the digital training: the kept digital model is
+    # measured again untrained, and the ft_ mode resumes from the kept start (only its 4 noise-aware steps train)
+    runs = {"digital": json.load(open(tmp_path / "shared" / "runs" / "digital_seed0.json"))["result"]["chips"]}
+    steps.clear()
+    ex = [*argv, "--share_digital_start", "--exclude", "17", "--out", str(tmp_path / "shared")]
+    excluded = fidelity.main([*ex[: ex.index("--modes") + 1], "digital,ft50_ste_hw", *ex[ex.index("--modes") + 2 :]])
+    assert len(steps) == 4
+    assert excluded["digital"]["clean"] == shared["digital"]["clean"]
+    run = json.load(open(tmp_path / "shared" / "runs" / "digital_seed0.json"))
+    assert run["args"]["exclude"] == ["17"]
+    assert run["result"]["chips"]["pcm L1"] != runs["digital"]["pcm L1"]  # (measured with the last layer digital)
     # a start kept by another digital training (another learning rate) is not taken: the ft_ mode trains it all
     monkeypatch.setattr(fidelity.Digits, "loss", real_loss)
     lr = [*argv, "--lr", "1e-3", "--share_digital_start", "--out", str(tmp_path / "shared")]
@@ -429,7 +440,7 @@ def test_chip_calibration_corrects_every_chip_of_every_model_without_retraining(
     # the digital model's chip metric is the library's: program chip k, calibrate, reseed, evaluate
     args = fidelity.build_parser().parse_args([*argv, "--chip_calibration", "gain"])
     setting = fidelity.SETTINGS["digits"](args)
-    model, _ = fidelity.load_trained(setting, str(out / "runs" / "digital_seed0.pt"),
+    model, _ = fidelity.load_trained(setting, str(out / "runs" / "digital_seed0.pt"), "digital",
                                      fidelity.training_key("digital", json.load(open(out / "runs" / "digital_seed0.json"))["args"]))  # fmt: skip
     got = fidelity.on_chips(setting, model, hf_cim.get_preset("paper", level=3.0), 0.0, 1, args)
     batches = list(setting.batches(fidelity.CALIBRATION_SEED, 2))
