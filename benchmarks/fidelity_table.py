@@ -28,8 +28,10 @@ import fidelity  # noqa: E402
 
 # What a row's cached key may differ in from the reference's: the mode's own settings, the chip it trained for and
 # the converters' calibration. Anything else (the setting, the model, the data, the budget, the evaluation blocks)
-# would compare models that were not trained or measured alike, and is refused.
-_PER_ROW = (*fidelity.DIGITAL_MEASURING_ONLY, "clip_sigmas", "kd_alpha", "kd_temperature")
+# would compare models that were not trained or measured alike, and is refused; so are other layers kept digital
+# (``exclude``: another chip, not another calibration of it).
+_PER_ROW = (*(f for f in fidelity.DIGITAL_MEASURING_ONLY if f != "exclude"), "clip_sigmas", "kd_alpha",
+            "kd_temperature")  # fmt: skip
 
 
 def parse_row(text: str) -> tuple[str, str, str]:

@@ -41,10 +41,13 @@ def test_rows_from_two_folders_are_paired_against_the_first(tmp_path):
 
 
 def test_runs_not_trained_or_measured_alike_are_refused(tmp_path):
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a, b, c, d = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"
     fidelity.main([*BASE, "--modes", "digital", "--steps", "4", "--chips", "2", "--out", str(a)])
     fidelity.main([*BASE, "--modes", "digital", "--steps", "5", "--chips", "2", "--out", str(b)])
     fidelity.main([*BASE, "--modes", "digital", "--steps", "4", "--chips", "1", "--out", str(c)])
+    fidelity.main([*BASE, "--modes", "digital", "--steps", "4", "--chips", "2", "--exclude", "17", "--out", str(d)])
+    with pytest.raises(ValueError, match="exclude=None"):  # (another chip: its last layer digital)
+        fidelity_table.main(["--seeds", "0,1", "--row", f"d={d}:digital", "--row", f"a={a}:digital"])
     with pytest.raises(ValueError, match="steps=5"):
         fidelity_table.main(["--seeds", "0,1", "--row", f"a={a}:digital", "--row", f"b={b}:digital"])
     with pytest.raises(ValueError, match="numbers of chips"):
