@@ -624,8 +624,9 @@ def train(
 # converters' calibration are measuring choices too. (A kept key is compared after these fields are dropped from it
 # as well, so a field that joins these lists leaves the runs kept before valid.)
 _MEASURING_ONLY = ("eval_blocks", "chip_calibration")
-DIGITAL_MEASURING_ONLY = ("train", "digital_fraction", "restart_lr", "input_quant", "input_alpha", "output_alpha",
-                           "calibrate_every", "calibration_batches", "exclude")  # fmt: skip
+TRAINING_TARGET = ("train", "digital_fraction", "restart_lr")  # what chip a noise-aware mode trains for, and how
+CALIBRATION = ("input_quant", "input_alpha", "output_alpha", "calibrate_every", "calibration_batches")
+DIGITAL_MEASURING_ONLY = (*TRAINING_TARGET, *CALIBRATION, "exclude")
 
 
 def training_key(mode: str, run_key: dict) -> dict:

@@ -30,8 +30,7 @@ import fidelity  # noqa: E402
 # the converters' calibration. Anything else (the setting, the model, the data, the budget, the evaluation blocks)
 # would compare models that were not trained or measured alike, and is refused; so are other layers kept digital
 # (``exclude``: another chip, not another calibration of it).
-_PER_ROW = (*(f for f in fidelity.DIGITAL_MEASURING_ONLY if f != "exclude"), "clip_sigmas", "kd_alpha",
-            "kd_temperature")  # fmt: skip
+_PER_ROW = (*fidelity.TRAINING_TARGET, *fidelity.CALIBRATION, "clip_sigmas", "kd_alpha", "kd_temperature")
 
 
 def parse_row(text: str) -> tuple[str, str, str]:
