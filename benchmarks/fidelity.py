@@ -16,6 +16,8 @@ Modes (``--modes``, comma-separated):
 * ``ste_mask``: ``ste`` without gradient through ADC-clipped partial sums (``mask_saturated=True``).
 * ``ste_prog``: ``ste`` with the input gradient through the programmed weights (``backward_weights="programmed"``).
 * ``ste_hw`` / ``ste_detach_hw``: both levers (the library's hardware-aware STE), in either STE form.
+* ``ste_hw_chain``: ``ste_hw`` with the weight gradient taken on through the weight programming
+  (``program_gradient=True``: each device's factor).
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
   fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
   share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table. With ``--restart_lr R``
@@ -76,6 +78,8 @@ BASE_MODES = {
     "ste_prog": dict(gradient="ste", mask_saturated=False, backward_weights="programmed"),
     "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed"),
     "ste_detach_hw": dict(gradient="ste_detach", mask_saturated=True, backward_weights="programmed"),
+    # ste_hw with the weight gradient taken on through the weight programming (each device's factor)
+    "ste_hw_chain": dict(gradient="ste", mask_saturated=True, backward_weights="programmed", program_gradient=True),
     # ste_hw trained for a chip that corrects its outputs per column (measure with --chip_calibration affine)
     "ste_hw_cal": dict(
         gradient="ste", mask_saturated=True, backward_weights="programmed", train_output_correction="affine"

@@ -87,7 +87,9 @@ def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0
                     state.config = (
                         cfg.replace(gradient="ste")
                         if mode == "ste"
-                        else cfg.replace(gradient="full", mask_saturated=False, backward_weights="clean")
+                        else cfg.replace(
+                            gradient="full", mask_saturated=False, backward_weights="clean", program_gradient=False
+                        )
                     )
                     state.generator = seeded_generator(device, seed, state.name, rank, "probe")
                 with torch.enable_grad():

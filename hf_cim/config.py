@@ -314,7 +314,16 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
         backward_weights: ``ste``/``ste_detach`` only: the weights of the input gradient ``∂L/∂x = g·W``:
             ``"clean"`` (the float weights) or ``"programmed"`` (the weights the chip computed with: quantized,
             after the ``program`` hooks, before per-product read noise), so earlier layers get the gradient of the
-            network that ran. The weight gradient ``gᵀ·x`` is always the clean one. Costs one weight-sized tensor.
+            network that ran. The weight gradient ``gᵀ·x`` is the crossbar's, as ``program_gradient`` leaves it.
+            Costs one weight-sized tensor.
+        program_gradient: ``ste``/``ste_detach`` only: take the weight gradient ``gᵀ·x`` (the gradient of the weights
+            the crossbar computed with) on through the weight programming by the chain rule, at this forward's own
+            draw: each device's factor (``w' = w·e^{σξ}`` gives ``e^{σξ}``), drift, stuck devices and clamps, the
+            quantizers straight through, as ``full`` differentiates them. Everything after the programming (reads,
+            IR-drop, converters, output noise) stays straight through. Under weight noise the crossbar's gradient
+            misses the term that makes the expected loss penalize large weights where the loss is curved (for
+            ``w' = w·η``: ``E[η·∇L(w')] ≈ ∇L(w) + σ²·diag(H)·w``); this keeps it. Costs the programming's saved
+            factors (about one weight-sized tensor) and one weight-sized backward per layer; dense layers only.
         product_precision: the operands of the crossbar product itself (the signal ``x·Wᵀ`` per tile).
             ``"autocast"`` (default): in the layer's compute dtype where that is bfloat16 or float16 (under
             ``torch.autocast``, or a half-precision model), as the plain layer's product is; the products accumulate
@@ -360,6 +369,10 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
     )
     backward_weights: str = field(
         default="clean", metadata={"help": "STE modes: weights of the input gradient: clean or programmed."}
+    )
+    program_gradient: bool = field(
+        default=False,
+        metadata={"help": "STE modes: the weight gradient taken on through the weight programming (device factors)."},
     )
     product_precision: str = field(
         default="autocast", metadata={"help": "Crossbar product operands: autocast (the compute dtype) or float32."}
@@ -422,12 +435,16 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"AnalogNoiseConfig: `backward_weights` must be one of {BACKWARD_WEIGHTS}, got {self.backward_weights!r}"
             )
-        if self.gradient == "full" and (self.mask_saturated or self.backward_weights != "clean"):
+        if not isinstance(self.program_gradient, bool):
+            raise TypeError(f"AnalogNoiseConfig: `program_gradient` must be a bool, got {self.program_gradient!r}")
+        if self.gradient == "full" and (
+            self.mask_saturated or self.backward_weights != "clean" or self.program_gradient
+        ):
             # ``full`` differentiates the clip and the programmed weights itself; the STE levers have no meaning there.
             raise ValueError(
-                "AnalogNoiseConfig: `mask_saturated` and `backward_weights` shape the STE backward; with "
-                "`gradient='full'` autograd already differentiates the ADC clip and the programmed weights: leave them "
-                "at False / 'clean'"
+                "AnalogNoiseConfig: `mask_saturated`, `backward_weights` and `program_gradient` shape the STE backward; "
+                "with `gradient='full'` autograd already differentiates the ADC clip and the programmed weights: leave "
+                "them at False / 'clean' / False"
             )
 
     @staticmethod

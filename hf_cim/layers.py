@@ -70,6 +70,17 @@ def checkpoint_replay(layer: AnalogLayerMixin, device: torch.device) -> Iterator
         yield
 
 
+def _saved_as_is() -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that keep tensors as they are, over an outer pair (activation checkpointing's): a graph
+    built inside a forward for that forward's own backward keeps its tensors, where checkpointing would drop them
+    and recompute them from the layer's inputs, in a recompute that builds a graph of its own."""
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _forward_to_state(field: str, doc: str) -> property:
     """A layer attribute that reads and writes ``layer.hf_cim_state.<field>`` (the names layers had before the state
     object: code and users keep reading and setting them)."""
@@ -199,8 +210,19 @@ class AnalogLayerMixin:
             input_range = self.input_range() if spec.static_range else None
             ctx = self._noise_context(x.device)
             on_chip = self.hf_cim_state.chip is not None and not self.training
+            chained = None
             if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip
+            elif aux is not None and cfg.program_gradient and weight.requires_grad:
+                # The programming under autograd, from the weight itself: the STE backward takes the crossbar's
+                # weight gradient on through it (this draw's device factors), and ``ste_detach``'s surrogate reads it.
+                with torch.enable_grad(), _saved_as_is():
+                    w_oi = self.weight_oi(weight).float()
+                    w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=True)
+                    chained = w_prog * w_scale
+                w_prog, w_scale = w_prog.detach(), w_scale.detach()
+                ctx.weight_scale = w_scale
+                w_oi = w_oi.detach()
             else:
                 w_oi = self.weight_oi(weight).float()
                 w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)
@@ -219,10 +241,16 @@ class AnalogLayerMixin:
             )  # fmt: skip
             if saturation:
                 aux["mask"] = saturation[0]
+            if chained is not None:
+                aux["program"] = chained
             if aux is not None and cfg.backward_weights == "programmed":
                 # After the product, this forward's own programmed weights are scaled in place: no second
-                # weight-sized tensor per step (77 MB for GPT-2's LM head). A programmed chip's are kept intact.
-                aux["weight"] = w_prog * w_scale if on_chip else w_prog.mul_(w_scale)
+                # weight-sized tensor per step (77 MB for GPT-2's LM head). A programmed chip's are kept intact, and
+                # so are weights the chained programming saved for its backward (their product is at hand).
+                if chained is not None:
+                    aux["weight"] = chained.detach()
+                else:
+                    aux["weight"] = w_prog * w_scale if on_chip else w_prog.mul_(w_scale)
             correction = self.hf_cim_state.chip_correction
             if on_chip and correction is not None:  # the chip's digital periphery: per-column affine correction
                 y2d = torch.addcmul(correction[1], y2d, correction[0])
@@ -250,7 +278,7 @@ class AnalogLayerMixin:
         """Whether the STE backward differs from the plain layer's (a saturation mask or programmed weights)."""
         cfg = self.hf_cim_config
         clips = cfg.output_bits is not None or cfg.input_quant == "static"
-        return (cfg.mask_saturated and clips) or cfg.backward_weights == "programmed"
+        return (cfg.mask_saturated and clips) or cfg.backward_weights == "programmed" or cfg.program_gradient
 
     # -- the STE backward with its levers -------------------------------------------------------------------------
     def ste_backward(
@@ -303,8 +331,9 @@ class AnalogLayerMixin:
             grad_w = self.weight_from_oi(grad_w, weight).to(weight.dtype)
         return grad_x, grad_w
 
-    def ste_surrogate(self, x, weight, bias, mask, w_prog):
-        """``ste_detach``'s stand-in when a lever is on (:func:`hf_cim.ste.lever_surrogate`, in the layer's layout)."""
+    def ste_surrogate(self, x, weight, bias, mask, w_prog, program=None):
+        """``ste_detach``'s stand-in when a lever is on (:func:`hf_cim.ste.lever_surrogate`, in the layer's layout);
+        ``program``: the programmed weights ``(out, in)`` as a function of ``weight`` (``program_gradient``)."""
         dtype = self.forward_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             y_rows = lever_surrogate(
@@ -314,8 +343,16 @@ class AnalogLayerMixin:
                 mask,
                 w_prog,
                 self.hf_cim_config.tile_size,
+                program,
             )
             return self.from_rows(y_rows, x)
+
+    def chain_program(self, grad_w: torch.Tensor, w_in: torch.Tensor, program: torch.Tensor) -> torch.Tensor:
+        """``program_gradient``: the crossbar's weight gradient ``grad_w`` (the layer's layout) taken on through the
+        weight programming that made ``program`` (``(out, in)``, under autograd) from ``w_in``."""
+        cotangent = self.weight_oi(grad_w).to(program.dtype)
+        (grad,) = torch.autograd.grad(program, w_in, cotangent)
+        return grad.to(grad_w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = self.hf_cim_state

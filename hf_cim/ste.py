@@ -13,7 +13,8 @@ Three gradient modes:
 
 What these need from a layer is public (see :class:`hf_cim.layers.AnalogLayer`): ``noisy_forward`` (the analog
 product), ``clean_forward`` / ``clean_backward`` / ``bias_grad`` (the plain layer's forward and VJP),
-``ste_backward`` / ``ste_surrogate`` (the same with the backward levers) and ``ste_levers``, ``forward_dtype``.
+``ste_backward`` / ``ste_surrogate`` / ``chain_program`` (the same with the backward levers) and ``ste_levers``,
+``forward_dtype``.
 """
 
 from __future__ import annotations
@@ -87,21 +88,23 @@ def lever_surrogate(
     mask: torch.Tensor | None,
     w_b: torch.Tensor | None,
     tile_rows: int | None,
+    w_chain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``ste_detach``'s differentiable stand-in, in the crossbar's layout: a function of ``x`` ``(vectors, K)``,
     ``w`` ``(out, K)`` and ``bias`` whose vector-Jacobian product is :func:`lever_vjp`'s (its value cancels in
-    ``y_s + (y_noisy − y_s).detach()``)."""
-    if mask is None and w_b is None:
+    ``y_s + (y_noisy − y_s).detach()``). ``w_chain``: the programmed weights as a function of ``w``
+    (``program_gradient``), through which the weight gradient flows instead of straight to ``w``."""
+    if mask is None and w_b is None and w_chain is None:
         return F.linear(x, w, bias)
     n_tiles = 1 if mask is None else mask.shape[0]
     rows = tile_rows if n_tiles > 1 else x.shape[1]
-    if w_b is None:
+    if w_b is None and w_chain is None:
         y_t = torch.bmm(_tiles(x, n_tiles, rows), _tiles(w, n_tiles, rows).transpose(1, 2))
-    else:  # W's gradient from the clean weights, x's through the programmed ones
-        y_t = torch.bmm(_tiles(x.detach(), n_tiles, rows), _tiles(w, n_tiles, rows).transpose(1, 2))
-        y_t = y_t + torch.bmm(
-            _tiles(x, n_tiles, rows), _tiles(w_b.to(x.dtype).detach(), n_tiles, rows).transpose(1, 2)
-        )
+    else:  # W's gradient from one tensor (the clean or the chained weights), x's from another (clean or programmed)
+        w_grad = w if w_chain is None else w_chain.to(x.dtype)
+        w_input = w if w_b is None else w_b.to(x.dtype)
+        y_t = torch.bmm(_tiles(x.detach(), n_tiles, rows), _tiles(w_grad, n_tiles, rows).transpose(1, 2))
+        y_t = y_t + torch.bmm(_tiles(x, n_tiles, rows), _tiles(w_input.detach(), n_tiles, rows).transpose(1, 2))
     if mask is not None:
         y_t = y_t * mask.to(x.dtype)
     y = y_t.sum(0)
@@ -125,13 +128,21 @@ class AnalogSTEFunction(torch.autograd.Function):
         ctx.compute_dtype = layer.forward_dtype(x)
         ctx.x_dtype = x.dtype
         aux: dict[str, torch.Tensor | None] | None = {} if layer.ste_levers else None
+        # ``program_gradient``: the programming runs under autograd from a leaf of its own, which the backward
+        # differentiates (a graph to the parameter itself would reach it twice).
+        chain = layer.hf_cim_config.program_gradient and weight.requires_grad
+        w_in = weight.detach().requires_grad_() if chain else weight
         with torch.no_grad():
-            y = layer.noisy_forward(x, weight, bias, differentiable=False, aux=aux)
+            y = layer.noisy_forward(x, w_in, bias, differentiable=False, aux=aux)
         x_saved = input_for_backward(x, ctx.compute_dtype)
         if aux is None:
             ctx.save_for_backward(x_saved, weight)
         else:
-            ctx.save_for_backward(x_saved, weight, aux.get("mask"), aux.get("weight"), aux.get("input_mask"))
+            program = aux.get("program")
+            ctx.save_for_backward(
+                x_saved, weight, aux.get("mask"), aux.get("weight"), aux.get("input_mask"),
+                None if program is None else w_in, program,
+            )  # fmt: skip
         return y
 
     @staticmethod
@@ -143,10 +154,12 @@ class AnalogSTEFunction(torch.autograd.Function):
             x, weight = saved
             grad_x, grad_w = ctx.layer.clean_backward(x, weight, grad_output, need_x, need_w, ctx.compute_dtype)
         else:
-            x, weight, mask, w_prog, input_mask = saved
+            x, weight, mask, w_prog, input_mask, w_in, program = saved
             grad_x, grad_w = ctx.layer.ste_backward(
                 x, weight, grad_output, mask, w_prog, need_x, need_w, ctx.compute_dtype, input_mask
             )
+            if program is not None and grad_w is not None:
+                grad_w = ctx.layer.chain_program(grad_w, w_in, program)
         if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         grad_b = None
@@ -188,5 +201,5 @@ def ste_detach_forward(layer: Any, x: torch.Tensor, weight: torch.Tensor, bias: 
     input_mask = aux.get("input_mask")
     if input_mask is not None:  # a static DAC clipped these inputs: no gradient to them (the values are x's)
         x = torch.where(input_mask, x, x.detach())
-    y_s = layer.ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"))
+    y_s = layer.ste_surrogate(x, weight, bias, aux.get("mask"), aux.get("weight"), aux.get("program"))
     return y_s + (y_noisy - y_s).detach()

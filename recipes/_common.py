@@ -37,8 +37,8 @@ INPUT_QUANT_CHOICES = ("per_token", "per_tensor", "static")
 CHIP_CALIBRATION_CHOICES = ("none",) + CHIP_CORRECTIONS
 # The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
 # differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
-STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed"}
-STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean"}
+STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed", "program_gradient": False}
+STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False}
 
 
 @dataclass
@@ -105,6 +105,16 @@ class AnalogArguments:
             f"computed with; AnalogNoiseConfig.backward_weights). Default: {STE_LEVER_DEFAULTS['backward_weights']} "
             "for --gradient ste/ste_detach/none; always clean with --gradient full (overridden)."
         },
+    )
+    program_gradient: bool | None = field(
+        default=None,
+        metadata={
+            "help": "STE backward: the weight gradient taken on through the weight programming, each device's "
+            "factor (AnalogNoiseConfig.program_gradient). Default: "
+            f"{STE_LEVER_DEFAULTS['program_gradient']} for --gradient ste/ste_detach/none; always False with "
+            "--gradient full (autograd differentiates the programming there; a true is overridden)."
+        }
+        | {"nargs": "?", "const": True},
     )
     input_quant: str | None = field(
         default=None,
@@ -203,19 +213,18 @@ class AnalogArguments:
                 f"`--backward_weights` must be one of {BACKWARD_WEIGHTS_CHOICES}, got {self.backward_weights!r}"
             )
         if self.gradient == "full":
-            if self.mask_saturated or self.backward_weights == "programmed":
+            if self.mask_saturated or self.backward_weights == "programmed" or self.program_gradient:
                 warnings.warn(
                     "--gradient full differentiates the ADC clip and the programmed weights itself: "
-                    "--mask_saturated / --backward_weights are set to False / clean",
+                    "--mask_saturated / --backward_weights / --program_gradient are set to False / clean / False",
                     stacklevel=2,
                 )
-            self.mask_saturated = STE_LEVERS_OFF["mask_saturated"]
-            self.backward_weights = STE_LEVERS_OFF["backward_weights"]
+            for name, value in STE_LEVERS_OFF.items():
+                setattr(self, name, value)
         else:
-            if self.mask_saturated is None:
-                self.mask_saturated = STE_LEVER_DEFAULTS["mask_saturated"]
-            if self.backward_weights is None:
-                self.backward_weights = STE_LEVER_DEFAULTS["backward_weights"]
+            for name, value in STE_LEVER_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if self.digital_baseline and self.gradient == "none":
             raise ValueError(
                 "`--digital_baseline` trains a digital twin to compare a noise-aware model with; with "
@@ -626,6 +635,7 @@ def build_noise_config(args: AnalogArguments) -> hf_cim.AnalogNoiseConfig:
         "seed": args.analog_seed,
         "mask_saturated": args.mask_saturated,
         "backward_weights": args.backward_weights,
+        "program_gradient": args.program_gradient,
     }
     if args.input_quant is not None:
         overrides["input_quant"] = args.input_quant

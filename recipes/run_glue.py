@@ -797,6 +797,7 @@ def main(argv: list[str] | None = None) -> dict:
             "gradient": analog_args.gradient,
             "mask_saturated": analog_args.mask_saturated,
             "backward_weights": analog_args.backward_weights,
+            "program_gradient": analog_args.program_gradient,
             "digital_warmup_ratio": analog_args.digital_warmup_ratio,
             "train_t_inference": analog_args.train_time,
             "weight_clip_sigmas": analog_args.weight_clip_sigmas,

@@ -84,3 +84,13 @@ def test_gradient_alignment_errors_name_the_problem():
     model = _patched()
     with pytest.raises(ValueError, match="`loss`"):
         gradient_alignment(model, {"input_ids": _probe(_data())["input_ids"]})
+
+
+def test_alignment_with_the_chained_weight_gradient_is_full_under_device_noise():
+    """Lognormal devices and no converters: ``program_gradient`` makes the STE gradient ``full``'s (the probe's
+    two passes draw the same devices); the crossbar's weight gradient alone misses each device's factor."""
+    probe = _probe(_data())
+    fields = dict(noise="paper", level=3.0, input_bits=None, output_bits=None, backward_weights="programmed")
+    crossbar = gradient_alignment(_patched(**fields), probe)["grad_cosine"]
+    chained = gradient_alignment(_patched(program_gradient=True, **fields), probe)["grad_cosine"]
+    assert chained > 0.9999 and crossbar < chained - 0.01, (crossbar, chained)

@@ -39,6 +39,9 @@ def test_fine_tuning_modes_name_their_digital_share():
     assert (
         fidelity.mode_config("ft_ste_hw", fidelity.Condition.parse("paper:3"), 0, None).train_output_correction is None
     )
+    chain = fidelity.mode_config("ft50_ste_hw_chain_clip", fidelity.Condition.parse("paper:3"), 0, None)
+    assert chain.program_gradient and chain.mask_saturated and chain.backward_weights == "programmed"
+    assert not fidelity.mode_config("ft_ste_hw", fidelity.Condition.parse("paper:3"), 0, None).program_gradient
     for bad in ("ft_digital", "ft5x_ste", "ft123_ste", "ft_", "digital_clip", "magic_clip"):
         with pytest.raises(ValueError, match="unknown mode"):
             fidelity.split_mode(bad, 0.75)

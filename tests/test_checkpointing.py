@@ -34,10 +34,12 @@ def test_checkpointed_gradients_equal_plain_ones(mode, reentrant):
         assert torch.equal(got_streams[name], ref_streams[name]), name
 
 
-def test_checkpointing_with_hardware_aware_ste_levers():
+@pytest.mark.parametrize("chain", [False, True], ids=["crossbar", "chained"])
+def test_checkpointing_with_hardware_aware_ste_levers(chain):
     def run(checkpointing):
         model = tiny_gpt2(n_layer=2)
-        hf_cim.patch_model(model, hf_cim.get_preset("rram", mask_saturated=True, backward_weights="programmed"))
+        cfg = hf_cim.get_preset("rram", mask_saturated=True, backward_weights="programmed", program_gradient=chain)
+        hf_cim.patch_model(model, cfg)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))

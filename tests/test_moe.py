@@ -105,6 +105,16 @@ def test_static_dac_refuses_experts_at_patch_time():
     assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
 
 
+def test_program_gradient_refuses_experts_at_patch_time():
+    model = tiny_mixtral()
+    with pytest.raises(ValueError, match="program_gradient.*MoE experts"):
+        hf_cim.patch_model(model, _config(program_gradient=True))
+    assert not list(hf_cim.patch.analog_layers(model))  # nothing changed
+    experts = [n for n, _ in _experts(model)]
+    hf_cim.patch_model(model, _config(program_gradient=True, exclude_modules=experts))
+    assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
+
+
 def test_adc_ranges_are_calibrated_for_the_dense_layers_and_refused_for_experts():
     """Per-layer ADC ranges belong to dense layers: calibration skips the experts (they keep ``out_bound``), and a
     range naming an expert bank is refused at patch time."""

@@ -320,26 +320,39 @@ def test_ste_levers_reach_the_noise_config(tmp_path):
         return build_noise_config(args)
 
     default = config()
-    assert (default.mask_saturated, default.backward_weights) == tuple(STE_LEVER_DEFAULTS.values())
-    assert (default.mask_saturated, default.backward_weights) == (True, "programmed")  # the recipes' choice today
+    levers = ("mask_saturated", "backward_weights", "program_gradient")
+    assert tuple(getattr(default, n) for n in levers) == tuple(STE_LEVER_DEFAULTS[n] for n in levers)
+    assert tuple(getattr(default, n) for n in levers) == (True, "programmed", False)  # the recipes' choice today
     off = config("--mask_saturated", "false", "--backward_weights", "clean", "--gradient", "ste_detach")
     assert (off.gradient, off.mask_saturated, off.backward_weights) == ("ste_detach", False, "clean")
+    chained = config("--program_gradient")
+    assert (chained.gradient, chained.program_gradient) == ("ste", True)
     full = config("--gradient", "full")  # the config rejects the levers with `full`: forced off
-    assert (full.gradient, full.mask_saturated, full.backward_weights) == ("full", False, "clean")
-    with pytest.warns(UserWarning, match="--gradient full .* set to False / clean"):
+    assert (full.gradient, full.mask_saturated, full.backward_weights, full.program_gradient) == (
+        "full",
+        False,
+        "clean",
+        False,
+    )
+    with pytest.warns(UserWarning, match="--gradient full .* set to False / clean / False"):
         forced = config("--gradient", "full", "--mask_saturated", "--backward_weights", "programmed")
     assert (forced.mask_saturated, forced.backward_weights) == (False, "clean")
+    with pytest.warns(UserWarning, match="--program_gradient"):
+        forced = config("--gradient", "full", "--program_gradient")
+    assert forced.program_gradient is False
     with pytest.raises(ValueError, match="`--backward_weights` must be one of"):
         config("--backward_weights", "noisy")
 
     # end to end: the model trains and is saved with the levers of the command line
     path, _ = write_text(tmp_path / "input.txt", n_chars=3000)
     out = tmp_path / "out"
-    args = clm_args(path, out, "--max_steps", "1", "--mask_saturated", "false", "--backward_weights", "programmed")
+    args = clm_args(path, out, "--max_steps", "1", "--mask_saturated", "false", "--backward_weights", "programmed",
+                    "--program_gradient")  # fmt: skip
     res = run_shakespeare.main(args + ["--eval_chips", "0"])
-    assert (res["analog"]["mask_saturated"], res["analog"]["backward_weights"]) == (False, "programmed")
+    got = res["analog"]
+    assert (got["mask_saturated"], got["backward_weights"], got["program_gradient"]) == (False, "programmed", True)
     cfg = hf_cim.patch.get_config(AutoModelForCausalLM.from_pretrained(out))
-    assert (cfg.mask_saturated, cfg.backward_weights) == (False, "programmed")
+    assert (cfg.mask_saturated, cfg.backward_weights, cfg.program_gradient) == (False, "programmed", True)
 
 
 def test_static_dac_calibrates_each_model_on_the_training_data(tmp_path):

@@ -1,5 +1,6 @@
-"""The STE backward levers: ``mask_saturated`` (no gradient through ADC-clipped partial sums) and
-``backward_weights="programmed"`` (input gradient through the weights the chip computed with)."""
+"""The STE backward levers: ``mask_saturated`` (no gradient through ADC-clipped partial sums),
+``backward_weights="programmed"`` (input gradient through the weights the chip computed with) and
+``program_gradient`` (the weight gradient chained through the weight programming)."""
 
 import copy
 
@@ -105,6 +106,96 @@ def test_programmed_weights_input_gradient_equals_full_under_lognormal_noise(kin
     torch.testing.assert_close(gw_prog, gw_plain, rtol=1e-5, atol=1e-5)  # the weight gradient stays clean
 
 
+_DEVICE_CHIPS = {
+    # lognormal devices (w' = w·e^{σξ}), int8 weights: the chain rule gives each device's factor e^{σξ}
+    "lognormal": dict(noise="paper", level=3.0),
+    # PCM programming noise, a day of drift with its global compensation (a per-row term), no read noise
+    "pcm_drift_1d": dict(noise=[{"name": "pcm", "read_noise_scale": 0.0}], level=1.0, t_inference=86400.0),
+}
+
+
+@pytest.mark.parametrize("chip", list(_DEVICE_CHIPS))
+@pytest.mark.parametrize("gradient", ["ste", "ste_detach"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_program_gradient_equals_full_without_converters(kind, gradient, chip):
+    """Where the only differentiable stage is the weight programming (no DAC, ADC or read noise), ``full``'s
+    gradients are ``g·W'`` and the crossbar's ``gᵀ·x`` chained through the programming: ``program_gradient`` with
+    ``backward_weights='programmed'`` gives both from the same draw; the crossbar's gradient alone is far off."""
+    plain, x = _layer(kind)
+    fields = dict(_DEVICE_CHIPS[chip])
+    t = fields.pop("t_inference", 0.0)
+    fields.update(input_bits=None, output_bits=None, tile_size=None, seed=3)
+
+    def grads(**levers):
+        layer = _patched(plain, **fields, **levers)
+        hf_cim.set_drift_time(layer, t)
+        return layer_grads(layer, x, g)
+
+    g = torch.randn_like(plain(x))
+    y_full, gx_full, gw_full, gb_full = grads(gradient="full")
+    y, gx, gw, gb = grads(gradient=gradient, backward_weights="programmed", program_gradient=True)
+    torch.testing.assert_close(y, y_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx, gx_full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, gw_full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gb, gb_full)
+    _, _, gw_crossbar, _ = grads(gradient=gradient, backward_weights="programmed")
+    assert (gw_crossbar - gw_full).abs().max() > 0.1 * gw_full.abs().max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_program_gradient_is_the_device_factor_times_the_crossbar_gradient(kind):
+    """First principles under lognormal devices: ``∂L/∂w = e^{σξ}·(gᵀ·x)``, the factor read off the programmed
+    weights of the same draw (``w'/Q(w)``; the quantizer passes the gradient straight through)."""
+    plain, x = _layer(kind)
+    fields = dict(noise="paper", level=3.0, output_bits=None, tile_size=None, seed=7)
+    g = torch.randn_like(plain(x))
+    _, _, gw_chain, _ = layer_grads(_patched(plain, gradient="ste", program_gradient=True, **fields), x, g)
+    _, _, gw_crossbar, _ = layer_grads(_patched(plain, gradient="ste", **fields), x, g)
+    probe = _patched(plain, gradient="ste", backward_weights="programmed", **fields)
+    aux = {}
+    with torch.no_grad():  # a fresh layer of the same seed: its first forward draws the same devices
+        probe.noisy_forward(x, probe.weight, probe.bias, differentiable=False, aux=aux)
+    w_q, scale = quantize_weight(probe.weight_oi(probe.weight.detach()), 8)
+    w_q = w_q * scale
+    read = w_q != 0  # a weight quantized to zero stays zero: its factor is not in W' (but is in the gradient)
+    factor = aux["weight"][read] / w_q[read]
+    assert read.float().mean() > 0.95 and factor.std() > 0.2  # σ = 0.3: the factors are far from one
+    ref = factor * probe.weight_oi(gw_crossbar)[read]
+    torch.testing.assert_close(probe.weight_oi(gw_chain)[read], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("gradient", ["ste", "ste_detach"])
+def test_program_gradient_on_frozen_weights_leaves_the_input_gradient(gradient):
+    """A frozen base (LoRA's): nothing to chain, the input gradient is the lever's ``g·W'`` as without it."""
+    plain, x = _layer("linear")
+    fields = dict(gradient=gradient, noise="paper", level=3.0, output_bits=None, tile_size=None, seed=2,
+                  backward_weights="programmed")  # fmt: skip
+    g = torch.randn_like(plain(x))
+    grads_x = []
+    for chain in (False, True):
+        layer = _patched(plain, program_gradient=chain, **fields)
+        layer.weight.requires_grad_(False)
+        xx = x.clone().requires_grad_()
+        layer(xx).backward(g)
+        grads_x.append(xx.grad)
+        assert layer.weight.grad is None
+    torch.testing.assert_close(grads_x[1], grads_x[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", [None, 16], ids=["one-tile", "tiled"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ste_and_ste_detach_agree_with_program_gradient(kind, tile):
+    """The chained weight gradient with every other lever and stage on (DAC, ADC clip mask, tiles, output noise)."""
+    plain, x = _layer(kind)
+    noise = [{"name": "lognormal", "std": 0.2}, {"name": "output_noise", "std": 0.1}]
+    fields = dict(noise=noise, out_bound=1.0, tile_size=tile, seed=5, mask_saturated=True,
+                  backward_weights="programmed", program_gradient=True)  # fmt: skip
+    a = layer_grads(_patched(plain, gradient="ste", **fields), x, g := torch.randn_like(plain(x)))
+    b = layer_grads(_patched(plain, gradient="ste_detach", **fields), x, g)
+    for ta, tb in zip(a, b):
+        torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_programmed_weights_backward_leaves_a_programmed_chip_intact(kind):
     """The forward scales its own programmed weights in place for the backward; a programmed chip's weights, read
@@ -139,11 +230,13 @@ def test_ste_and_ste_detach_agree_with_levers(kind, tile, levers):
         torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
 
 
-def test_levers_train_a_gpt2():
+@pytest.mark.parametrize("chain", [False, True], ids=["crossbar", "chained"])
+def test_levers_train_a_gpt2(chain):
     from helpers import tiny_gpt2, train_lm_steps
 
     model = tiny_gpt2()
-    hf_cim.patch_model(model, hf_cim.get_preset("pcm", mask_saturated=True, backward_weights="programmed", seed=0))
+    cfg = hf_cim.get_preset("pcm", mask_saturated=True, backward_weights="programmed", program_gradient=chain, seed=0)
+    hf_cim.patch_model(model, cfg)
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0))
     losses = train_lm_steps(model, ids)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -155,7 +248,11 @@ def test_full_mode_rejects_the_levers():
         AnalogNoiseConfig(gradient="full", mask_saturated=True)
     with pytest.raises(ValueError, match="backward_weights"):
         AnalogNoiseConfig(backward_weights="noisy")
-    cfg = AnalogNoiseConfig(mask_saturated=True, backward_weights="programmed")
+    with pytest.raises(ValueError, match="program_gradient"):
+        AnalogNoiseConfig(gradient="full", program_gradient=True)
+    with pytest.raises(TypeError, match="program_gradient"):
+        AnalogNoiseConfig(program_gradient="yes")
+    cfg = AnalogNoiseConfig(mask_saturated=True, backward_weights="programmed", program_gradient=True)
     assert AnalogNoiseConfig.from_json_string(cfg.to_json_string()) == cfg
 
 
