@@ -275,7 +275,8 @@ class AnalogLayerMixin:
 
     @property
     def ste_levers(self) -> bool:
-        """Whether the STE backward differs from the plain layer's (a saturation mask or programmed weights)."""
+        """Whether the STE backward differs from the plain layer's (a saturation mask, programmed weights or the weight
+        gradient chained through the programming)."""
         cfg = self.hf_cim_config
         clips = cfg.output_bits is not None or cfg.input_quant == "static"
         return (cfg.mask_saturated and clips) or cfg.backward_weights == "programmed" or cfg.program_gradient
