@@ -322,8 +322,9 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             quantizers straight through, as ``full`` differentiates them. Everything after the programming (reads,
             IR-drop, converters, output noise) stays straight through. Under weight noise the crossbar's gradient
             misses the term that makes the expected loss penalize large weights where the loss is curved (for
-            ``w' = w·η``: ``E[η·∇L(w')] ≈ ∇L(w) + σ²·diag(H)·w``); this keeps it. Costs the programming's saved
-            factors (about one weight-sized tensor) and one weight-sized backward per layer; dense layers only.
+            ``w' = w·η`` with ``E[η] = 1``, ``E[η·∇L(w')] − E[∇L(w')] ≈ σ²·diag(H)·w``); this keeps it. Costs the
+            programming's saved factors (about one weight-sized tensor) and one weight-sized backward per layer
+            (for MoE experts, per projection over the experts a batch hits).
         product_precision: the operands of the crossbar product itself (the signal ``x·Wᵀ`` per tile).
             ``"autocast"`` (default): in the layer's compute dtype where that is bfloat16 or float16 (under
             ``torch.autocast``, or a half-precision model), as the plain layer's product is; the products accumulate

@@ -70,7 +70,7 @@ def checkpoint_replay(layer: AnalogLayerMixin, device: torch.device) -> Iterator
         yield
 
 
-def _saved_as_is() -> torch.autograd.graph.saved_tensors_hooks:
+def saved_as_is() -> torch.autograd.graph.saved_tensors_hooks:
     """Saved-tensor hooks that keep tensors as they are, over an outer pair (activation checkpointing's): a graph
     built inside a forward for that forward's own backward keeps its tensors, where checkpointing would drop them
     and recompute them from the layer's inputs, in a recompute that builds a graph of its own."""
@@ -216,7 +216,7 @@ class AnalogLayerMixin:
             elif aux is not None and cfg.program_gradient and weight.requires_grad:
                 # The programming under autograd, from the weight itself: the STE backward takes the crossbar's
                 # weight gradient on through it (this draw's device factors), and ``ste_detach``'s surrogate reads it.
-                with torch.enable_grad(), _saved_as_is():
+                with torch.enable_grad(), saved_as_is():
                     w_oi = self.weight_oi(weight).float()
                     w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=True)
                     chained = w_prog * w_scale

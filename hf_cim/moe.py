@@ -19,7 +19,8 @@ data flow with each expert's product computed as a crossbar computes it:
 Gradient modes, per projection (each expert's matrix is one analog layer):
 
 * ``ste``: one ``autograd.Function`` per projection; backward = each expert's clean VJP (``g·W_e``, ``gᵀ·x``, ``Σg``)
-  with the config's ``mask_saturated`` / ``backward_weights`` levers exactly as the dense layers apply them.
+  with the config's ``mask_saturated`` / ``backward_weights`` / ``program_gradient`` levers exactly as the dense
+  layers apply them (the last chains the weight gradient through the programming of the experts hit).
 * ``ste_detach``: ``y_clean + (y_noisy − y_clean).detach()`` per expert, ``y_clean`` the clean product under autograd
   (the levers' surrogate when a lever is on): the same gradients as ``ste``.
 * ``full``: autograd through the simulation.
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import AnalogLayerMixin, checkpoint_replay
+from .layers import AnalogLayerMixin, checkpoint_replay, saved_as_is
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
 from .ste import input_for_backward, lever_surrogate, lever_vjp
@@ -143,13 +144,18 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         ctx.tile_rows = layer.hf_cim_config.tile_size
         ctx.bias_dtype = None if bias is None else bias.dtype
         aux = {} if layer.ste_levers else None
+        # ``program_gradient``: the programming runs under autograd from a leaf of its own (see the dense layers').
+        chain = layer.hf_cim_config.program_gradient and weight.requires_grad
+        w_in = weight.detach().requires_grad_() if chain else weight
         with torch.no_grad():
-            y = layer._noisy_project(name, x, weight, bias, plan, differentiable=False, aux=aux)
+            y = layer._noisy_project(name, x, w_in, bias, plan, differentiable=False, aux=aux)
         masks = [m for m in (aux or {}).get("mask", []) if m is not None]
         w_bs = [w for w in (aux or {}).get("weight", []) if w is not None]
-        ctx.n_masks = len(masks)
+        program = (aux or {}).get("program")
+        ctx.n_masks, ctx.n_w_bs = len(masks), len(w_bs)
         ctx.x_dtype = x.dtype
-        ctx.save_for_backward(input_for_backward(x, ctx.compute_dtype), weight, *masks, *w_bs)
+        chained = () if program is None else (w_in, program)
+        ctx.save_for_backward(input_for_backward(x, ctx.compute_dtype), weight, *masks, *w_bs, *chained)
         return y
 
     @staticmethod
@@ -157,7 +163,9 @@ class _ExpertsSTEFunction(torch.autograd.Function):
     def backward(ctx, grad):
         saved = ctx.saved_tensors  # once: checkpointing's unpack hooks allow a single read
         x, weight = saved[:2]
-        masks, w_bs = saved[2 : 2 + ctx.n_masks], saved[2 + ctx.n_masks :]
+        masks = saved[2 : 2 + ctx.n_masks]
+        w_bs = saved[2 + ctx.n_masks : 2 + ctx.n_masks + ctx.n_w_bs]
+        chained = saved[2 + ctx.n_masks + ctx.n_w_bs :]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         layer, plan, dtype = ctx.layer, ctx.plan, ctx.compute_dtype
         w_oi = layer._w_oi(weight)
@@ -186,7 +194,12 @@ class _ExpertsSTEFunction(torch.autograd.Function):
                 grad_w[e] = gw.to(weight.dtype)
             if need_b:
                 grad_b[e] = g.sum(0).to(ctx.bias_dtype)
-        if need_w:
+        if need_w and chained and plan.hit:  # the hit experts' crossbar gradients on through their programming
+            w_in, program = chained
+            hit = torch.tensor(plan.hit, device=grad_w.device)
+            (grad_w,) = torch.autograd.grad(program, w_in, grad_w[hit].to(program.dtype))
+            grad_w = grad_w.to(weight.dtype).contiguous()
+        elif need_w:
             grad_w = layer._w_oi(grad_w).contiguous()
         return grad_x, grad_w, grad_b, None, None, None
 
@@ -260,7 +273,8 @@ class AnalogExpertsMixin(AnalogLayerMixin):
     def _noisy_project(self, name, x, weight, bias, plan, differentiable, aux=None):
         """The analog product of every expert hit with its rows of ``x`` (``(pairs, in)``, sorted by expert).
         ``aux`` (STE modes) receives per expert hit the ADC pass mask (``"mask"``) and the programmed weights in
-        the layer's units (``"weight"``), or Nones, as the config's levers ask."""
+        the layer's units (``"weight"``), or Nones, as the config's levers ask, and with ``program_gradient`` the
+        hit experts' programmed weights ``(hit, out, in)`` as a function of ``weight`` (``"program"``)."""
         cfg = self.hf_cim_config
         spec = TileSpec.from_config(cfg)
         out_dtype = self.forward_dtype(x)
@@ -268,15 +282,24 @@ class AnalogExpertsMixin(AnalogLayerMixin):
             w_oi = self._w_oi(weight)
             ctx = self._proj_context(name, x.device, w_oi.shape[-1])
             on_chip = self.hf_cim_state.chip is not None and not self.training
+            chained = None
             if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
+            elif aux is not None and cfg.program_gradient and weight.requires_grad:
+                with torch.enable_grad(), saved_as_is():  # as the dense layers: the backward chains through it
+                    w_prog, w_scale = self._program_experts(self._w_oi(weight), plan.hit, ctx, differentiable=True)
+                    chained = w_prog * w_scale
+                w_prog, w_scale = w_prog.detach(), w_scale.detach()
+                picks = list(range(len(plan.hit)))
             else:
                 w_prog, w_scale = self._program_experts(w_oi, plan.hit, ctx, differentiable)
                 picks = list(range(len(plan.hit)))
             xf = x.float()
             if aux is not None:
                 aux["mask"], aux["weight"] = [], []
+                if chained is not None:
+                    aux["program"] = chained
             ys = []
             for j, e in zip(picks, plan.hit):
                 ctx.weight_scale = w_scale[j]
@@ -297,7 +320,9 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 if aux is not None:
                     aux["mask"].append(saturation[0] if saturation else None)
                     w_b = None
-                    if cfg.backward_weights == "programmed":  # in place after the product, as the dense layers
+                    if cfg.backward_weights == "programmed" and chained is not None:
+                        w_b = chained[j].detach()  # the chain's saved tensors stay intact
+                    elif cfg.backward_weights == "programmed":  # in place after the product, as the dense layers
                         w_b = w_prog[j] * w_scale[j] if on_chip else w_prog[j].mul_(w_scale[j])
                     aux["weight"].append(w_b)
                 ys.append(y)
@@ -321,6 +346,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                         aux["mask"][j] if aux else None,
                         aux["weight"][j] if aux else None,
                         self.hf_cim_config.tile_size,
+                        aux["program"][j] if aux and "program" in aux else None,
                     )
                 )
             y_clean = torch.cat(ys) if ys else x.new_zeros(0, w_oi.shape[1], dtype=dtype)

@@ -217,7 +217,6 @@ def patch_model(model: nn.Module, config: AnalogNoiseConfig) -> nn.Module:
     config.validate()  # fields are checked on assignment; this also sees noise models changed in place
     selected = _select(model, config)
     _check_static_ranges(config, selected)
-    _check_dense_only_levers(config, selected)
     for name, module in selected:
         module.__class__ = _noisy_class(module)
         module._hf_cim_init(name, config)
@@ -251,20 +250,6 @@ def _check_static_ranges(config: AnalogNoiseConfig, selected: list[tuple[str, nn
                 f"patch_model: `{field_name}` names {len(stray)} layer(s) this config does not patch as dense layers, "
                 f"e.g. {stray[0]!r}; ranges belong to the model they were calibrated on"
             )
-
-
-def _check_dense_only_levers(config: AnalogNoiseConfig, selected: list[tuple[str, nn.Module]]) -> None:
-    """``program_gradient`` chains the weight gradient through a dense layer's programming; MoE experts program
-    only the experts a batch hits, and their STE backward does not chain it."""
-    if not config.program_gradient:
-        return
-    experts = [n for n, m in selected if type(m) not in LAYER_MAP]
-    if experts:
-        raise ValueError(
-            f"patch_model: `program_gradient` applies to dense layers; MoE experts ({experts[0]!r}"
-            f"{' ...' if len(experts) > 1 else ''}) keep the crossbar's weight gradient: exclude them or leave "
-            "program_gradient=False"
-        )
 
 
 def _hf_config(model: nn.Module):

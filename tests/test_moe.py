@@ -105,16 +105,6 @@ def test_static_dac_refuses_experts_at_patch_time():
     assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
 
 
-def test_program_gradient_refuses_experts_at_patch_time():
-    model = tiny_mixtral()
-    with pytest.raises(ValueError, match="program_gradient.*MoE experts"):
-        hf_cim.patch_model(model, _config(program_gradient=True))
-    assert not list(hf_cim.patch.analog_layers(model))  # nothing changed
-    experts = [n for n, _ in _experts(model)]
-    hf_cim.patch_model(model, _config(program_gradient=True, exclude_modules=experts))
-    assert all(not n.endswith("experts") for n, _ in hf_cim.patch.analog_layers(model))
-
-
 def test_adc_ranges_are_calibrated_for_the_dense_layers_and_refused_for_experts():
     """Per-layer ADC ranges belong to dense layers: calibration skips the experts (they keep ``out_bound``), and a
     range naming an expert bank is refused at patch time."""
@@ -189,9 +179,39 @@ def test_ste_projection_gradient_is_each_experts_clean_vjp(mode, levers):
     assert torch.all(w.grad[1] == 0)
 
 
-@pytest.mark.parametrize("levers", [False, True], ids=["clean_backward", "levers"])
+@pytest.mark.parametrize("mode", ["ste", "ste_detach"])
+def test_program_gradient_projection_equals_full_without_converters(mode):
+    """Lognormal devices, no DAC or ADC: with ``program_gradient`` and the programmed input weights, a projection's
+    gradients are ``full``'s for the same draw (each hit expert's weight gradient scaled by its devices' factors);
+    an expert not hit gets none."""
+    fields = dict(noise=[{"name": "lognormal", "std": 0.3}], input_bits=None, output_bits=None,
+                  target_modules=r".*\.experts")  # fmt: skip
+    plan = _Plan.from_counts([3, 0, 5, 2])
+    torch.manual_seed(1)
+    x0, g = torch.randn(10, 32), torch.randn(10, 128)
+    grads = {}
+    for name, levers in [("full", dict(gradient="full")),
+                         ("chain", dict(gradient=mode, backward_weights="programmed", program_gradient=True)),
+                         ("crossbar", dict(gradient=mode, backward_weights="programmed"))]:  # fmt: skip
+        model = tiny_mixtral()
+        hf_cim.patch_model(model, _config(**fields, **levers))
+        experts = model.model.layers[0].mlp.experts
+        x = x0.clone().requires_grad_()
+        y = experts._project("gate_up_proj", x, plan)
+        y.backward(g)
+        grads[name] = (y.detach(), x.grad, experts.gate_up_proj.grad)
+    for got, ref in zip(grads["chain"], grads["full"]):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert torch.all(grads["chain"][2][1] == 0)
+    gw_crossbar, gw_full = grads["crossbar"][2], grads["full"][2]
+    assert (gw_crossbar - gw_full).abs().max() > 0.1 * gw_full.abs().max()
+
+
+@pytest.mark.parametrize("levers", [False, True, "chain"], ids=["clean_backward", "levers", "chain"])
 def test_ste_and_ste_detach_agree_for_the_same_seed(levers):
     extra = {"mask_saturated": True, "backward_weights": "programmed", "out_bound": 0.3} if levers else {}
+    if levers == "chain":
+        extra.update(program_gradient=True, noise=[{"name": "lognormal", "std": 0.2}, NOISE[1]])
     base = tiny_mixtral()
     runs = {}
     for mode in ("ste", "ste_detach"):
@@ -416,14 +436,18 @@ def test_unpatch_restores_the_plain_experts():
     hf_cim.patch_model(model, _config())  # patchable again
 
 
-def test_gradient_checkpointing_replays_the_experts_noise():
+@pytest.mark.parametrize("chain", [False, True], ids=["crossbar", "chained"])
+def test_gradient_checkpointing_replays_the_experts_noise(chain):
     base = tiny_mixtral()
     ids = _ids()
     runs = []
+    fields = {}
+    if chain:  # lognormal devices: the chained gradient differs from the crossbar's
+        fields = dict(backward_weights="programmed", program_gradient=True, noise=[{"name": "lognormal", "std": 0.2}])
     for checkpointing in (False, True):
         model = copy.deepcopy(base)
         model.config.use_cache = False
-        hf_cim.patch_model(model, _config())
+        hf_cim.patch_model(model, _config(**fields))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
