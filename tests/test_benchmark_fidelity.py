@@ -184,6 +184,7 @@ def test_paired_runs_same_init_and_chips(tmp_path):
 def test_static_dac_runs_calibrate_every_model_on_the_same_batches(tmp_path, monkeypatch):
     """--input_quant static: noise-aware training recalibrates its ranges; before measuring, every model (digital
     included) is calibrated on the same fixed batches; the header says so."""
+    import hf_cim.callbacks  # noqa: F401  (imported before the spy: it binds the real function for later tests)
     from hf_cim import calibration
 
     seen = []
