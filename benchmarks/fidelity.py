@@ -15,9 +15,10 @@ Modes (``--modes``, comma-separated):
 * ``ste``, ``ste_detach``, ``full``: the three gradient modes with the plain clean backward (``full``: autograd).
 * ``ste_mask``: ``ste`` without gradient through ADC-clipped partial sums (``mask_saturated=True``).
 * ``ste_prog``: ``ste`` with the input gradient through the programmed weights (``backward_weights="programmed"``).
-* ``ste_hw`` / ``ste_detach_hw``: both levers (the library's hardware-aware STE), in either STE form.
+* ``ste_hw`` / ``ste_detach_hw``: both levers (the hardware-aware STE of rounds one to sixteen), in either STE form.
 * ``ste_hw_chain``: ``ste_hw`` with the weight gradient taken on through the weight programming
-  (``program_gradient=True``: each device's factor).
+  (``program_gradient=True``: each device's factor); the presets' and recipes' training backward since the
+  seventeenth round.
 * ``ft_<mode>``: the first ``--digital_fraction`` of the steps digital, the rest in ``<mode>`` (noise-aware
   fine-tuning of a digitally trained model, same total budget and schedule); ``ft<NN>_<mode>`` sets the digital
   share to NN % for that mode alone (``ft50_ste_hw``), so several shares fit in one table. With ``--restart_lr R``
@@ -71,18 +72,24 @@ from hf_cim.correction import CHIP_CORRECTIONS
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "y": 365.0 * 86400.0}
 BASE_MODES = {
     "digital": None,
-    "ste": dict(gradient="ste", mask_saturated=False, backward_weights="clean"),
-    "ste_detach": dict(gradient="ste_detach", mask_saturated=False, backward_weights="clean"),
+    "ste": dict(gradient="ste", mask_saturated=False, backward_weights="clean", program_gradient=False),
+    "ste_detach": dict(gradient="ste_detach", mask_saturated=False, backward_weights="clean", program_gradient=False),
     "full": dict(gradient="full"),
-    "ste_mask": dict(gradient="ste", mask_saturated=True, backward_weights="clean"),
-    "ste_prog": dict(gradient="ste", mask_saturated=False, backward_weights="programmed"),
-    "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed"),
-    "ste_detach_hw": dict(gradient="ste_detach", mask_saturated=True, backward_weights="programmed"),
+    "ste_mask": dict(gradient="ste", mask_saturated=True, backward_weights="clean", program_gradient=False),
+    "ste_prog": dict(gradient="ste", mask_saturated=False, backward_weights="programmed", program_gradient=False),
+    "ste_hw": dict(gradient="ste", mask_saturated=True, backward_weights="programmed", program_gradient=False),
+    "ste_detach_hw": dict(
+        gradient="ste_detach", mask_saturated=True, backward_weights="programmed", program_gradient=False
+    ),
     # ste_hw with the weight gradient taken on through the weight programming (each device's factor)
     "ste_hw_chain": dict(gradient="ste", mask_saturated=True, backward_weights="programmed", program_gradient=True),
     # ste_hw trained for a chip that corrects its outputs per column (measure with --chip_calibration affine)
     "ste_hw_cal": dict(
-        gradient="ste", mask_saturated=True, backward_weights="programmed", train_output_correction="affine"
+        gradient="ste",
+        mask_saturated=True,
+        backward_weights="programmed",
+        program_gradient=False,
+        train_output_correction="affine",
     ),
 }
 

@@ -70,7 +70,7 @@ ALL_VARIANTS = (
 )  # fmt: skip
 HF_CIM_VARIANTS = ("ste", "ste_detach", "full")
 #: ``ste`` with the hardware-aware backward levers (ADC saturation mask, input gradient through programmed weights).
-STE_HW = {"gradient": "ste", "mask_saturated": True, "backward_weights": "programmed"}
+STE_HW = {"gradient": "ste", "mask_saturated": True, "backward_weights": "programmed", "program_gradient": False}
 #: ``ste_hw`` with the weight gradient chained through the weight programming (``program_gradient``).
 STE_HW_CHAIN = {**STE_HW, "program_gradient": True}
 PEER = "aihwkit_lightning"
@@ -182,7 +182,7 @@ def _config(**fields):
     if PRESET is None:
         return hf_cim.AnalogNoiseConfig(**fields)
     if fields.get("gradient") != "full":  # the plain clean backward unless the variant asks for the levers
-        fields = {"mask_saturated": False, "backward_weights": "clean", **fields}
+        fields = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False, **fields}
     return hf_cim.get_preset(PRESET, **fields)
 
 

@@ -105,7 +105,12 @@ def preset_noise(name: str) -> list[NoiseModel]:
 
 
 #: How a preset's chip is trained: the hardware-aware STE backward. No gradient through partial sums the ADC
-#: clipped, and the input gradient through the programmed weights. Paired over seeds and chips, this is what made
-#: noise-aware training beat digital training on the presets' chips (docs/fidelity.md); the plain clean backward
-#: (``AnalogNoiseConfig``'s default) lost there. ``gradient="full"`` differentiates both itself and takes neither.
-TRAINING_DEFAULTS: dict[str, Any] = {"mask_saturated": True, "backward_weights": "programmed"}
+#: clipped, the input gradient through the programmed weights, and the weight gradient on through the weight
+#: programming (each device's factor). Paired over seeds and chips, this is what made noise-aware training beat
+#: digital training on the presets' chips (docs/fidelity.md); the plain clean backward (``AnalogNoiseConfig``'s
+#: default) lost there. ``gradient="full"`` differentiates all three itself and takes none.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "mask_saturated": True,
+    "backward_weights": "programmed",
+    "program_gradient": True,
+}

@@ -37,7 +37,7 @@ INPUT_QUANT_CHOICES = ("per_token", "per_tensor", "static")
 CHIP_CALIBRATION_CHOICES = ("none",) + CHIP_CORRECTIONS
 # The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
 # differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
-STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed", "program_gradient": False}
+STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed", "program_gradient": True}
 STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False}
 
 

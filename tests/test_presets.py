@@ -87,7 +87,7 @@ def test_from_preset_is_get_preset(name):
             assert cfg.level == level
     fields = preset_fields(name)
     assert fields["noise"] == preset_noise(name) and fields is not preset_fields(name)
-    assert TRAINING_DEFAULTS == {"mask_saturated": True, "backward_weights": "programmed"}
+    assert TRAINING_DEFAULTS == {"mask_saturated": True, "backward_weights": "programmed", "program_gradient": True}
 
 
 def test_presets_are_data_below_the_config():

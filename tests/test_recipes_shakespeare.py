@@ -322,11 +322,11 @@ def test_ste_levers_reach_the_noise_config(tmp_path):
     default = config()
     levers = ("mask_saturated", "backward_weights", "program_gradient")
     assert tuple(getattr(default, n) for n in levers) == tuple(STE_LEVER_DEFAULTS[n] for n in levers)
-    assert tuple(getattr(default, n) for n in levers) == (True, "programmed", False)  # the recipes' choice today
+    assert tuple(getattr(default, n) for n in levers) == (True, "programmed", True)  # the recipes' choice today
     off = config("--mask_saturated", "false", "--backward_weights", "clean", "--gradient", "ste_detach")
     assert (off.gradient, off.mask_saturated, off.backward_weights) == ("ste_detach", False, "clean")
-    chained = config("--program_gradient")
-    assert (chained.gradient, chained.program_gradient) == ("ste", True)
+    unchained = config("--program_gradient", "false")
+    assert (unchained.gradient, unchained.program_gradient) == ("ste", False)
     full = config("--gradient", "full")  # the config rejects the levers with `full`: forced off
     assert (full.gradient, full.mask_saturated, full.backward_weights, full.program_gradient) == (
         "full",
@@ -347,12 +347,12 @@ def test_ste_levers_reach_the_noise_config(tmp_path):
     path, _ = write_text(tmp_path / "input.txt", n_chars=3000)
     out = tmp_path / "out"
     args = clm_args(path, out, "--max_steps", "1", "--mask_saturated", "false", "--backward_weights", "programmed",
-                    "--program_gradient")  # fmt: skip
+                    "--program_gradient", "false")  # fmt: skip
     res = run_shakespeare.main(args + ["--eval_chips", "0"])
     got = res["analog"]
-    assert (got["mask_saturated"], got["backward_weights"], got["program_gradient"]) == (False, "programmed", True)
+    assert (got["mask_saturated"], got["backward_weights"], got["program_gradient"]) == (False, "programmed", False)
     cfg = hf_cim.patch.get_config(AutoModelForCausalLM.from_pretrained(out))
-    assert (cfg.mask_saturated, cfg.backward_weights, cfg.program_gradient) == (False, "programmed", True)
+    assert (cfg.mask_saturated, cfg.backward_weights, cfg.program_gradient) == (False, "programmed", False)
 
 
 def test_static_dac_calibrates_each_model_on_the_training_data(tmp_path):

@@ -299,3 +299,26 @@ def test_static_dac_ste_and_ste_detach_agree(kind):
     b = layer_grads(_static(plain, x, "ste_detach", **fields), x, g)
     for ta, tb in zip(a, b):
         torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+
+
+def test_program_gradient_changes_nothing_on_a_read_noise_chip():
+    """The ``pcm`` preset's devices are read noise only (no ``program`` hook, float weights): the chain through the
+    programming is the identity, so the training default changes that chip's gradients by float rounding only; on
+    ``rram`` (conductance-dependent programming noise, stuck devices) it changes them."""
+    from helpers import tiny_gpt2
+
+    base = tiny_gpt2(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    for preset, same in (("pcm", True), ("rram", False)):
+        runs = []
+        for chain in (False, True):
+            model = copy.deepcopy(base)
+            hf_cim.patch_model(model, hf_cim.get_preset(preset, program_gradient=chain, seed=0))
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            runs.append((loss.detach(), [p.grad for p in model.parameters() if p.grad is not None]))
+        (loss_a, grads_a), (loss_b, grads_b) = runs
+        assert torch.equal(loss_a, loss_b)  # the same forward either way
+        diff = max((a - b).abs().max() for a, b in zip(grads_a, grads_b))
+        assert (diff < 1e-6) if same else (diff > 1e-2), (preset, diff)
