@@ -324,7 +324,8 @@ class AnalogNoiseConfig(QuantizationConfigMixin):
             misses the term that makes the expected loss penalize large weights where the loss is curved (for
             ``w' = w·η`` with ``E[η] = 1``, ``E[η·∇L(w')] − E[∇L(w')] ≈ σ²·diag(H)·w``); this keeps it. Costs the
             programming's saved factors (about one weight-sized tensor) and one weight-sized backward per layer
-            (for MoE experts, per projection over the experts a batch hits).
+            (for MoE experts, per projection over the experts a batch hits); nothing where no ``program`` hook runs
+            (the quantizer alone chains as the identity: skipped).
         product_precision: the operands of the crossbar product itself (the signal ``x·Wᵀ`` per tile).
             ``"autocast"`` (default): in the layer's compute dtype where that is bfloat16 or float16 (under
             ``torch.autocast``, or a half-precision model), as the plain layer's product is; the products accumulate

@@ -28,7 +28,7 @@ from .correction import correct_on_batch
 from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
-from .ste import analog_forward, lever_surrogate, lever_vjp
+from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
@@ -213,7 +213,7 @@ class AnalogLayerMixin:
             chained = None
             if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip
-            elif aux is not None and cfg.program_gradient and weight.requires_grad:
+            elif aux is not None and weight.requires_grad and chains_programming(cfg, ctx.level):
                 # The programming under autograd, from the weight itself: the STE backward takes the crossbar's
                 # weight gradient on through it (this draw's device factors), and ``ste_detach``'s surrogate reads it.
                 with torch.enable_grad(), saved_as_is():

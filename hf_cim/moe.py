@@ -49,7 +49,7 @@ from torch.autograd.function import once_differentiable
 from .layers import AnalogLayerMixin, checkpoint_replay, saved_as_is
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
-from .ste import input_for_backward, lever_surrogate, lever_vjp
+from .ste import chains_programming, input_for_backward, lever_surrogate, lever_vjp
 from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
@@ -145,7 +145,7 @@ class _ExpertsSTEFunction(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         aux = {} if layer.ste_levers else None
         # ``program_gradient``: the programming runs under autograd from a leaf of its own (see the dense layers').
-        chain = layer.hf_cim_config.program_gradient and weight.requires_grad
+        chain = weight.requires_grad and chains_programming(layer.hf_cim_config, layer.hf_cim_state.level)
         w_in = weight.detach().requires_grad_() if chain else weight
         with torch.no_grad():
             y = layer._noisy_project(name, x, w_in, bias, plan, differentiable=False, aux=aux)
@@ -286,7 +286,7 @@ class AnalogExpertsMixin(AnalogLayerMixin):
             if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
-            elif aux is not None and cfg.program_gradient and weight.requires_grad:
+            elif aux is not None and weight.requires_grad and chains_programming(cfg, ctx.level):
                 with torch.enable_grad(), saved_as_is():  # as the dense layers: the backward chains through it
                     w_prog, w_scale = self._program_experts(self._w_oi(weight), plan.hit, ctx, differentiable=True)
                     chained = w_prog * w_scale

@@ -25,7 +25,21 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["AnalogSTEFunction", "analog_forward", "lever_surrogate", "lever_vjp", "ste_detach_forward"]
+__all__ = [
+    "AnalogSTEFunction",
+    "analog_forward",
+    "chains_programming",
+    "lever_surrogate",
+    "lever_vjp",
+    "ste_detach_forward",
+]
+
+
+def chains_programming(cfg: Any, level: float) -> bool:
+    """Whether ``program_gradient`` has a programming to chain through: some ``program`` hook runs at this level.
+    Without one the programming is the quantizer alone, straight through, and its chain the identity: skipped, so a
+    chip of read noise only (the ``pcm`` preset) trains exactly as without the lever."""
+    return cfg.program_gradient and level > 0.0 and any(m.has_hook("program") for m in cfg.noise)
 
 
 def _tiles(t: torch.Tensor, n_tiles: int, rows: int) -> torch.Tensor:
@@ -130,7 +144,7 @@ class AnalogSTEFunction(torch.autograd.Function):
         aux: dict[str, torch.Tensor | None] | None = {} if layer.ste_levers else None
         # ``program_gradient``: the programming runs under autograd from a leaf of its own, which the backward
         # differentiates (a graph to the parameter itself would reach it twice).
-        chain = layer.hf_cim_config.program_gradient and weight.requires_grad
+        chain = weight.requires_grad and chains_programming(layer.hf_cim_config, layer.hf_cim_state.level)
         w_in = weight.detach().requires_grad_() if chain else weight
         with torch.no_grad():
             y = layer.noisy_forward(x, w_in, bias, differentiable=False, aux=aux)
