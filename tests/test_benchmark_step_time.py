@@ -58,3 +58,6 @@ def test_model_table_reports_tensor_memory_and_the_full_ratio():
     assert "`ste`/`full` tensor step memory 0.50× (target ≤ 0.7×): met" in lines
     assert "`ste_hw`/`full` tensor step memory 0.55× (target ≤ 0.7×): met" in lines
     assert "`ste_hw`/`full` cpu time 1.00× (paired, 1.00–1.00; target ≤ 0.6×): NOT met" in lines
+    without_ste = {**timing, "variants": ["plain", "ste_hw", "full"]}
+    lines = step_time.targets({"timing": without_ste, "memory": memory}, "cpu")
+    assert "`ste_hw`/`full` cpu time 1.00× (paired, 1.00–1.00; target ≤ 0.6×): NOT met" in lines
