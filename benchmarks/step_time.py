@@ -182,7 +182,9 @@ def _config(**fields):
     if PRESET is None:
         return hf_cim.AnalogNoiseConfig(**fields)
     if fields.get("gradient") != "full":  # the plain clean backward unless the variant asks for the levers
-        fields = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False, **fields}
+        from hf_cim.presets import LEVERS_OFF
+
+        fields = {**LEVERS_OFF, **fields}
     return hf_cim.get_preset(PRESET, **fields)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .patch import analog_layers
+from .presets import LEVERS_OFF
 from .rng import process_rank, seeded_generator
 from .state import preserve_analog_state
 
@@ -85,11 +86,7 @@ def gradient_alignment(model: nn.Module, batch: Mapping[str, Any], seed: int = 0
                     # The STE pass keeps the config's own backward levers; ``full`` has none (autograd
                     # differentiates).
                     state.config = (
-                        cfg.replace(gradient="ste")
-                        if mode == "ste"
-                        else cfg.replace(
-                            gradient="full", mask_saturated=False, backward_weights="clean", program_gradient=False
-                        )
+                        cfg.replace(gradient="ste") if mode == "ste" else cfg.replace(gradient="full", **LEVERS_OFF)
                     )
                     state.generator = seeded_generator(device, seed, state.name, rank, "probe")
                 with torch.enable_grad():

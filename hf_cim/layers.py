@@ -28,7 +28,7 @@ from .correction import correct_on_batch
 from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
-from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp
+from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp, program_chained
 from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
@@ -68,17 +68,6 @@ def checkpoint_replay(layer: AnalogLayerMixin, device: torch.device) -> Iterator
             state.replay_generator = None
     else:
         yield
-
-
-def saved_as_is() -> torch.autograd.graph.saved_tensors_hooks:
-    """Saved-tensor hooks that keep tensors as they are, over an outer pair (activation checkpointing's): a graph
-    built inside a forward for that forward's own backward keeps its tensors, where checkpointing would drop them
-    and recompute them from the layer's inputs, in a recompute that builds a graph of its own."""
-    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
-
-
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _forward_to_state(field: str, doc: str) -> property:
@@ -214,15 +203,12 @@ class AnalogLayerMixin:
             if on_chip:
                 w_prog, w_scale = self.hf_cim_state.chip
             elif aux is not None and weight.requires_grad and chains_programming(cfg, ctx.level):
-                # The programming under autograd, from the weight itself: the STE backward takes the crossbar's
-                # weight gradient on through it (this draw's device factors), and ``ste_detach``'s surrogate reads it.
-                with torch.enable_grad(), saved_as_is():
-                    w_oi = self.weight_oi(weight).float()
-                    w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=True)
-                    chained = w_prog * w_scale
-                w_prog, w_scale = w_prog.detach(), w_scale.detach()
-                ctx.weight_scale = w_scale
-                w_oi = w_oi.detach()
+                # The STE backward takes the crossbar's weight gradient on through this draw's programming, and
+                # ``ste_detach``'s surrogate reads it.
+                w_oi, w_prog, w_scale, chained = program_chained(
+                    lambda: self.weight_oi(weight).float(),
+                    lambda w: program_weights(w, spec, ctx, cfg.noise, differentiable=True),
+                )
             else:
                 w_oi = self.weight_oi(weight).float()
                 w_prog, w_scale = program_weights(w_oi, spec, ctx, cfg.noise, differentiable=differentiable)

@@ -46,10 +46,10 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .layers import AnalogLayerMixin, checkpoint_replay, saved_as_is
+from .layers import AnalogLayerMixin, checkpoint_replay
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
-from .ste import chains_programming, input_for_backward, lever_surrogate, lever_vjp
+from .ste import chains_programming, input_for_backward, lever_surrogate, lever_vjp, program_chained
 from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
 
 __all__ = [
@@ -287,10 +287,9 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
             elif aux is not None and weight.requires_grad and chains_programming(cfg, ctx.level):
-                with torch.enable_grad(), saved_as_is():  # as the dense layers: the backward chains through it
-                    w_prog, w_scale = self._program_experts(self._w_oi(weight), plan.hit, ctx, differentiable=True)
-                    chained = w_prog * w_scale
-                w_prog, w_scale = w_prog.detach(), w_scale.detach()
+                _, w_prog, w_scale, chained = program_chained(  # as the dense layers: the backward chains through it
+                    lambda: self._w_oi(weight), lambda w: self._program_experts(w, plan.hit, ctx, differentiable=True)
+                )
                 picks = list(range(len(plan.hit)))
             else:
                 w_prog, w_scale = self._program_experts(w_oi, plan.hit, ctx, differentiable)

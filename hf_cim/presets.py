@@ -36,7 +36,7 @@ from .noise.ir_drop import IRDrop
 from .noise.pcm import PCMNoise
 from .noise.reram import ReRAMNoise
 
-__all__ = ["TRAINING_DEFAULTS", "list_presets", "preset_fields", "preset_noise"]
+__all__ = ["LEVERS_OFF", "TRAINING_DEFAULTS", "list_presets", "preset_fields", "preset_noise"]
 
 
 def _paper() -> dict[str, Any]:
@@ -114,3 +114,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "backward_weights": "programmed",
     "program_gradient": True,
 }
+
+#: The same fields with every lever off: the plain clean backward of the paper's Algorithm 1 (``AnalogNoiseConfig``'s
+#: defaults), and what ``gradient="full"`` requires.
+LEVERS_OFF: dict[str, Any] = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False}

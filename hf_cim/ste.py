@@ -19,6 +19,7 @@ product), ``clean_forward`` / ``clean_backward`` / ``bias_grad`` (the plain laye
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "chains_programming",
     "lever_surrogate",
     "lever_vjp",
+    "program_chained",
     "ste_detach_forward",
 ]
 
@@ -40,6 +42,26 @@ def chains_programming(cfg: Any, level: float) -> bool:
     Without one the programming is the quantizer alone, straight through, and its chain the identity: skipped, so a
     chip of read noise only (the ``pcm`` preset) trains exactly as without the lever."""
     return cfg.program_gradient and level > 0.0 and any(m.has_hook("program") for m in cfg.noise)
+
+
+def program_chained(
+    weights: Callable[[], torch.Tensor], program: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``program_gradient``'s forward half: ``program(weights())`` under autograd. Returns the weights and the
+    normalized programmed weights and scales, detached, and the programmed weights in the layer's units as a function
+    of the weights (what the backward differentiates).
+
+    Its saved tensors bypass an outer pair of saved-tensor hooks (activation checkpointing's): the graph belongs to
+    this forward's own backward, and a checkpointing recompute builds one of its own."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        w = weights()
+        w_prog, w_scale = program(w)
+        chained = w_prog * w_scale
+    return w.detach(), w_prog.detach(), w_scale.detach(), chained
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _tiles(t: torch.Tensor, n_tiles: int, rows: int) -> torch.Tensor:

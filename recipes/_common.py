@@ -28,6 +28,7 @@ import hf_cim
 from hf_cim.correction import CHIP_CORRECTIONS
 from hf_cim.evaluation import TIME_UNITS, format_time, robustness_markdown
 from hf_cim.hub import redact_argv, redact_secrets
+from hf_cim.presets import LEVERS_OFF
 
 logger = logging.getLogger("recipes")
 
@@ -36,9 +37,8 @@ BACKWARD_WEIGHTS_CHOICES = ("clean", "programmed")
 INPUT_QUANT_CHOICES = ("per_token", "per_tensor", "static")
 CHIP_CALIBRATION_CHOICES = ("none",) + CHIP_CORRECTIONS
 # The recipes' "hardware-aware STE" (--gradient ste / ste_detach): the one place its defaults are set. `full`
-# differentiates the ADC clip and the programmed weights itself: there the levers are off (False / "clean").
+# differentiates the ADC clip and the programmed weights itself: there the levers are off (hf_cim.presets.LEVERS_OFF).
 STE_LEVER_DEFAULTS = {"mask_saturated": True, "backward_weights": "programmed", "program_gradient": True}
-STE_LEVERS_OFF = {"mask_saturated": False, "backward_weights": "clean", "program_gradient": False}
 
 
 @dataclass
@@ -219,7 +219,7 @@ class AnalogArguments:
                     "--mask_saturated / --backward_weights / --program_gradient are set to False / clean / False",
                     stacklevel=2,
                 )
-            for name, value in STE_LEVERS_OFF.items():
+            for name, value in LEVERS_OFF.items():
                 setattr(self, name, value)
         else:
             for name, value in STE_LEVER_DEFAULTS.items():
