@@ -246,6 +246,14 @@ def _native_ir_drop_(y, a, y_pos):
     return y
 
 
+def _native_lognormal_program_(out, factor, w, sigma, shift, max_log, key):
+    operands = (out, w) if factor is None else (out, factor, w)
+    if not (native.accepts(*operands) and _same_layout(*operands)) or _native_lib() is None or w.numel() > 2**32:
+        return NotImplemented
+    native.lognormal_program(w, out, factor, sigma, shift, max_log, *_key_words(key)[1:])
+    return out
+
+
 def _native_reram_program_(out, w, coeffs, g_max, s, clip_max, key):
     if not (native.accepts(out, w) and _same_layout(out, w)) or _native_lib() is None or 2 * w.numel() > 2**32:
         return NotImplemented
@@ -313,6 +321,7 @@ _add_randn = _stage("add_randn", rng.add_randn_, _native_add_randn_)
 _noise_stages = {
     "add_scaled_randn_": _stage("add_scaled_randn_", None, _native_add_scaled_randn_),
     "ir_drop_": _stage("ir_drop_", None, _native_ir_drop_),
+    "lognormal_program_": _stage("lognormal_program_", None, _native_lognormal_program_),
     "reram_program_": _stage("reram_program_", None, _native_reram_program_),
     "stuck_at_": _stage("stuck_at_", None, _native_stuck_at_),
 }

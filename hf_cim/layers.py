@@ -29,7 +29,14 @@ from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
 from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp, program_chained
-from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
+from .tile import (
+    TileSpec,
+    analog_matmul,
+    operand_dtype,
+    program_weights,
+    program_weights_with_derivative,
+    programs_elementwise,
+)
 
 __all__ = [
     "LAYER_MAP",
@@ -208,6 +215,9 @@ class AnalogLayerMixin:
                 w_oi, w_prog, w_scale, chained = program_chained(
                     lambda: self.weight_oi(weight).float(),
                     lambda w: program_weights(w, spec, ctx, cfg.noise, differentiable=True),
+                    (lambda w: program_weights_with_derivative(w, spec, ctx, cfg.noise))
+                    if programs_elementwise(cfg.noise, ctx)
+                    else None,
                 )
             else:
                 w_oi = self.weight_oi(weight).float()

@@ -50,7 +50,14 @@ from .layers import AnalogLayerMixin, checkpoint_replay
 from .noise.base import NoiseContext, NoiseModel
 from .rng import chip_generator
 from .ste import chains_programming, input_for_backward, lever_surrogate, lever_vjp, program_chained
-from .tile import TileSpec, analog_matmul, operand_dtype, program_weights
+from .tile import (
+    TileSpec,
+    analog_matmul,
+    operand_dtype,
+    program_weights,
+    program_weights_with_derivative,
+    programs_elementwise,
+)
 
 __all__ = [
     "AnalogExpertsMixin",
@@ -112,6 +119,13 @@ def rowwise_program(noise: list[NoiseModel], ctx: NoiseContext) -> bool:
     ``per_channel=False``, ``pcm`` with global drift compensation at ``t_inference > 0`` and any model that does not
     declare it are run per expert."""
     return all(model.rowwise("program", ctx) for model in noise if model.has_hook("program"))
+
+
+def _stack(parts: list[torch.Tensor | None], like: list[torch.Tensor]) -> torch.Tensor | None:
+    """The experts' ``parts`` stacked; None where every part is None (a derivative of 1), ones for the Nones else."""
+    if all(p is None for p in parts):
+        return None
+    return torch.stack([torch.ones_like(ref) if p is None else p for p, ref in zip(parts, like, strict=True)])
 
 
 @dataclass
@@ -240,17 +254,36 @@ class AnalogExpertsMixin(AnalogLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``program_weights`` of the experts ``hit`` (all for None): ``(n, out, in)`` programmed weights and
         ``(n, out, 1)`` scales, in the order of ``hit``."""
-        cfg = self.hf_cim_config
-        spec = TileSpec.from_config(cfg)
+        cfg, spec = self.hf_cim_config, TileSpec.from_config(self.hf_cim_config)
+        return self._per_expert(
+            w_oi, hit, ctx, lambda w: program_weights(w, spec, ctx, cfg.noise, differentiable=differentiable)
+        )
+
+    def _program_experts_with_derivative(
+        self, w_oi: torch.Tensor, hit: list[int] | None, ctx: NoiseContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_program_experts` without autograd, with the element-wise derivative of the programming
+        (:func:`hf_cim.tile.program_weights_with_derivative`; None where it is 1)."""
+        cfg, spec = self.hf_cim_config, TileSpec.from_config(self.hf_cim_config)
+        return self._per_expert(w_oi, hit, ctx, lambda w: program_weights_with_derivative(w, spec, ctx, cfg.noise))
+
+    @staticmethod
+    def _hit_experts(w_oi: torch.Tensor, hit: list[int] | None) -> torch.Tensor:
+        """The weights ``(n, out, in)`` of the experts ``hit`` (all for None), in that order."""
         if hit is not None and len(hit) < w_oi.shape[0]:
-            w_oi = w_oi[torch.tensor(hit, device=w_oi.device)]
-        w = w_oi.float()
+            return w_oi[torch.tensor(hit, device=w_oi.device)]
+        return w_oi
+
+    def _per_expert(self, w_oi: torch.Tensor, hit: list[int] | None, ctx: NoiseContext, program) -> tuple:
+        """``program`` (a ``(rows, in)`` matrix → a tuple of ``(rows, ·)`` tensors, None for a derivative of 1) of
+        the experts ``hit`` (all for None), each part stacked to ``(n, out, ·)`` in the order of ``hit``: in one call
+        on the experts' stacked rows where every ``program`` hook is rowwise, one expert at a time otherwise."""
+        w = self._hit_experts(w_oi, hit).float()
         n, out, k = w.shape
-        if rowwise_program(cfg.noise, ctx):
-            w_prog, scale = program_weights(w.reshape(n * out, k), spec, ctx, cfg.noise, differentiable=differentiable)
-            return w_prog.reshape(n, out, k), scale.reshape(n, out, 1)
-        pairs = [program_weights(w[i], spec, ctx, cfg.noise, differentiable=differentiable) for i in range(n)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if rowwise_program(self.hf_cim_config.noise, ctx):
+            return tuple(None if p is None else p.reshape(n, out, -1) for p in program(w.reshape(n * out, k)))
+        runs = [program(w[i]) for i in range(n)]
+        return tuple(_stack([run[j] for run in runs], like=[run[0] for run in runs]) for j in range(len(runs[0])))
 
     def program(self, seed: int, t_inference: float = 0.0) -> None:
         """Program every expert of both projections as one simulated chip (see :meth:`AnalogLayerMixin.program`)."""
@@ -287,8 +320,13 @@ class AnalogExpertsMixin(AnalogLayerMixin):
                 w_prog, w_scale = self.hf_cim_state.chip[name]
                 picks = plan.hit
             elif aux is not None and weight.requires_grad and chains_programming(cfg, ctx.level):
-                _, w_prog, w_scale, chained = program_chained(  # as the dense layers: the backward chains through it
-                    lambda: self._w_oi(weight), lambda w: self._program_experts(w, plan.hit, ctx, differentiable=True)
+                # As the dense layers: the backward chains through the programming of the experts the batch hits.
+                _, w_prog, w_scale, chained = program_chained(
+                    lambda: self._hit_experts(self._w_oi(weight), plan.hit),
+                    lambda w: self._program_experts(w, None, ctx, differentiable=True),
+                    (lambda w: self._program_experts_with_derivative(w, None, ctx))
+                    if programs_elementwise(cfg.noise, ctx)
+                    else None,
                 )
                 picks = list(range(len(plan.hit)))
             else:

@@ -32,6 +32,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shlex
@@ -64,6 +65,7 @@ _SIGNATURES = {
     + [_f32, _f32, _f32, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
+    "hfc_lognormal_program": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _u32, _u32, _i32],
     "hfc_reram_program": [_ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
     "hfc_stuck_at": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
 }
@@ -423,6 +425,36 @@ def ir_drop(y: torch.Tensor, a: torch.Tensor, y_pos: torch.Tensor) -> None:
     a_bf16 = _check_spread("ir_drop", "a", a, shape)
     pos_bf16 = _check_spread("ir_drop", "y_pos", y_pos, shape)
     _lib().hfc_ir_drop(y.data_ptr(), a.data_ptr(), y_pos.data_ptr(), y.numel(), a_bf16, pos_bf16, threads())
+
+
+def lognormal_program(
+    w: torch.Tensor,
+    out: torch.Tensor,
+    factor: torch.Tensor | None,
+    sigma: float,
+    shift: float,
+    max_log: float,
+    k0: int,
+    k1: int,
+) -> None:
+    """``out = w·f``, ``f = exp(clamp(sigma·ξ − shift, −max_log, max_log))`` (``LogNormalNoise.program``), and
+    ``factor = f`` when a buffer is given (the derivative of ``out`` by ``w``); ``0 <= max_log <= 87``."""
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+    _check("lognormal_program", "w", w, shape)
+    _check("lognormal_program", "out", out, shape)
+    if factor is not None:
+        _check("lognormal_program", "factor", factor, shape)
+    if not 0.0 <= max_log <= 87.0:  # exp's polynomial builds 2^k from the exponent bits: |k| < 127
+        raise ValueError(f"hf_cim.native.lognormal_program: `max_log` must be in [0, 87], got {max_log}")
+    for name, v in (("sigma", sigma), ("shift", shift)):
+        if not math.isfinite(v):
+            raise ValueError(f"hf_cim.native.lognormal_program: `{name}` must be finite, got {v}")
+    if w.numel() > 2**32:  # the Gaussian's counter is 32 bits
+        raise ValueError(f"hf_cim.native.lognormal_program: `w` has {w.numel()} elements; at most 2^32 are supported")
+    _lib().hfc_lognormal_program(
+        w.data_ptr(), out.data_ptr(), None if factor is None else factor.data_ptr(), w.numel(), sigma, shift, max_log,
+        k0, k1, threads(),
+    )  # fmt: skip
 
 
 def reram_program(

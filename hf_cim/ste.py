@@ -45,19 +45,46 @@ def chains_programming(cfg: Any, level: float) -> bool:
 
 
 def program_chained(
-    weights: Callable[[], torch.Tensor], program: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    weights: Callable[[], torch.Tensor],
+    program: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    elementwise: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``program_gradient``'s forward half: ``program(weights())`` under autograd. Returns the weights and the
     normalized programmed weights and scales, detached, and the programmed weights in the layer's units as a function
     of the weights (what the backward differentiates).
 
+    ``elementwise`` (:func:`hf_cim.tile.program_weights_with_derivative`, where the programming has a closed-form
+    element-wise derivative) programs the weights without autograd and returns that derivative as well: the
+    programmed weights are then a function of the weights through one saved weight-sized tensor, with the same
+    gradient, instead of the programming's graph.
+
     Its saved tensors bypass an outer pair of saved-tensor hooks (activation checkpointing's): the graph belongs to
     this forward's own backward, and a checkpointing recompute builds one of its own."""
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
         w = weights()
-        w_prog, w_scale = program(w)
-        chained = w_prog * w_scale
+        if elementwise is not None:
+            with torch.no_grad():
+                w_prog, w_scale, derivative = elementwise(w.detach())
+            chained = _ElementwiseChain.apply(w, w_prog, w_scale, derivative)
+        else:
+            w_prog, w_scale = program(w)
+            chained = w_prog * w_scale
     return w.detach(), w_prog.detach(), w_scale.detach(), chained
+
+
+class _ElementwiseChain(torch.autograd.Function):
+    """``w_prog·w_scale`` as a function of ``w`` whose derivative is ``derivative`` element by element (None: 1)."""
+
+    @staticmethod
+    def forward(ctx: Any, w, w_prog, w_scale, derivative):
+        ctx.save_for_backward(derivative)
+        return w_prog * w_scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor):
+        (derivative,) = ctx.saved_tensors
+        return (grad if derivative is None else grad * derivative), None, None, None
 
 
 def _as_is(t: torch.Tensor) -> torch.Tensor:

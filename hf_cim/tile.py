@@ -140,18 +140,62 @@ def program_weights(
     models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
     if differentiable:
         w_n, scale = converters.weight_program(w, spec.weight_qmax)
+        ctx.weight_scale = scale
     else:
-        std, key = 0.0, None
-        fused = models[0].additive_gaussian("program") if models else None
-        if fused is not None:
-            std = fused * ctx.level
-            key = ctx.new_key(w.device) if std > 0.0 else None
-            models = models[1:]
-        w_n, scale = kernels.weight_program(w, spec.weight_qmax, std, key)
-    ctx.weight_scale = scale
+        w_n, scale, models = _fused_weight_program(w, spec, ctx, models)
     for model in models:
         w_n = _run_hook(model, model.program, differentiable, w_n, ctx)
     return w_n, scale
+
+
+def _fused_weight_program(
+    w: torch.Tensor, spec: TileSpec, ctx: NoiseContext, models: list[NoiseModel]
+) -> tuple[torch.Tensor, torch.Tensor, list[NoiseModel]]:
+    """The quantizer's pass without autograd, a leading additive Gaussian ``program`` model drawn inside it; returns
+    ``(w_n, scale, the models left to run)`` and sets ``ctx.weight_scale``."""
+    std, key = 0.0, None
+    fused = models[0].additive_gaussian("program") if models else None
+    if fused is not None:
+        std = fused * ctx.level
+        key = ctx.new_key(w.device) if std > 0.0 else None
+        models = models[1:]
+    w_n, scale = kernels.weight_program(w, spec.weight_qmax, std, key)
+    ctx.weight_scale = scale
+    return w_n, scale, models
+
+
+def programs_elementwise(noise: Sequence[NoiseModel], ctx: NoiseContext) -> bool:
+    """Whether :func:`program_weights_with_derivative` can program ``w`` for this ``noise`` at ``ctx``'s level: every
+    ``program`` hook that would run has a closed-form element-wise derivative
+    (:meth:`NoiseModel.elementwise_derivative`), or is the leading additive Gaussian the quantizer's pass draws."""
+    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
+    if models and models[0].additive_gaussian("program") is not None:
+        models = models[1:]
+    return all(m.elementwise_derivative("program") for m in models)
+
+
+def program_weights_with_derivative(
+    w: torch.Tensor, spec: TileSpec, ctx: NoiseContext, noise: Sequence[NoiseModel]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`program_weights` without autograd, the same draws and values, with the element-wise derivative of the
+    programmed weights in the layer's units (``w_n·scale``) by ``w``: the quantizer straight through with its
+    per-channel scale fixed (a derivative of 1), times each ``program`` hook's closed form
+    (:meth:`NoiseModel.program_derivative`) at its input. ``program_gradient``'s STE backward multiplies the crossbar's
+    weight gradient by it: the gradient autograd would take through :func:`program_weights`, one weight-sized product
+    instead of the programming's graph. Returns ``(w_n, scale, derivative)``, the derivative None where it is 1
+    everywhere. Only where :func:`programs_elementwise` holds."""
+    spec = TileSpec.from_config(spec)
+    _with_sampler(ctx)
+    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
+    w_n, scale, models = _fused_weight_program(w, spec, ctx, models)
+    derivative: torch.Tensor | None = None
+    for model in models:
+        w_n, d = model.program_derivative(w_n, ctx)
+        if isinstance(d, torch.Tensor):
+            derivative = d if derivative is None else derivative.mul_(d)
+        elif d != 1.0:
+            derivative = torch.full_like(w_n, d) if derivative is None else derivative.mul_(d)
+    return w_n, scale, derivative
 
 
 _RECOMBINE_CACHE: dict[tuple, torch.Tensor] = {}

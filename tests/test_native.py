@@ -232,6 +232,27 @@ def test_reram_program_checks_its_buffers():
         native.reram_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2)
 
 
+def test_lognormal_program_checks_its_buffers_and_range():
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    w, out = torch.zeros(4, 5), torch.zeros(4, 5)
+    with pytest.raises(ValueError, match="`factor` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
+        native.lognormal_program(w, out, torch.zeros(20), 0.3, 0.0, 20.0, 1, 2)
+    with pytest.raises(ValueError, match="`out` must be a contiguous float32"):
+        native.lognormal_program(w, out.t(), None, 0.3, 0.0, 20.0, 1, 2)
+    with pytest.raises(ValueError, match="`max_log` must be in \\[0, 87\\], got 90"):
+        native.lognormal_program(w, out, None, 0.3, 0.0, 90.0, 1, 2)
+    with pytest.raises(ValueError, match="`sigma` must be finite"):
+        native.lognormal_program(w, out, None, float("nan"), 0.0, 20.0, 1, 2)
+    w = torch.full((4, 5), -2.0)
+    factor = torch.zeros(4, 5)
+    native.lognormal_program(w, out, factor, 0.0, 0.5, 20.0, 1, 2)  # σ = 0: every factor is e^{-1/2}
+    torch.testing.assert_close(factor, torch.full((4, 5), 0.6065306597126334), rtol=2.5e-7, atol=0)
+    torch.testing.assert_close(out, w * factor, rtol=0, atol=0)
+
+
 def test_stuck_at_checks_its_buffers_and_probabilities():
     from hf_cim import native
 

@@ -198,3 +198,56 @@ def test_read_noise_spread_dtype_is_checked_and_round_trips():
         ReadNoise(spread_dtype="float16")
     model = ReadNoise(spread_dtype="float32")
     assert noise_model_from_dict(model.to_dict()) == model
+
+
+@pytest.mark.parametrize("sigma", [0.3, 10.0], ids=["paper-L3", "clamped"])
+@pytest.mark.parametrize("mean_corrected", [False, True], ids=["plain", "mean_corrected"])
+def test_lognormal_one_pass_kernel_is_the_formula_within_two_ulp(mean_corrected, sigma):
+    # Without autograd the hook runs the backend's fused stage (the C kernel on the CPU: its exp is a polynomial,
+    # within 2 ulp of torch's); with autograd, the torch formula. The same key, the same draws: the generator is
+    # left at the same place. σ = 10 drives the log factors across the whole clamp range [-20, 20].
+    from hf_cim import kernels
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 300, generator=gen)
+    model = LogNormalNoise(std=sigma / 2, mean_corrected=mean_corrected)
+    outs, after = [], []
+    for grad in (False, True):
+        c = ctx(seed=5, level=2.0, sampler=kernels.SAMPLER)
+        with torch.set_grad_enabled(grad):
+            outs.append(model.program(w.clone().requires_grad_(grad), c).detach())
+        after.append(c.randn_like(w))
+    torch.testing.assert_close(outs[0], outs[1], rtol=2.5e-7, atol=0)
+    assert torch.equal(after[0], after[1])
+    ratio = outs[1] / w
+    if sigma == 10.0:  # the lower clamp reached (and the upper one without the mean correction's shift of -50)
+        assert ratio.min().item() <= math.exp(-20.0) * (1 + 1e-6)
+        assert mean_corrected or ratio.max().item() >= math.exp(20.0) * (1 - 1e-6)
+    else:
+        assert ratio.std().item() > 0.25
+
+
+@pytest.mark.parametrize("sampler", ["kernels", "reference"])
+@pytest.mark.parametrize("mean_corrected", [False, True], ids=["plain", "mean_corrected"])
+def test_lognormal_derivative_is_the_factor_autograd_takes(mean_corrected, sampler):
+    # program_derivative: the values of program (the same draws) and ∂out/∂w = η, autograd's gradient through the
+    # formula; with the torch reference sampler both bit for bit.
+    from hf_cim import kernels
+
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 70, generator=gen)
+    cot = torch.randn(40, 70, generator=gen)
+    model = LogNormalNoise(std=0.1, mean_corrected=mean_corrected)
+    s = kernels.SAMPLER if sampler == "kernels" else None
+    with torch.no_grad():
+        out, d = model.program_derivative(w, ctx(seed=3, level=3.0, sampler=s))
+        plain = model.program(w, ctx(seed=3, level=3.0, sampler=s))
+    w_leaf = w.clone().requires_grad_()
+    formula = model.program(w_leaf, ctx(seed=3, level=3.0, sampler=s))
+    (grad,) = torch.autograd.grad(formula, w_leaf, cot)
+    assert torch.equal(out, plain)
+    tol = dict(rtol=0, atol=0) if sampler == "reference" else dict(rtol=2.5e-7, atol=0)
+    torch.testing.assert_close(out, formula.detach(), **tol)
+    torch.testing.assert_close(cot * d, grad, **tol)
+    assert model.elementwise_derivative("program") and not model.elementwise_derivative("output")
+    assert LogNormalNoise(std=0.1).program_derivative(w, ctx(level=0.0)) == (w, 1.0)

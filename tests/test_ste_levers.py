@@ -165,6 +165,32 @@ def test_program_gradient_is_the_device_factor_times_the_crossbar_gradient(kind)
 
 
 @pytest.mark.parametrize("gradient", ["ste", "ste_detach"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_program_gradient_in_closed_form_equals_the_programming_under_autograd(kind, gradient, monkeypatch):
+    """Lognormal devices have a closed-form derivative (each device's factor): the chain multiplies by it instead of
+    running the programming under autograd, with the same gradients (the programmed values agree to an ulp: the C
+    kernel's exp against torch's)."""
+    plain, x = _layer(kind)
+    fields = dict(gradient=gradient, noise="paper", level=3.0, output_bits=None, tile_size=16, seed=4,
+                  backward_weights="programmed", program_gradient=True)  # fmt: skip
+    g = torch.randn_like(plain(x))
+    calls = []
+    closed_form = hf_cim.layers.program_weights_with_derivative
+    monkeypatch.setattr(
+        hf_cim.layers, "program_weights_with_derivative", lambda *a: calls.append(1) or closed_form(*a)
+    )
+    fast = layer_grads(_patched(plain, **fields), x, g)
+    assert calls
+    monkeypatch.setattr(hf_cim.layers, "programs_elementwise", lambda noise, ctx: False)
+    graph = layer_grads(_patched(plain, **fields), x, g)
+    assert len(calls) == 1
+    for a, b in zip(fast, graph):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _, _, gw_crossbar, _ = layer_grads(_patched(plain, **{**fields, "program_gradient": False}), x, g)
+    assert (gw_crossbar - fast[2]).abs().max() > 0.1 * fast[2].abs().max()
+
+
+@pytest.mark.parametrize("gradient", ["ste", "ste_detach"])
 def test_program_gradient_on_frozen_weights_leaves_the_input_gradient(gradient):
     """A frozen base (LoRA's): nothing to chain, the input gradient is the lever's ``g·W'`` as without it."""
     plain, x = _layer("linear")

@@ -302,3 +302,56 @@ def test_clean_partial_sums_are_the_normalized_tile_sums_the_adc_reads():
         sums = clean_partial_sums(x, w, TileSpec.from_config(cfg), 0.8 if input_quant == "static" else None)
         expected = torch.stack([x_n[:, i : i + 8] @ w_n[:, i : i + 8].t() for i in (0, 8, 16)])
         torch.testing.assert_close(sums, expected, rtol=1e-6, atol=1e-6)
+
+
+_ELEMENTWISE = {
+    "lognormal": [{"name": "lognormal", "std": 0.2}],
+    "gaussian+lognormal": [{"name": "gaussian_weight", "std": 0.05}, {"name": "lognormal", "std": 0.1,
+                                                                      "mean_corrected": True}],
+    "lognormal+gaussian_per_tensor": [{"name": "lognormal", "std": 0.1},
+                                      {"name": "gaussian_weight", "std": 0.03, "per_channel": False}],
+    "gaussian": [{"name": "gaussian_weight", "std": 0.05}],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("noise", list(_ELEMENTWISE))
+def test_program_weights_with_derivative_is_the_programming_and_autograds_gradient(noise):
+    """The same draws and values as ``program_weights``, and a derivative whose product with a cotangent is the
+    gradient autograd takes through the differentiable programming of ``w_n·scale`` (the quantizer straight through);
+    None where it is 1 everywhere."""
+    from hf_cim.tile import program_weights_with_derivative, programs_elementwise
+
+    cfg = AnalogNoiseConfig(noise=_ELEMENTWISE[noise], weight_bits=6)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 37, generator=gen)
+    cot = torch.randn(24, 37, generator=gen)
+
+    def ctx():
+        return NoiseContext(generator=torch.Generator().manual_seed(9), level=1.5)
+
+    assert programs_elementwise(cfg.noise, ctx())
+    w_n, scale, d = program_weights_with_derivative(w, cfg, ctx(), cfg.noise)
+    w_ref, scale_ref = program_weights(w, cfg, ctx(), cfg.noise)
+    assert torch.equal(w_n, w_ref) and torch.equal(scale, scale_ref)
+    w_leaf = w.clone().requires_grad_()
+    w_auto, scale_auto = program_weights(w_leaf, cfg, ctx(), cfg.noise, differentiable=True)
+    (grad,) = torch.autograd.grad(w_auto * scale_auto, w_leaf, cot)
+    torch.testing.assert_close(w_n, w_auto.detach(), rtol=1e-6, atol=1e-7)
+    if noise == "gaussian":
+        assert d is None
+        torch.testing.assert_close(grad, cot)
+    else:
+        assert d.shape == w.shape and float(d.std()) > 0.05
+        torch.testing.assert_close(cot * d, grad, rtol=1e-6, atol=1e-7)
+
+
+def test_only_closed_form_programming_is_elementwise():
+    from hf_cim.tile import programs_elementwise
+
+    ctx = NoiseContext(generator=None, level=1.0)
+    for preset in ("pcm_drift", "rram"):
+        assert not programs_elementwise(AnalogNoiseConfig(noise=preset).noise, ctx)
+    assert programs_elementwise(AnalogNoiseConfig(noise="paper").noise, ctx)
+    stuck = AnalogNoiseConfig(noise=[{"name": "lognormal"}, {"name": "stuck_at"}]).noise
+    assert not programs_elementwise(stuck, ctx)
+    assert programs_elementwise(stuck, NoiseContext(generator=None, level=0.0))  # nothing programs at level 0

@@ -300,6 +300,20 @@ class NoiseModel:
         """
         return self.additive_gaussian(hook) is not None
 
+    def elementwise_derivative(self, hook: str) -> bool:
+        """Chain capability: whether :meth:`program_derivative` gives this model's ``hook`` (only ``"program"``)
+        with its derivative in closed form. ``program_gradient``'s STE backward then multiplies the weight gradient
+        by that derivative instead of running the programming under autograd. Default False (the programming runs
+        under autograd). A subclass that changes the hook must override this as well."""
+        return False
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(program(w, ctx), ∂program/∂w)`` without autograd, the derivative element by element (a tensor shaped
+        like ``w``, or a float for all elements): the same draws from ``ctx`` as :meth:`program`, the same values,
+        and the gradient autograd would take through :meth:`program`. Only where :meth:`elementwise_derivative`
+        says so."""
+        raise NotImplementedError(f"noise model {self.name!r} has no closed-form derivative of its `program` hook")
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]

@@ -55,6 +55,12 @@ class GaussianWeightNoise(NoiseModel):
             return self.std
         return None
 
+    def elementwise_derivative(self, hook: str) -> bool:
+        return hook == "program" and type(self).program is GaussianWeightNoise.program
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        return self.program(w, ctx), 1.0  # additive noise of a spread that does not depend on w
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level
         if sigma == 0.0:
@@ -137,14 +143,47 @@ class LogNormalNoise(NoiseModel):
         # Element-wise: each weight gets its own factor.
         return hook == "program" and type(self).program is LogNormalNoise.program
 
+    def elementwise_derivative(self, hook: str) -> bool:
+        return hook == "program" and type(self).program is LogNormalNoise.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         sigma = self.std * ctx.level
         if sigma == 0.0:
             return w
-        log_factor = ctx.randn_like(w).mul_(sigma)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w * self._factor(ctx.randn_like(w), sigma)
+        return self._fused(w, ctx, sigma, with_factor=False)[0]
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        # w·η is linear in w: its derivative is the factor η itself, written in the same pass.
+        sigma = self.std * ctx.level
+        if sigma == 0.0:
+            return w, 1.0
+        return self._fused(w, ctx, sigma, with_factor=True)
+
+    def _factor(self, z: torch.Tensor, sigma: float) -> torch.Tensor:
+        """``η = exp(clamp(σ·z − shift))`` of standard normals ``z`` (overwritten)."""
+        log_factor = z.mul_(sigma)
         if self.mean_corrected:
             log_factor.sub_(0.5 * sigma * sigma)
-        return w * log_factor.clamp_(-self.MAX_LOG_FACTOR, self.MAX_LOG_FACTOR).exp_()
+        return log_factor.clamp_(-self.MAX_LOG_FACTOR, self.MAX_LOG_FACTOR).exp_()
+
+    def _fused(self, w: torch.Tensor, ctx: NoiseContext, sigma: float, with_factor: bool):
+        """``(w·η, η or None)`` without autograd: the backend's one pass over the weights (the C kernel on the CPU,
+        its ``exp`` within 2 ulp of torch's), the draws :meth:`program` takes."""
+        key = ctx.new_key(w.device)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        factor = torch.empty_like(out) if with_factor else None
+        shift = 0.5 * sigma * sigma if self.mean_corrected else 0.0
+
+        def reference(out, factor, w, sigma, shift, max_log, key):  # the same draws: the sampler's, for this key
+            eta = self._factor(ctx.randn_for_key(w, key), sigma)
+            if factor is not None:
+                factor.copy_(eta)
+            return out.copy_(w * eta)
+
+        ctx.fused("lognormal_program_", reference, out, factor, w, sigma, shift, self.MAX_LOG_FACTOR, key)
+        return out, factor
 
 
 @register_noise_model("read_noise")
