@@ -29,7 +29,14 @@ from . import converters, kernels
 from .converters import adc_levels, slice_input
 from .noise.base import NoiseContext, NoiseModel
 
-__all__ = ["TileSpec", "analog_matmul", "clean_partial_sums", "program_weights"]
+__all__ = [
+    "TileSpec",
+    "analog_matmul",
+    "clean_partial_sums",
+    "program_weights",
+    "program_weights_with_derivative",
+    "programs_elementwise",
+]
 
 
 @dataclass(frozen=True)
