@@ -144,7 +144,7 @@ def program_weights(
     """
     spec = TileSpec.from_config(spec)
     _with_sampler(ctx)
-    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
+    models = _program_models(noise, ctx)
     if differentiable:
         w_n, scale = converters.weight_program(w, spec.weight_qmax)
         ctx.weight_scale = scale
@@ -155,17 +155,26 @@ def program_weights(
     return w_n, scale
 
 
+def _program_models(noise: Sequence[NoiseModel], ctx: NoiseContext) -> list[NoiseModel]:
+    """The models whose ``program`` hook runs at ``ctx``'s level (none at level 0)."""
+    return [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
+
+
+def _leading_gaussian(models: list[NoiseModel]) -> tuple[float | None, list[NoiseModel]]:
+    """``(std, the rest)`` when the first model is additive Gaussian (drawn inside the quantizer's pass), else
+    ``(None, models)``."""
+    std = models[0].additive_gaussian("program") if models else None
+    return (std, models[1:]) if std is not None else (None, models)
+
+
 def _fused_weight_program(
     w: torch.Tensor, spec: TileSpec, ctx: NoiseContext, models: list[NoiseModel]
 ) -> tuple[torch.Tensor, torch.Tensor, list[NoiseModel]]:
     """The quantizer's pass without autograd, a leading additive Gaussian ``program`` model drawn inside it; returns
     ``(w_n, scale, the models left to run)`` and sets ``ctx.weight_scale``."""
-    std, key = 0.0, None
-    fused = models[0].additive_gaussian("program") if models else None
-    if fused is not None:
-        std = fused * ctx.level
-        key = ctx.new_key(w.device) if std > 0.0 else None
-        models = models[1:]
+    fused, models = _leading_gaussian(models)
+    std = 0.0 if fused is None else fused * ctx.level
+    key = ctx.new_key(w.device) if std > 0.0 else None
     w_n, scale = kernels.weight_program(w, spec.weight_qmax, std, key)
     ctx.weight_scale = scale
     return w_n, scale, models
@@ -173,12 +182,9 @@ def _fused_weight_program(
 
 def programs_elementwise(noise: Sequence[NoiseModel], ctx: NoiseContext) -> bool:
     """Whether :func:`program_weights_with_derivative` can program ``w`` for this ``noise`` at ``ctx``'s level: every
-    ``program`` hook that would run has a closed-form element-wise derivative
-    (:meth:`NoiseModel.elementwise_derivative`), or is the leading additive Gaussian the quantizer's pass draws."""
-    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
-    if models and models[0].additive_gaussian("program") is not None:
-        models = models[1:]
-    return all(m.elementwise_derivative("program") for m in models)
+    ``program`` hook that would run acts on each weight on its own (:meth:`NoiseModel.elementwise_derivative`), or is
+    the leading additive Gaussian the quantizer's pass draws."""
+    return all(m.elementwise_derivative("program") for m in _leading_gaussian(_program_models(noise, ctx))[1])
 
 
 def program_weights_with_derivative(
@@ -193,15 +199,14 @@ def program_weights_with_derivative(
     everywhere. Only where :func:`programs_elementwise` holds."""
     spec = TileSpec.from_config(spec)
     _with_sampler(ctx)
-    models = [m for m in noise if m.has_hook("program")] if ctx.level > 0.0 else []
-    w_n, scale, models = _fused_weight_program(w, spec, ctx, models)
+    w_n, scale, models = _fused_weight_program(w, spec, ctx, _program_models(noise, ctx))
     derivative: torch.Tensor | None = None
     for model in models:
         w_n, d = model.program_derivative(w_n, ctx)
         if isinstance(d, torch.Tensor):
-            derivative = d if derivative is None else derivative.mul_(d)
+            derivative = d if derivative is None else derivative * d  # (a model's own tensor is not written to)
         elif d != 1.0:
-            derivative = torch.full_like(w_n, d) if derivative is None else derivative.mul_(d)
+            derivative = torch.full_like(w_n, d) if derivative is None else derivative * d
     return w_n, scale, derivative
 
 

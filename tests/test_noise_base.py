@@ -102,3 +102,42 @@ def test_skipping_needs_a_partial_last_tile_of_several_and_no_autograd():
     out.sum().backward()
     assert a.grad is not None
     torch.testing.assert_close(a.grad[-1], b[-1].sum(-1).expand(33, 70))  # every row, padding included
+
+
+def test_the_default_program_derivative_is_the_hooks_own_under_autograd():
+    """A model that declares an element-wise ``program`` without a closed form gets its derivative from one
+    vector-Jacobian product: the hook's value, its draws, and the derivative the formula gives."""
+    from dataclasses import dataclass
+
+    from hf_cim import NoiseModel
+    from hf_cim.noise import NoiseContext
+
+    @dataclass
+    class Curved(NoiseModel):
+        s: float = 0.1
+
+        def elementwise_derivative(self, hook):
+            return hook == "program"
+
+        def program(self, w, ctx):
+            return w * (1.0 + self.s * ctx.randn_like(w)) + 0.1 * w * w
+
+    @dataclass
+    class Constant(NoiseModel):
+        def program(self, w, ctx):
+            return torch.full_like(w.detach(), 0.5)
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 30, generator=gen)
+    model = Curved()
+
+    def ctx():
+        return NoiseContext(generator=torch.Generator().manual_seed(4), level=1.0)
+
+    with torch.no_grad():
+        out, d = model.program_derivative(w, ctx())
+    xi = ctx().randn_like(w)
+    torch.testing.assert_close(out, model.program(w, ctx()), rtol=0, atol=0)
+    torch.testing.assert_close(d, 1.0 + 0.1 * xi + 0.2 * w, rtol=1e-6, atol=1e-6)
+    assert not out.requires_grad and not d.requires_grad
+    assert Constant().program_derivative(w, ctx())[1] == 0.0

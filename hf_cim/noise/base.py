@@ -301,18 +301,27 @@ class NoiseModel:
         return self.additive_gaussian(hook) is not None
 
     def elementwise_derivative(self, hook: str) -> bool:
-        """Chain capability: whether :meth:`program_derivative` gives this model's ``hook`` (only ``"program"``)
-        with its derivative in closed form. ``program_gradient``'s STE backward then multiplies the weight gradient
-        by that derivative instead of running the programming under autograd. Default False (the programming runs
-        under autograd). A subclass that changes the hook must override this as well."""
+        """Chain capability: whether this model's ``hook`` (only ``"program"``) acts on each weight on its own, so
+        that :meth:`program_derivative` gives its derivative element by element. ``program_gradient``'s STE backward
+        then multiplies the weight gradient by that derivative instead of keeping the programming's autograd graph
+        for the backward. Default False (the graph is kept). A subclass that changes the hook must override this as
+        well."""
         return False
 
     def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """``(program(w, ctx), ∂program/∂w)`` without autograd, the derivative element by element (a tensor shaped
-        like ``w``, or a float for all elements): the same draws from ``ctx`` as :meth:`program`, the same values,
-        and the gradient autograd would take through :meth:`program`. Only where :meth:`elementwise_derivative`
-        says so."""
-        raise NotImplementedError(f"noise model {self.name!r} has no closed-form derivative of its `program` hook")
+        """``(program(w, ctx), ∂program/∂w)``, the derivative element by element (a tensor shaped like ``w``, or a
+        float for all elements): the same draws from ``ctx`` as :meth:`program`, the same values, and the gradient
+        autograd takes through :meth:`program`. Only where :meth:`elementwise_derivative` says so.
+
+        Default: the hook under autograd, its derivative read off by one vector-Jacobian product with ones (exact for
+        an element-wise hook: its Jacobian is diagonal). Override it with the closed form to skip that product."""
+        with torch.enable_grad():
+            leaf = w.detach().requires_grad_()
+            out = self.program(leaf, ctx)
+            if not out.requires_grad:  # the programmed weights do not depend on w
+                return out, 0.0
+            (derivative,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        return out.detach(), derivative
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}
