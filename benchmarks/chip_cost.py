@@ -7,6 +7,8 @@ the condition ``--eval`` (preset:level[@time], the read noise of chip k reseeded
 
 * the whole chip (the reference row);
 * each of the preset's noise models left out, and all of them (the converters and tiles alone);
+* each part of a noise model that has a ``*_scale`` field for it (``PCMNoise``'s programming noise, drift and read
+  noise) turned off alone;
 * each converter off: no DAC (``input_bits=None``), float weights (``weight_bits=None``), no ADC (``output_bits=None``);
 * the ADC's range ``out_bound`` at each of ``--out_bounds`` (normalized units);
 * each layer group kept digital (``--groups``, names or suffixes as ``exclude_modules`` takes them, ``+``-joined for
@@ -19,11 +21,16 @@ Example (the README main job's model, trained digitally, on the ``rram`` chip)::
 
     python benchmarks/chip_cost.py --setting shakespeare --mode digital --seed 0 --steps 1000 --eval rram:1 \\
         --out_bounds 20,40 --groups lm_head,attn,mlp --out runs/chip_cost/rram
+
+``--kept DIR`` measures the model a ``fidelity.py --keep_models --out DIR`` run kept for ``--mode`` and ``--seed``
+instead of training it again; the training arguments (``--train``, ``--steps``, ...) must be that run's, which is
+checked against the key kept with the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,6 +53,9 @@ def variants(preset: str, out_bounds: list[float], groups: list[str]) -> dict[st
     noise = fields["noise"]
     for i, model in enumerate(noise):
         rows[f"without {type(model).__name__}"] = {"noise": [m for j, m in enumerate(noise) if j != i]}
+        for field in _part_scales(model):
+            part = dataclasses.replace(model, **{field: 0.0})
+            rows[f"{type(model).__name__} {field}=0"] = {"noise": [part if j == i else m for j, m in enumerate(noise)]}
     if len(noise) > 1:  # (with one noise model, the row without it is this one)
         rows["converters and tiles only (no noise model)"] = {"noise": []}
     for field, what in (("input_bits", "DAC"), ("weight_bits", "weight quantization"), ("output_bits", "ADC")):
@@ -57,6 +67,13 @@ def variants(preset: str, out_bounds: list[float], groups: list[str]) -> dict[st
     for group in groups:
         rows[f"{group} digital"] = {"exclude_modules": group.split("+")}
     return rows
+
+
+def _part_scales(model) -> list[str]:
+    """The fields of a noise model that scale one part of it (``*_scale``, on in the preset)."""
+    if not dataclasses.is_dataclass(model):
+        return []
+    return [f.name for f in dataclasses.fields(model) if f.name.endswith("_scale") and getattr(model, f.name) > 0]
 
 
 def measure_rows(setting, model, cond: fidelity.Condition, rows: dict[str, dict], chips: int, input_quant: str,
@@ -96,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Its training seed.")
     p.add_argument("--out_bounds", default="", help="ADC ranges to try, comma-separated (normalized units).")
     p.add_argument("--groups", default="", help="Layer groups kept digital one at a time, comma-separated.")
+    p.add_argument("--kept", default=None, help="A fidelity.py --keep_models --out folder: measure the model it kept "
+                   "for --mode and --seed (trained with these arguments) instead of training it.")  # fmt: skip
     return p
 
 
@@ -118,13 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
         hf_cim.get_preset(cond.preset, level=cond.level, input_quant=args.input_quant, **overrides)
     setting = fidelity.SETTINGS[args.setting](args)
     t0 = time.perf_counter()
-    model, _ = fidelity.train(setting, args.mode, args.seed, args)
+    if args.kept is None:
+        model, _ = fidelity.train(setting, args.mode, args.seed, args)
+    else:
+        path = os.path.join(args.kept, "runs", f"{args.mode}_seed{args.seed}.pt")
+        key = fidelity.mode_run_key(args.mode, fidelity.run_key(args, setting), args)
+        model, _ = fidelity.load_trained(setting, path, args.mode, fidelity.training_key(args.mode, key))
+        if model is None:
+            p.error(f"--kept: {path} holds no {args.mode} model of seed {args.seed} trained as these arguments ask "
+                    "(give the fidelity.py run's own --train, --steps, ... flags)")  # fmt: skip
     model.eval()
     clean = setting.evaluate(model)[setting.metric]
     found = measure_rows(setting, model, cond, rows, args.chips, args.input_quant, args)
     cmd = "python benchmarks/chip_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"### {args.setting} ({setting.name}), `{args.mode}` seed {args.seed}, {args.steps} steps, on "
               f"`{args.eval}`, {args.chips} chips"
+              + (f", trained for `{args.train}`" if args.mode != "digital" else "")
               + (f", ADC ranges per layer ({args.output_alpha:g} σ)" if args.output_alpha is not None else "")
               + f"\n\n`{cmd}` at commit {fidelity._commit()}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {time.perf_counter() - t0:.0f} s")  # fmt: skip

@@ -646,6 +646,38 @@ def training_key(mode: str, run_key: dict) -> dict:
     return {k: v for k, v in run_key.items() if k not in drop}
 
 
+def run_key(args: argparse.Namespace, setting) -> dict:
+    """What a run's results depend on, every mode alike: the key a kept run is checked against."""
+    key = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
+                                         "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
+                                         "block_size", "eval_blocks")}  # fmt: skip
+    if args.untied_head:  # (only then: earlier cached runs stay valid)
+        key.update(untied_head=True)
+    if args.restart_lr is not None:  # (only then: earlier cached runs stay valid)
+        key.update(restart_lr=args.restart_lr)
+    if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
+        key.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
+                   calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip
+    if args.output_alpha is not None:  # (only then: earlier cached runs stay valid)
+        key.update(output_alpha=args.output_alpha, calibrate_every=args.calibrate_every,
+                   calibration_batches=args.calibration_batches)  # fmt: skip
+    if args.chip_calibration != "none":  # (only then: earlier cached runs stay valid)
+        key.update(chip_calibration={"kind": args.chip_calibration, "batches": args.calibration_batches})
+    if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
+        key.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
+    return key
+
+
+def mode_run_key(mode: str, key: dict, args: argparse.Namespace) -> dict:
+    """:func:`run_key` with the fields only ``mode`` reads."""
+    key = dict(key)
+    if split_kd(split_draws(mode)[1])[1].endswith("_clip"):  # (clip modes only: the others' runs stay valid)
+        key.update(clip_sigmas=args.clip_sigmas)
+    if split_kd(split_draws(mode)[1])[0]:
+        key.update(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
+    return key
+
+
 def load_trained(setting, path: str, mode: str, key: dict) -> tuple[nn.Module | None, dict | None]:
     """The model of ``mode`` kept at ``path`` by an earlier run with the same training key, or ``(None, None)``."""
     if not os.path.isfile(path):
@@ -915,23 +947,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--batch_size {args.batch_size} does not split into the {draws} micro-batches of mode {mode}")
     setting = SETTINGS[args.setting](args)
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    key_args = {k: getattr(args, k) for k in ("setting", "train", "steps", "lr", "weight_decay", "warmup_steps",
-                                              "optimizer", "batch_size", "digital_fraction", "exclude", "arch",
-                                              "block_size", "eval_blocks")}  # fmt: skip
-    if args.untied_head:  # (only then: earlier cached runs stay valid)
-        key_args.update(untied_head=True)
-    if args.restart_lr is not None:  # (only then: earlier cached runs stay valid)
-        key_args.update(restart_lr=args.restart_lr)
-    if args.input_quant != "per_token":  # (the dynamic DAC's keys unchanged: earlier cached runs stay valid)
-        key_args.update(input_quant=args.input_quant, input_alpha=args.input_alpha,
-                        calibrate_every=args.calibrate_every, calibration_batches=args.calibration_batches)  # fmt: skip
-    if args.output_alpha is not None:  # (only then: earlier cached runs stay valid)
-        key_args.update(output_alpha=args.output_alpha, calibrate_every=args.calibrate_every,
-                        calibration_batches=args.calibration_batches)  # fmt: skip
-    if args.chip_calibration != "none":  # (only then: earlier cached runs stay valid)
-        key_args.update(chip_calibration={"kind": args.chip_calibration, "batches": args.calibration_batches})
-    if args.setting == "glue":  # (keys of the other settings unchanged: their cached runs stay valid)
-        key_args.update(task=args.task, model_name_or_path=setting.path, max_length=args.max_length)
+    key_args = run_key(args, setting)
     start_steps = frozenset(int(split_mode(m, args.digital_fraction)[0] * args.steps) for m in modes) - {0}
     runs = {}
     for seed in seeds:
@@ -943,11 +959,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in modes:
             path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.json")
             cached = json.load(open(path)) if os.path.isfile(path) else None
-            mode_key = dict(key_args)
-            if split_kd(split_draws(mode)[1])[1].endswith("_clip"):  # (clip modes only: the others' runs stay valid)
-                mode_key.update(clip_sigmas=args.clip_sigmas)
-            if split_kd(split_draws(mode)[1])[0]:
-                mode_key.update(kd_alpha=args.kd_alpha, kd_temperature=args.kd_temperature)
+            mode_key = mode_run_key(mode, key_args, args)
             if cached and cached["args"] == mode_key and cached["chips"] == args.chips:
                 missing = [c for c in conditions if c.label not in cached["result"]["chips"]]
                 if not missing:

@@ -55,3 +55,31 @@ def test_whole_chip_row_is_fidelity_measurement_and_rows_are_paired(tmp_path):
         chip_cost.main([*argv[:-2], "--eval", "pcm:1,pcm:2", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit):  # one ADC range for all layers, or calibrated ones per layer: not both
         chip_cost.main([*argv[:-2], "--output_alpha", "6", "--out", str(tmp_path / "x")])
+
+
+def test_rows_turn_off_each_scaled_part_of_a_noise_model():
+    rows = chip_cost.variants("pcm_drift", [], [])
+    parts = [k for k in rows if k.startswith("PCMNoise ")]
+    assert parts == ["PCMNoise prog_noise_scale=0", "PCMNoise drift_scale=0", "PCMNoise read_noise_scale=0"]
+    noise = rows["PCMNoise drift_scale=0"]["noise"]
+    pcm, rest = noise[0], noise[1:]
+    assert type(pcm).__name__ == "PCMNoise" and pcm.drift_scale == 0.0
+    assert pcm.prog_noise_scale == 1.0 and pcm.read_noise_scale == 1.0 and pcm.drift_compensation
+    assert [type(m).__name__ for m in rest] == ["IRDrop", "OutputNoise"]
+    assert not any(k.startswith(("ReadNoise ", "OutputNoise ")) for k in chip_cost.variants("pcm", [], []))
+
+
+def test_kept_model_is_measured_without_training(tmp_path):
+    common = ["--setting", "digits", "--steps", "60", "--batch_size", "32", "--eval", "pcm:2", "--chips", "2",
+              "--threads", "1"]  # fmt: skip
+    fidelity.main([*common, "--modes", "digital", "--seeds", "1", "--keep_models", "--out", str(tmp_path / "f")])
+    kept = json.load(open(tmp_path / "f" / "runs" / "digital_seed1.json"))["result"]
+    result = chip_cost.main([*common, "--mode", "digital", "--seed", "1", "--kept", str(tmp_path / "f"),
+                             "--out", str(tmp_path / "cc")])  # fmt: skip
+    assert result["clean"] == kept["clean"]["accuracy"]
+    assert result["rows"]["whole chip"] == [c["accuracy"] for c in kept["chips"]["pcm L2"]]
+    for wrong in (["--seed", "0"], ["--steps", "61"]):  # no such model kept, or one trained otherwise
+        argv = [*common, "--mode", "digital", "--seed", "1", "--kept", str(tmp_path / "f"), "--out", str(tmp_path)]
+        argv += wrong
+        with pytest.raises(SystemExit):
+            chip_cost.main(argv)
