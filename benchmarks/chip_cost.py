@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.kept is None:
         model, _ = fidelity.train(setting, args.mode, args.seed, args)
     else:
-        path = os.path.join(args.kept, "runs", f"{args.mode}_seed{args.seed}.pt")
+        path = fidelity.kept_model_path(args.kept, args.mode, args.seed)
         key = fidelity.mode_run_key(args.mode, fidelity.run_key(args, setting), args)
         model, _ = fidelity.load_trained(setting, path, args.mode, fidelity.training_key(args.mode, key))
         if model is None:

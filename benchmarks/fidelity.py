@@ -678,6 +678,11 @@ def mode_run_key(mode: str, key: dict, args: argparse.Namespace) -> dict:
     return key
 
 
+def kept_model_path(out: str, mode: str, seed: int) -> str:
+    """Where ``--keep_models`` keeps the trained weights of ``mode`` and ``seed`` in the ``--out`` folder ``out``."""
+    return os.path.join(out, "runs", f"{mode}_seed{seed}.pt")
+
+
 def load_trained(setting, path: str, mode: str, key: dict) -> tuple[nn.Module | None, dict | None]:
     """The model of ``mode`` kept at ``path`` by an earlier run with the same training key, or ``(None, None)``."""
     if not os.path.isfile(path):
@@ -966,7 +971,7 @@ def main(argv: list[str] | None = None) -> dict:
                     runs[(mode, seed)] = cached["result"]
                     continue
             t0 = time.perf_counter()
-            model_path = os.path.join(args.out, "runs", f"{mode}_seed{seed}.pt")
+            model_path = kept_model_path(args.out, mode, seed)
             trained_key = training_key(mode, mode_key)
             model, info = load_trained(setting, model_path, mode, trained_key) if args.keep_models else (None, None)
             if model is None:
