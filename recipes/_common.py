@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -186,9 +186,10 @@ class AnalogArguments:
         metadata={
             "help": "Clip every analog layer's weights to this many standard deviations of their output channel "
             "after each noise-aware optimizer step, from the end of the digital warm-up (hf_cim.callbacks."
-            "WeightClipCallback), in [0.5, 100]; aihwkit's hardware-aware training uses 2.5-3.5. On the rram chip "
-            "2.5 with the digital warm-up won back 57 %% of the chip's cost against 44 %% unclipped (3 seeds, "
-            "docs/fidelity.md); on pcm it made no difference. Default: off. Not with --gradient none."
+            "WeightClipCallback), in [0.5, 100], or 0 for none; aihwkit's hardware-aware training uses 2.5-3.5. "
+            "Default: the recipe's for the preset with --gradient ste/ste_detach (run_shakespeare: rram 2.5, with the "
+            "digital warm-up 57 %% of the chip's cost won back against 44 %% unclipped, 3 seeds, docs/fidelity.md; "
+            "on pcm it made no difference), none otherwise. Not with --gradient none."
         },
     )
     digital_baseline: bool = field(
@@ -258,9 +259,11 @@ class AnalogArguments:
                     "`--gradient none` the whole run is digital: drop it"
                 )
         if self.weight_clip_sigmas is not None:
-            if not 0.5 <= self.weight_clip_sigmas <= 100.0:
-                raise ValueError(f"`--weight_clip_sigmas` must be in [0.5, 100], got {self.weight_clip_sigmas}")
-            if self.gradient == "none":
+            if self.weight_clip_sigmas != 0.0 and not 0.5 <= self.weight_clip_sigmas <= 100.0:
+                raise ValueError(
+                    f"`--weight_clip_sigmas` must be 0 (no clipping) or in [0.5, 100], got {self.weight_clip_sigmas}"
+                )
+            if self.gradient == "none" and self.weight_clip_sigmas != 0.0:
                 raise ValueError(
                     "`--weight_clip_sigmas` clips the weights of noise-aware steps; with `--gradient none` the "
                     "training is digital: drop it"
@@ -673,14 +676,24 @@ def add_digital_warmup(trainer: transformers.Trainer, args: AnalogArguments, ste
     return ratio
 
 
-def add_weight_clip(trainer: transformers.Trainer, args: AnalogArguments) -> None:
+def add_weight_clip(
+    trainer: transformers.Trainer, args: AnalogArguments, ste_defaults: Mapping[str, float] | None = None
+) -> float | None:
     """``--weight_clip_sigmas``: :class:`hf_cim.callbacks.WeightClipCallback` from the first noise-aware step (call
-    after :func:`add_digital_warmup`, whose ratio it starts after)."""
-    if args.weight_clip_sigmas is None or hf_cim.patch.get_config(trainer.model) is None:
-        return
-    from hf_cim.callbacks import WeightClipCallback
+    after :func:`add_digital_warmup`, whose ratio it starts after). Not given, the bound is ``ste_defaults``'s for
+    ``--preset`` with ``--gradient ste``/``ste_detach`` (none for other presets and modes); 0 is no clipping. Returns
+    the bound used, or None (written into ``args.weight_clip_sigmas``)."""
+    sigmas = args.weight_clip_sigmas
+    if sigmas is None and args.gradient in ("ste", "ste_detach"):
+        sigmas = (ste_defaults or {}).get(args.preset)
+    if not sigmas or args.gradient == "none" or hf_cim.patch.get_config(trainer.model) is None:
+        sigmas = None  # no clipping: 0 asked for, no default, or every step digital
+    args.weight_clip_sigmas = sigmas
+    if sigmas is not None:
+        from hf_cim.callbacks import WeightClipCallback
 
-    trainer.add_callback(WeightClipCallback(args.weight_clip_sigmas, start_ratio=args.digital_warmup_ratio or 0.0))
+        trainer.add_callback(WeightClipCallback(sigmas, start_ratio=args.digital_warmup_ratio or 0.0))
+    return sigmas
 
 
 def add_range_calibration(trainer: transformers.Trainer, batches: list[Any], args: AnalogArguments) -> None:

@@ -517,7 +517,9 @@ def test_train_t_inference_trains_through_a_chip_of_that_age(tmp_path):
 def test_weight_clip_starts_after_the_digital_warmup(tmp_path):
     from _common import AnalogArguments, parse_args
 
-    with pytest.raises(ValueError, match=r"`--weight_clip_sigmas` must be in \[0.5, 100\], got 0.1"):
+    with pytest.raises(
+        ValueError, match=r"`--weight_clip_sigmas` must be 0 \(no clipping\) or in \[0.5, 100\], got 0.1"
+    ):
         parse_args((AnalogArguments,), ["--weight_clip_sigmas", "0.1"])
     with pytest.raises(ValueError, match="with `--gradient none` the training is digital"):
         parse_args((AnalogArguments,), ["--gradient", "none", "--weight_clip_sigmas", "2.5"])
@@ -535,3 +537,32 @@ def test_weight_clip_starts_after_the_digital_warmup(tmp_path):
     # clip after step 2 changes step 3's
     assert losses(clipped)[:3] == losses(plain)[:3]
     assert losses(clipped)[3] != pytest.approx(losses(plain)[3], rel=1e-4)
+
+
+def test_weight_clip_default_is_the_presets(tmp_path):
+    from _common import AnalogArguments, parse_args
+
+    # 0 is no clipping, also next to --gradient none
+    assert (
+        parse_args((AnalogArguments,), ["--gradient", "none", "--weight_clip_sigmas", "0"])[0].weight_clip_sigmas == 0
+    )
+
+    path, _ = write_text(tmp_path / "input.txt", n_chars=6000)
+    common = ["--max_steps", "4", "--eval_chips", "0", "--digital_warmup_ratio", "0.5"]
+
+    def run(name, *extra):
+        res = run_shakespeare.main(clm_args(path, tmp_path / name, *common, *extra))
+        return res["analog"]["weight_clip_sigmas"], [e["loss"] for e in res["train_loss_history"]]
+
+    default, default_losses = run("d", "--preset", "rram")
+    bound = run_shakespeare.WEIGHT_CLIP_SIGMAS["rram"]
+    explicit, explicit_losses = run("e", "--preset", "rram", "--weight_clip_sigmas", str(bound))
+    off, off_losses = run("o", "--preset", "rram", "--weight_clip_sigmas", "0")
+    assert default == explicit == bound and 0.5 <= bound <= 100.0 and off is None
+    assert default_losses == explicit_losses  # the default is that bound, nothing else
+    assert default_losses[:3] == off_losses[:3]  # digital steps, then the first noise-aware step: unclipped yet
+    assert default_losses[3] != pytest.approx(off_losses[3], rel=1e-4)  # the clip after step 2 moves step 3
+    # other presets, and modes other than ste/ste_detach, do not clip unless asked
+    assert run("p", "--preset", "pcm")[0] is None
+    assert run("f", "--preset", "rram", "--gradient", "full")[0] is None
+    assert run("n", "--preset", "rram", "--gradient", "none", "--digital_warmup_ratio", "0")[0] is None
