@@ -686,8 +686,10 @@ def add_weight_clip(
     sigmas = args.weight_clip_sigmas
     if sigmas is None and args.gradient in ("ste", "ste_detach"):
         sigmas = (ste_defaults or {}).get(args.preset)
-    if not sigmas or args.gradient == "none" or hf_cim.patch.get_config(trainer.model) is None:
-        sigmas = None  # no clipping: 0 asked for, no default, or every step digital
+    if not sigmas or hf_cim.patch.get_config(trainer.model) is None:
+        sigmas = (
+            None  # no clipping: 0 asked for (the only bound --gradient none accepts), no default, or no analog model
+        )
     args.weight_clip_sigmas = sigmas
     if sigmas is not None:
         from hf_cim.callbacks import WeightClipCallback
