@@ -686,10 +686,9 @@ def add_weight_clip(
     sigmas = args.weight_clip_sigmas
     if sigmas is None and args.gradient in ("ste", "ste_detach"):
         sigmas = (ste_defaults or {}).get(args.preset)
+    # No clipping: 0 asked for (the only bound --gradient none accepts), no default, or no analog model.
     if not sigmas or hf_cim.patch.get_config(trainer.model) is None:
-        sigmas = (
-            None  # no clipping: 0 asked for (the only bound --gradient none accepts), no default, or no analog model
-        )
+        sigmas = None
     args.weight_clip_sigmas = sigmas
     if sigmas is not None:
         from hf_cim.callbacks import WeightClipCallback
