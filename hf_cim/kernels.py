@@ -254,17 +254,19 @@ def _native_lognormal_program_(out, factor, w, sigma, shift, max_log, key):
     return out
 
 
-def _native_reram_program_(out, w, coeffs, g_max, s, clip_max, key):
-    if not (native.accepts(out, w) and _same_layout(out, w)) or _native_lib() is None or 2 * w.numel() > 2**32:
+def _native_reram_program_(out, derivative, w, coeffs, g_max, s, clip_max, key):
+    operands = (out, w) if derivative is None else (out, derivative, w)
+    if not (native.accepts(*operands) and _same_layout(*operands)) or _native_lib() is None or 2 * w.numel() > 2**32:
         return NotImplemented
-    native.reram_program(w, out, _coefficients(coeffs), g_max, s, clip_max, *_key_words(key)[1:])
+    native.reram_program(w, out, _coefficients(coeffs), g_max, s, clip_max, *_key_words(key)[1:], derivative)
     return out
 
 
-def _native_stuck_at_(out, w, u, p_off, p_on):
-    if not (native.accepts(out, w, u) and _same_layout(out, w) and u.is_contiguous()) or _native_lib() is None:
+def _native_stuck_at_(out, derivative, w, u, p_off, p_on):
+    operands = (out, w) if derivative is None else (out, derivative, w)
+    if not (native.accepts(*operands, u) and _same_layout(*operands) and u.is_contiguous()) or _native_lib() is None:
         return NotImplemented
-    native.stuck_at(w, u, out, p_off, p_on)
+    native.stuck_at(w, u, out, p_off, p_on, derivative)
     return out
 
 
@@ -277,6 +279,17 @@ def _coefficients(coeffs: tuple[float, ...]) -> torch.Tensor:
     if t is None:
         t = _COEFFS[coeffs] = torch.tensor(coeffs, dtype=torch.float32)
     return t
+
+
+def within(y: torch.Tensor, bound: float) -> torch.Tensor:
+    """``|y| <= bound`` as a bool tensor, without autograd: one pass of the C kernel on the CPU (no float ``|y|``
+    temporary: for an LM head's partial sums that is the size of the logits per tile), the torch formula elsewhere."""
+    y = y.detach()
+    if y.is_contiguous() and native.accepts(y) and _native_lib() is not None:
+        out = torch.empty(y.shape, dtype=torch.bool)
+        native.within(y, out, bound)
+        return out
+    return y.abs() <= bound
 
 
 # -- the stages -----------------------------------------------------------------------------------------------------

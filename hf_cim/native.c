@@ -188,6 +188,16 @@ void hfc_lognormal_program(const float *w, float *out, float *factor, i64 n, flo
     }
 }
 
+/* -- the ADC's pass mask (tile.analog_matmul's saturation) --------------------------------------------------- */
+
+/* out[i] = |y[i]| <= bound, one byte per element (torch.bool), without the float |y| the torch formula makes first;
+ * NaN fails the comparison in both. */
+void hfc_within(const float *y, uint8_t *out, i64 n, float bound, int threads) {
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
+        for (i64 i = lo; i < hi; ++i) out[i] = fabsf(y[i]) <= bound;
+    }
+}
+
 /* -- the DAC (converters.dac) --------------------------------------------------------------------------------- */
 
 /* x (T, K) contiguous -> out (T, K) integer levels (or scaled values when !quantize), x_absmax (T) or (1). */
@@ -358,17 +368,26 @@ void hfc_ir_drop(float *y, const void *a, const void *y_pos, i64 n, int a_bf16, 
  * with its uniforms (torch.rand's over the pair tensor: g+ at i, g- at n + i), is stuck off (0) where u < p_off and
  * stuck on (1) where p_off <= u < p_hi (p_hi = p_off + p_on rounded to float32, as torch compares a float32 tensor
  * with a Python number), and out = g+' − g-'. The comparisons are the torch formula's, so the numbers are its
- * numbers. */
+ * numbers. With a `deriv` buffer also deriv = ∂out/∂w as autograd takes it through the torch formula: a device passes
+ * its gradient where it is not stuck (u >= p_hi), g+ where w >= 0 and g- where w <= 0 (torch's clamp passes the
+ * gradient at its bound, so at w = 0 both do). */
 static inline float stuck_device(float g, float u, float p_off, float p_hi) {
     return u < p_off ? F(0.0) : (u < p_hi ? F(1.0) : g);
 }
 
-void hfc_stuck_at(const float *w, const float *u, float *out, i64 n, float p_off, float p_hi, int threads) {
+void hfc_stuck_at(const float *w, const float *u, float *out, float *deriv, i64 n, float p_off, float p_hi,
+                  int threads) {
     PARALLEL_FOR_CHUNKS(n, lo, hi) {
         for (i64 i = lo; i < hi; ++i) {
             const float wi = w[i];
             out[i] = stuck_device(maxf(F(0.0), wi), u[i], p_off, p_hi) -
                      stuck_device(maxf(F(0.0), -wi), u[n + i], p_off, p_hi);
+        }
+        if (deriv) {
+            for (i64 i = lo; i < hi; ++i) {
+                const float wi = w[i];
+                deriv[i] = (float)(wi >= F(0.0) && u[i] >= p_hi) + (float)(wi <= F(0.0) && u[n + i] >= p_hi);
+            }
         }
     }
 }
@@ -376,28 +395,42 @@ void hfc_stuck_at(const float *w, const float *u, float *out, i64 n, float p_off
 /* ReRAMNoise.program on a weight tensor in one pass: each weight's device pair g+ = max(w, 0), g- = max(-w, 0) gets
  * g' = clamp(g + s·max(poly(min(g, 1)) / g_max, 0)·z, 0, clip_max) (poly: Horner, highest order first, as
  * hf_cim.noise.conductance.polyval), z the Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and
- * out = g+' − g-'. The operations and their order are the torch formula's, so the numbers are its numbers. */
+ * out = g+' − g-'. The operations and their order are the torch formula's, so the numbers are its numbers.
+ * reram_device also writes *d = ∂g'/∂g as autograd takes it through the torch formula: 0 where a clamp of g' bites,
+ * else 1 + z·s·poly'(g)/g_max, the last term only where neither the clamp of g to 1 nor the floor of σ at 0 bites
+ * (torch's clamps pass the gradient at their bounds). */
 static inline float reram_device(float g, float z, const float *coeffs, int n_coeffs, float g_max, float s,
-                                 int has_clip, float clip_max) {
+                                 int has_clip, float clip_max, float *d) {
     const float x = g < F(1.0) || g != g ? g : F(1.0);
-    float p = coeffs[n_coeffs - 1];
-    for (int k = n_coeffs - 2; k >= 0; --k) p = p * x + coeffs[k];
-    const float sigma = maxf(F(0.0), p / g_max) * s;
+    float p = coeffs[n_coeffs - 1], dp = F(0.0);
+    for (int k = n_coeffs - 2; k >= 0; --k) {
+        dp = dp * x + p;
+        p = p * x + coeffs[k];
+    }
+    const float sigma_raw = p / g_max;
+    const float sigma = maxf(F(0.0), sigma_raw) * s;
     float v = g + sigma * z;
+    const int passes = v >= F(0.0) && !(has_clip && v > clip_max);
+    const float dsigma = (g <= F(1.0) && sigma_raw >= F(0.0)) ? dp / g_max * s : F(0.0);
+    *d = passes ? F(1.0) + z * dsigma : F(0.0);
     v = maxf(F(0.0), v);
     if (has_clip && v > clip_max) v = clip_max;
     return v;
 }
 
-void hfc_reram_program(const float *w, float *out, i64 n, const float *coeffs, int n_coeffs, float g_max, float s,
-                       int has_clip, float clip_max, uint32_t k0, uint32_t k1, int threads) {
+/* With a `deriv` buffer also deriv = ∂out/∂w: g+'s derivative where w >= 0 plus g-'s where w <= 0 (see
+ * hfc_stuck_at: at w = 0 both, as autograd takes it). */
+void hfc_reram_program(const float *w, float *out, float *deriv, i64 n, const float *coeffs, int n_coeffs,
+                       float g_max, float s, int has_clip, float clip_max, uint32_t k0, uint32_t k1, int threads) {
     PARALLEL_FOR_CHUNKS(n, lo, hi) {
         for (i64 i = lo; i < hi; ++i) {
             const float wi = w[i];
             const float gp = maxf(F(0.0), wi), gm = maxf(F(0.0), -wi);
             const float zp = gaussian((uint32_t)i, k0, k1), zm = gaussian((uint32_t)(n + i), k0, k1);
-            out[i] = reram_device(gp, zp, coeffs, n_coeffs, g_max, s, has_clip, clip_max) -
-                     reram_device(gm, zm, coeffs, n_coeffs, g_max, s, has_clip, clip_max);
+            float dp, dm;
+            out[i] = reram_device(gp, zp, coeffs, n_coeffs, g_max, s, has_clip, clip_max, &dp) -
+                     reram_device(gm, zm, coeffs, n_coeffs, g_max, s, has_clip, clip_max, &dm);
+            if (deriv) deriv[i] = (wi >= F(0.0) ? dp : F(0.0)) + (wi <= F(0.0) ? dm : F(0.0));
         }
     }
 }

@@ -66,8 +66,9 @@ _SIGNATURES = {
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
     "hfc_lognormal_program": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _u32, _u32, _i32],
-    "hfc_reram_program": [_ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
-    "hfc_stuck_at": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
+    "hfc_reram_program": [_ptr, _ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
+    "hfc_within": [_ptr, _ptr, _i64, _f32, _i32],
+    "hfc_stuck_at": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
 }
 
 
@@ -466,12 +467,16 @@ def reram_program(
     clip_max: float | None,
     k0: int,
     k1: int,
+    derivative: torch.Tensor | None = None,
 ) -> None:
     """``out`` = ReRAM-programmed ``w``: each device of the pair ``g± = max(±w, 0)`` moves by
-    ``s·max(poly(min(g, 1))/g_max, 0)·ξ`` and is clamped to ``[0, clip_max]`` (``ReRAMNoise.program``)."""
+    ``s·max(poly(min(g, 1))/g_max, 0)·ξ`` and is clamped to ``[0, clip_max]`` (``ReRAMNoise.program``); and
+    ``derivative`` = ``∂out/∂w`` as autograd takes it through that formula, when a buffer is given."""
     shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
     _check("reram_program", "w", w, shape)
     _check("reram_program", "out", out, shape)
+    if derivative is not None:
+        _check("reram_program", "derivative", derivative, shape)
     n_coeffs = coeffs.numel() if isinstance(coeffs, torch.Tensor) else 0
     _check("reram_program", "coeffs", coeffs, (n_coeffs,))
     if n_coeffs < 1:
@@ -480,23 +485,45 @@ def reram_program(
         raise ValueError(f"hf_cim.native.reram_program: `w` has {w.numel()} elements; at most 2^31 are supported")
     has_clip = clip_max is not None
     _lib().hfc_reram_program(
-        w.data_ptr(), out.data_ptr(), w.numel(), coeffs.data_ptr(), n_coeffs, g_max, s, has_clip,
-        clip_max if has_clip else 0.0, k0, k1, threads(),
+        w.data_ptr(), out.data_ptr(), None if derivative is None else derivative.data_ptr(), w.numel(),
+        coeffs.data_ptr(), n_coeffs, g_max, s, has_clip, clip_max if has_clip else 0.0, k0, k1, threads(),
     )  # fmt: skip
 
 
-def stuck_at(w: torch.Tensor, u: torch.Tensor, out: torch.Tensor, p_off: float, p_on: float) -> None:
+def stuck_at(
+    w: torch.Tensor, u: torch.Tensor, out: torch.Tensor, p_off: float, p_on: float, derivative: torch.Tensor | None = None
+) -> None:
     """``out`` = ``w`` with stuck devices: each device of the pair ``g± = max(±w, 0)`` is 0 where its uniform
     ``u < p_off``, 1 where ``p_off <= u < p_off + p_on`` (``StuckAtFaults.program``); ``u`` has shape ``(2, *w.shape)``
-    (``g⁺``'s then ``g⁻``'s)."""
+    (``g⁺``'s then ``g⁻``'s). With a ``derivative`` buffer also ``∂out/∂w`` as autograd takes it through that
+    formula."""
     shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
     _check("stuck_at", "w", w, shape)
     _check("stuck_at", "u", u, (2, *shape))
     _check("stuck_at", "out", out, shape)
+    if derivative is not None:
+        _check("stuck_at", "derivative", derivative, shape)
     for name, p in (("p_off", p_off), ("p_on", p_on)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"hf_cim.native.stuck_at: `{name}` must be in [0, 1], got {p}")
-    _lib().hfc_stuck_at(w.data_ptr(), u.data_ptr(), out.data_ptr(), w.numel(), p_off, p_off + p_on, threads())
+    _lib().hfc_stuck_at(
+        w.data_ptr(), u.data_ptr(), out.data_ptr(), None if derivative is None else derivative.data_ptr(), w.numel(),
+        p_off, p_off + p_on, threads(),
+    )  # fmt: skip
+
+
+def within(y: torch.Tensor, out: torch.Tensor, bound: float) -> None:
+    """``out = |y| <= bound`` (``out`` a bool tensor of ``y``'s shape), as torch compares float32 ``y`` with the
+    Python number ``bound`` (rounded to float32)."""
+    shape = tuple(y.shape) if isinstance(y, torch.Tensor) else ()
+    _check("within", "y", y, shape)
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.device.type == "cpu"):
+        raise ValueError(f"hf_cim.native.within: `out` must be a contiguous bool CPU tensor; got {_describe(out)}")
+    if tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"hf_cim.native.within: `out` must be contiguous of shape {shape}; got {_describe(out)}")
+    if not bound == bound:  # NaN
+        raise ValueError("hf_cim.native.within: `bound` must not be NaN")
+    _lib().hfc_within(y.data_ptr(), out.data_ptr(), y.numel(), bound, threads())
 
 
 def available() -> bool:

@@ -122,25 +122,19 @@ def lever_vjp(
             g = g * mask[0]  # bool promotes to g's dtype: no float copy of the mask
         return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
     k, n, out = x.shape[1], x.shape[0], w.shape[0]
-    g_t = g.unsqueeze(0) * mask  # (tiles, n, out)
-    # Full tiles in one batched product, a partly used last tile over its real rows only (no zero-padded work).
-    n_full = k // tile_rows
-    split = n_full * tile_rows
-    gx = gw = None
-    if need_x:
-        gx = g.new_empty(n, k)
-        if n_full:
-            full = torch.bmm(g_t[:n_full], w_x[:, :split].reshape(out, n_full, tile_rows).transpose(0, 1))
-            gx[:, :split] = full.transpose(0, 1).reshape(n, split)
-        if split < k:
-            gx[:, split:] = g_t[n_full] @ w_x[:, split:]
-    if need_w:
-        gw = g.new_empty(out, k)
-        if n_full:
-            full = torch.bmm(g_t[:n_full].transpose(1, 2), x[:, :split].reshape(n, n_full, tile_rows).transpose(0, 1))
-            gw[:, :split] = full.transpose(0, 1).reshape(out, split)
-        if split < k:
-            gw[:, split:] = g_t[n_full].t() @ x[:, split:]
+    # One tile at a time through one (vectors, out) buffer: the masked gradient of every tile at once would be
+    # tiles × the size of the logits for an LM head, written and read once more. A partly used last tile is
+    # multiplied over its real rows only (no zero-padded work).
+    g_m = torch.empty_like(g)
+    gx = g.new_empty(n, k) if need_x else None
+    gw = g.new_empty(out, k) if need_w else None
+    for t in range(mask.shape[0]):
+        lo, hi = t * tile_rows, min(k, (t + 1) * tile_rows)
+        torch.mul(g, mask[t], out=g_m)  # (bool promotes to g's dtype)
+        if need_x:
+            gx[:, lo:hi] = g_m @ w_x[:, lo:hi]
+        if need_w:
+            gw[:, lo:hi] = g_m.t() @ x[:, lo:hi]
     return gx, gw
 
 

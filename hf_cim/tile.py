@@ -184,7 +184,7 @@ def programs_elementwise(noise: Sequence[NoiseModel], ctx: NoiseContext) -> bool
     """Whether :func:`program_weights_with_derivative` can program ``w`` for this ``noise`` at ``ctx``'s level: every
     ``program`` hook that would run acts on each weight on its own (:meth:`NoiseModel.elementwise_derivative`), or is
     the leading additive Gaussian the quantizer's pass draws."""
-    return all(m.elementwise_derivative("program") for m in _leading_gaussian(_program_models(noise, ctx))[1])
+    return all(m.elementwise_derivative("program", ctx) for m in _leading_gaussian(_program_models(noise, ctx))[1])
 
 
 def program_weights_with_derivative(
@@ -418,7 +418,7 @@ def analog_matmul(
     step = spec.adc_step if output_step is None or not adc else float(output_step)
     levels = spec.adc_levels
     if saturation is not None and adc:
-        saturation.append(y[:n_tiles].abs() <= (levels + 0.5) * step / in_scale)
+        saturation.append(kernels.within(y[:n_tiles], (levels + 0.5) * step / in_scale))
     row_scale = w_scale.reshape(1, -1) * step
     bias_row = None if bias is None else bias.reshape(1, -1).to(torch.float32)
     if inplace:

@@ -230,6 +230,8 @@ def test_reram_program_checks_its_buffers():
         native.reram_program(w, torch.zeros(4, 5), torch.zeros(0), 40.0, 1.0, None, 1, 2)
     with pytest.raises(ValueError, match="`w` must be a contiguous float32"):
         native.reram_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2)
+    with pytest.raises(ValueError, match="`derivative` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
+        native.reram_program(w, torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2, torch.zeros(4, 5).t())
 
 
 def test_lognormal_program_checks_its_buffers_and_range():
@@ -266,5 +268,32 @@ def test_stuck_at_checks_its_buffers_and_probabilities():
         native.stuck_at(w, u, out.t(), 0.1, 0.1)
     with pytest.raises(ValueError, match="`p_on` must be in \\[0, 1\\], got 1.5"):
         native.stuck_at(w, u, out, 0.1, 1.5)
+    with pytest.raises(ValueError, match="`derivative` must be a contiguous float32"):
+        native.stuck_at(w, u, out, 0.1, 0.1, torch.zeros(5, 4))
     native.stuck_at(torch.full((4, 5), 0.5), torch.zeros(2, 4, 5), out, 0.5, 0.0)  # every device stuck off
     assert torch.equal(out, torch.zeros(4, 5))
+
+
+def test_within_is_the_torch_comparison_at_the_bound_and_checks_its_buffers():
+    """The ADC's pass mask in one pass: ``|y| <= bound`` as torch compares a float32 tensor with a Python number
+    (the bound rounded to float32), values on and one ulp around the bound, infinities and NaN included."""
+    from hf_cim import kernels, native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    bound = (127 + 0.5) * 0.1 / (1 / 127)  # not a float32: the rounding is the comparison's
+    b32 = torch.tensor(bound, dtype=torch.float32)
+    edge = torch.stack([b32, torch.nextafter(b32, b32 + 1), torch.nextafter(b32, b32 - 1)])
+    special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0])
+    y = torch.cat([torch.randn(3, 1000).flatten() * bound, edge, -edge, special]).reshape(1, -1)
+    out = torch.empty(y.shape, dtype=torch.bool)
+    native.within(y, out, bound)
+    assert torch.equal(out, y.abs() <= bound)
+    assert out.float().mean() > 0.5 and not out.all()
+    assert torch.equal(kernels.within(y, bound), out)
+    with pytest.raises(ValueError, match="`out` must be a contiguous bool CPU tensor"):
+        native.within(y, torch.empty(y.shape), bound)
+    with pytest.raises(ValueError, match="`y` must be a contiguous float32"):
+        native.within(y.double(), out, bound)
+    with pytest.raises(ValueError, match="`bound` must not be NaN"):
+        native.within(y, out, float("nan"))

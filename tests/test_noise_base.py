@@ -116,7 +116,7 @@ def test_the_default_program_derivative_is_the_hooks_own_under_autograd():
     class Curved(NoiseModel):
         s: float = 0.1
 
-        def elementwise_derivative(self, hook):
+        def elementwise_derivative(self, hook, ctx):
             return hook == "program"
 
         def program(self, w, ctx):

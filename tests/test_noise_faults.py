@@ -78,3 +78,34 @@ def test_fused_pass_keeps_the_gradient_path_and_the_stream():
     expected = torch.Generator().manual_seed(2)
     torch.rand(2, 1001, generator=expected)
     assert torch.equal(c.generator.get_state(), expected.get_state())
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+def test_the_derivative_is_the_one_autograd_takes_through_the_formula(impl):
+    # program_derivative: the same stuck devices as program, and ∂out/∂w = 1 per device that carries w and is not
+    # stuck (2 at w = 0 where neither is, as autograd takes it through the pair's clamps), bit for bit.
+    from hf_cim import kernels, native
+
+    if impl == "native" and not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(257, 129, generator=gen) * 2 - 1
+    w[0, :4] = torch.tensor([0.0, -0.0, 1.0, -1.0])
+    w[1] = 0.0
+    model = StuckAtFaults(p_off=0.1, p_on=0.05)
+    kernels.set_native(impl == "native")
+    try:
+        c = ctx(seed=5, level=1.0)
+        c.sampler = kernels.SAMPLER
+        with torch.no_grad():
+            out, d = model.program_derivative(w, c)
+    finally:
+        kernels.set_native(None)
+    leaf = w.clone().requires_grad_()
+    formula = model.program(leaf, ctx(seed=5, level=1.0))
+    (grad,) = torch.autograd.grad(formula, leaf, torch.ones_like(w))
+    assert torch.equal(out, formula.detach())
+    assert torch.equal(d, grad)
+    assert set(torch.unique(d).tolist()) == {0.0, 1.0, 2.0}
+    assert model.elementwise_derivative("program", c) and not model.elementwise_derivative("output", c)
+    assert model.program_derivative(w, ctx(seed=5, level=0.0)) == (w, 1.0)

@@ -249,5 +249,5 @@ def test_lognormal_derivative_is_the_factor_autograd_takes(mean_corrected, sampl
     tol = dict(rtol=0, atol=0) if sampler == "reference" else dict(rtol=2.5e-7, atol=0)
     torch.testing.assert_close(out, formula.detach(), **tol)
     torch.testing.assert_close(cot * d, grad, **tol)
-    assert model.elementwise_derivative("program") and not model.elementwise_derivative("output")
+    assert model.elementwise_derivative("program", ctx()) and not model.elementwise_derivative("output", ctx())
     assert LogNormalNoise(std=0.1).program_derivative(w, ctx(level=0.0)) == (w, 1.0)

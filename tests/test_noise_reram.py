@@ -79,3 +79,43 @@ def test_the_reference_sampler_takes_the_same_key():
         fused = model.program(w, ctx(seed=4))
     formula = model.program(w.clone().requires_grad_(), ctx(seed=4)).detach()
     assert torch.equal(fused, formula)
+
+
+@pytest.mark.parametrize("clip_max", [None, 1.2], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("impl", ["native", "eager"])
+def test_the_derivative_is_the_one_autograd_takes_through_the_formula(impl, clip_max):
+    # program_derivative (program_gradient's element-wise chain): the programmed weights of program's own pass, and
+    # ∂out/∂w written beside them, against autograd through the torch formula on the same draws: every branch of it
+    # (devices clamped at 0 and at clip_max, targets at and above 1 where σ's polynomial is held, w = 0 where both
+    # devices carry the gradient).
+    from hf_cim import kernels, native
+
+    if impl == "native" and not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(64, 301, generator=gen) * 2.4 - 1.2
+    w[0, :6] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.1, -1.1])
+    model = ReRAMNoise(clip_max=clip_max, scale=40.0)  # large noise: the clamps bite often
+    cot = torch.randn(64, 301, generator=gen)
+
+    def c():
+        return NoiseContext(generator=torch.Generator().manual_seed(5), level=1.5, sampler=kernels.SAMPLER)
+
+    kernels.set_native(impl == "native")
+    try:
+        with torch.no_grad():
+            out, d = model.program_derivative(w, c())
+            plain = model.program(w, c())
+        leaf = w.clone().requires_grad_()
+        formula = model.program(leaf, c())  # the draws from the same backend
+        (grad,) = torch.autograd.grad(formula, leaf, cot)
+    finally:
+        kernels.set_native(None)
+    assert torch.equal(out, plain) and torch.equal(out, formula.detach())
+    # Products in another order than autograd's (the C pass sums Horner's derivative its own way; cot·d against a
+    # product with cot inside): a few float32 ulp of the terms of 1 + z·s·σ'(g), which cancel where the noise is
+    # this large.
+    torch.testing.assert_close(cot * d, grad, rtol=1e-5, atol=1e-5)
+    assert (d == 0).float().mean() > 0.05 and (d > 1.5).any()  # clamped devices and the w = 0 sum were reached
+    assert model.elementwise_derivative("program", c()) and not model.elementwise_derivative("output", c())
+    assert model.program_derivative(w, ctx(level=0.0)) == (w, 1.0)

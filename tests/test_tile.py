@@ -311,6 +311,7 @@ _ELEMENTWISE = {
     "lognormal+gaussian_per_tensor": [{"name": "lognormal", "std": 0.1},
                                       {"name": "gaussian_weight", "std": 0.03, "per_channel": False}],
     "gaussian": [{"name": "gaussian_weight", "std": 0.05}],
+    "rram": [{"name": "reram"}, {"name": "stuck_at", "p_off": 0.05, "p_on": 0.01}],
 }  # fmt: skip
 
 
@@ -342,16 +343,16 @@ def test_program_weights_with_derivative_is_the_programming_and_autograds_gradie
         torch.testing.assert_close(grad, cot)
     else:
         assert d.shape == w.shape and float(d.std()) > 0.05
-        torch.testing.assert_close(cot * d, grad, rtol=1e-6, atol=1e-7)
+        # (ReRAM's C pass sums the polynomial's derivative in its own order: float32 ulp of 1 + z·s·σ'(g))
+        torch.testing.assert_close(cot * d, grad, rtol=1e-5, atol=1e-6)
 
 
 def test_only_closed_form_programming_is_elementwise():
     from hf_cim.tile import programs_elementwise
 
     ctx = NoiseContext(generator=None, level=1.0)
-    for preset in ("pcm_drift", "rram"):
-        assert not programs_elementwise(AnalogNoiseConfig(noise=preset).noise, ctx)
-    assert programs_elementwise(AnalogNoiseConfig(noise="paper").noise, ctx)
-    stuck = AnalogNoiseConfig(noise=[{"name": "lognormal"}, {"name": "stuck_at"}]).noise
-    assert not programs_elementwise(stuck, ctx)
-    assert programs_elementwise(stuck, NoiseContext(generator=None, level=0.0))  # nothing programs at level 0
+    for preset in ("paper", "rram"):
+        assert programs_elementwise(AnalogNoiseConfig(noise=preset).noise, ctx)
+    custom = AnalogNoiseConfig(noise=[{"name": "lognormal"}, {"name": "pcm"}]).noise
+    assert not programs_elementwise(custom, ctx)
+    assert programs_elementwise(custom, NoiseContext(generator=None, level=0.0))  # nothing programs at level 0

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -44,6 +45,7 @@ __all__ = [
     "SPREAD_DTYPES",
     "NoiseContext",
     "NoiseModel",
+    "autograd_derivative",
     "check_range",
     "check_spread_dtype",
     "fast_bfloat16_products",
@@ -229,6 +231,21 @@ def integral_floats_to_ints(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return {k: int(v) if k in int_fields and type(v) is float and v.is_integer() else v for k, v in data.items()}
 
 
+def autograd_derivative(
+    program: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """``(program(w), ∂program/∂w)`` of an element-wise ``program``, read off by autograd's vector-Jacobian product
+    with ones (exact: the Jacobian is diagonal); ``0.0`` for the derivative where the result does not depend on ``w``.
+    The reference of the closed forms the noise models' fused kernels write (:meth:`NoiseModel.program_derivative`)."""
+    with torch.enable_grad():
+        leaf = w.detach().requires_grad_()
+        out = program(leaf)
+        if not out.requires_grad:
+            return out, 0.0
+        (derivative,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+    return out.detach(), derivative
+
+
 class NoiseModel:
     """Base class of every noise model; subclasses are ``@dataclass``es registered with :func:`register_noise_model`.
 
@@ -300,9 +317,9 @@ class NoiseModel:
         """
         return self.additive_gaussian(hook) is not None
 
-    def elementwise_derivative(self, hook: str) -> bool:
-        """Chain capability: whether this model's ``hook`` (only ``"program"``) acts on each weight on its own, so
-        that :meth:`program_derivative` gives its derivative element by element. ``program_gradient``'s STE backward
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
+        """Chain capability: whether this model's ``hook`` (only ``"program"``) acts on each weight on its own at
+        ``ctx`` (a model may depend on ``ctx.t_inference``, as :meth:`rowwise`), so that :meth:`program_derivative` gives its derivative element by element. ``program_gradient``'s STE backward
         then multiplies the weight gradient by that derivative instead of keeping the programming's autograd graph
         for the backward. Default False (the graph is kept). A subclass that changes the hook must override this as
         well."""
@@ -315,13 +332,7 @@ class NoiseModel:
 
         Default: the hook under autograd, its derivative read off by one vector-Jacobian product with ones (exact for
         an element-wise hook: its Jacobian is diagonal). Override it with the closed form to skip that product."""
-        with torch.enable_grad():
-            leaf = w.detach().requires_grad_()
-            out = self.program(leaf, ctx)
-            if not out.requires_grad:  # the programmed weights do not depend on w
-                return out, 0.0
-            (derivative,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
-        return out.detach(), derivative
+        return autograd_derivative(lambda leaf: self.program(leaf, ctx), w)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name}

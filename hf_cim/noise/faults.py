@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
 from .conductance import from_pair, to_pair
 
 __all__ = ["StuckAtFaults"]
@@ -45,21 +45,38 @@ class StuckAtFaults(NoiseModel):
         # Element-wise: one draw per device.
         return hook == "program" and type(self).program is StuckAtFaults.program
 
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
+        return hook == "program" and type(self).program is StuckAtFaults.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        return self._programmed(w, ctx, with_derivative=False)[0]
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        # Written in the faults' own pass (the C kernel on the CPU): 1 per device that is not stuck and carries w.
+        return self._programmed(w, ctx, with_derivative=True)
+
+    def _programmed(self, w: torch.Tensor, ctx: NoiseContext, with_derivative: bool):
+        """``(w with its stuck devices, ∂/∂w or None)``; without autograd the backend's one pass over the weights,
+        the same numbers as the formula on the same uniforms."""
         p_off = min(1.0, self.p_off * ctx.level)
         p_on = min(1.0 - p_off, self.p_on * ctx.level)
         if p_off == 0.0 and p_on == 0.0:
-            return w
+            return w, (1.0 if with_derivative else None)
         u = ctx.rand_like(w.expand(2, *w.shape))  # one uniform per device of each pair: g⁺'s, then g⁻'s
-        if torch.is_grad_enabled() and w.requires_grad:
-            return _stick(w, u, p_off, p_on)
-        # Without autograd: the backend's one pass over the weights (the C kernel on the CPU), the same numbers.
+        if torch.is_grad_enabled() and w.requires_grad and not with_derivative:
+            return _stick(w, u, p_off, p_on), None
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        derivative = torch.empty_like(out) if with_derivative else None
 
-        def reference(out, w, u, p_off, p_on):
-            return out.copy_(_stick(w, u, p_off, p_on))
+        def reference(out, derivative, w, u, p_off, p_on):
+            if derivative is None:
+                return out.copy_(_stick(w, u, p_off, p_on))
+            stuck, d = autograd_derivative(lambda leaf: _stick(leaf, u, p_off, p_on), w)
+            derivative.copy_(d)
+            return out.copy_(stuck)
 
-        return ctx.fused("stuck_at_", reference, out, w, u, p_off, p_on)
+        ctx.fused("stuck_at_", reference, out, derivative, w, u, p_off, p_on)
+        return out, derivative
 
 
 def _stick(w: torch.Tensor, u: torch.Tensor, p_off: float, p_on: float) -> torch.Tensor:

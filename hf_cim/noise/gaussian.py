@@ -55,7 +55,7 @@ class GaussianWeightNoise(NoiseModel):
             return self.std
         return None
 
-    def elementwise_derivative(self, hook: str) -> bool:
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
         return hook == "program" and type(self).program is GaussianWeightNoise.program
 
     def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -143,7 +143,7 @@ class LogNormalNoise(NoiseModel):
         # Element-wise: each weight gets its own factor.
         return hook == "program" and type(self).program is LogNormalNoise.program
 
-    def elementwise_derivative(self, hook: str) -> bool:
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
         return hook == "program" and type(self).program is LogNormalNoise.program
 
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:

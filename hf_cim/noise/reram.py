@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
 from .conductance import from_pair, polyval, to_pair
 
 __all__ = ["ReRAMNoise", "reram_programming_std"]
@@ -66,20 +66,41 @@ class ReRAMNoise(NoiseModel):
         # Element-wise: sigma depends on each device's own conductance.
         return hook == "program" and type(self).program is ReRAMNoise.program
 
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
+        return hook == "program" and type(self).program is ReRAMNoise.program
+
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         s = ctx.level * self.scale
         if s == 0.0:
             return w
         if torch.is_grad_enabled() and w.requires_grad:
             return _program(w, self.coeff, self.g_max, s, self.clip_max, ctx.randn_like)
-        # Without autograd: the backend's one pass over the weights (the C kernel on the CPU), the same numbers.
+        return self._fused(w, ctx, s, with_derivative=False)[0]
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        # Written in the programming's own pass (the C kernel on the CPU); elsewhere autograd's, on the same draws.
+        s = ctx.level * self.scale
+        if s == 0.0:
+            return w, 1.0
+        return self._fused(w, ctx, s, with_derivative=True)
+
+    def _fused(self, w: torch.Tensor, ctx: NoiseContext, s: float, with_derivative: bool):
+        """``(programmed w, ∂/∂w or None)`` without autograd: the backend's one pass over the weights (the C kernel on
+        the CPU), the same numbers as :meth:`program`'s formula on the same draws."""
         key = ctx.new_key(w.device)
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        derivative = torch.empty_like(out) if with_derivative else None
 
-        def reference(out, w, coeffs, g_max, s, clip_max, key):  # the same draws: the sampler's, for this key
-            return out.copy_(_program(w, coeffs, g_max, s, clip_max, lambda g: ctx.randn_for_key(g, key)))
+        def reference(out, derivative, w, coeffs, g_max, s, clip_max, key):  # the sampler's draws for this key
+            randn = lambda g: ctx.randn_for_key(g, key)  # noqa: E731
+            if derivative is None:
+                return out.copy_(_program(w, coeffs, g_max, s, clip_max, randn))
+            programmed, d = autograd_derivative(lambda leaf: _program(leaf, coeffs, g_max, s, clip_max, randn), w)
+            derivative.copy_(d)
+            return out.copy_(programmed)
 
-        return ctx.fused("reram_program_", reference, out, w, self.coeff, self.g_max, s, self.clip_max, key)
+        ctx.fused("reram_program_", reference, out, derivative, w, self.coeff, self.g_max, s, self.clip_max, key)
+        return out, derivative
 
 
 def _program(w, coeffs, g_max, s, clip_max, randn_like):
