@@ -32,6 +32,7 @@ this module.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import types
@@ -254,11 +255,13 @@ def _native_lognormal_program_(out, factor, w, sigma, shift, max_log, key):
     return out
 
 
-def _native_reram_program_(out, derivative, w, coeffs, g_max, s, clip_max, key):
+def _native_pair_program_(out, derivative, w, coeffs, divisor, s, clip_max, key, *, bounded):
     operands = (out, w) if derivative is None else (out, derivative, w)
     if not (native.accepts(*operands) and _same_layout(*operands)) or _native_lib() is None or 2 * w.numel() > 2**32:
         return NotImplemented
-    native.reram_program(w, out, _coefficients(coeffs), g_max, s, clip_max, *_key_words(key)[1:], derivative)
+    native.pair_program(
+        w, out, _coefficients(coeffs), divisor, s, clip_max, bounded, *_key_words(key)[1:], derivative=derivative
+    )
     return out
 
 
@@ -335,7 +338,8 @@ _noise_stages = {
     "add_scaled_randn_": _stage("add_scaled_randn_", None, _native_add_scaled_randn_),
     "ir_drop_": _stage("ir_drop_", None, _native_ir_drop_),
     "lognormal_program_": _stage("lognormal_program_", None, _native_lognormal_program_),
-    "reram_program_": _stage("reram_program_", None, _native_reram_program_),
+    "reram_program_": _stage("reram_program_", None, functools.partial(_native_pair_program_, bounded=True)),
+    "pcm_program_": _stage("pcm_program_", None, functools.partial(_native_pair_program_, bounded=False)),
     "stuck_at_": _stage("stuck_at_", None, _native_stuck_at_),
 }
 

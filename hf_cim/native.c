@@ -392,27 +392,29 @@ void hfc_stuck_at(const float *w, const float *u, float *out, float *deriv, i64 
     }
 }
 
-/* ReRAMNoise.program on a weight tensor in one pass: each weight's device pair g+ = max(w, 0), g- = max(-w, 0) gets
- * g' = clamp(g + s·max(poly(min(g, 1)) / g_max, 0)·z, 0, clip_max) (poly: Horner, highest order first, as
- * hf_cim.noise.conductance.polyval), z the Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and
- * out = g+' − g-'. The operations and their order are the torch formula's, so the numbers are its numbers.
- * reram_device also writes *d = ∂g'/∂g as autograd takes it through the torch formula: 0 where a clamp of g' bites,
- * else 1 + z·s·poly'(g)/g_max, the last term only where neither the clamp of g to 1 nor the floor of σ at 0 bites
- * (torch's clamps pass the gradient at their bounds). */
-static inline float reram_device(float g, float z, const float *coeffs, int n_coeffs, float g_max, float s,
-                                 int has_clip, float clip_max, float *d) {
-    const float x = g < F(1.0) || g != g ? g : F(1.0);
+/* The programming noise of a device pair whose σ is a polynomial of the target conductance, in one pass over a weight
+ * tensor: each weight's pair g+ = max(w, 0), g- = max(-w, 0) gets g' = clamp(g + s·σ(g)·z, 0, clip_max), z the
+ * Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and out = g+' − g-'. With `bounded` (ReRAMNoise)
+ * σ(g) = max(poly(min(g, 1)) / divisor, 0); without (PCMNoise's programming step) σ(g) = poly(g) / divisor. poly:
+ * Horner, highest order first, as hf_cim.noise.conductance.polyval. The operations and their order are the torch
+ * formulas', so the numbers are their numbers.
+ * pair_device also writes *d = ∂g'/∂g as autograd takes it through the torch formula: 0 where a clamp of g' bites,
+ * else 1 + z·s·poly'(g)/divisor, the last term (when bounded) only where neither the clamp of g to 1 nor the floor
+ * of σ at 0 bites (torch's clamps pass the gradient at their bounds). */
+static inline float pair_device(float g, float z, const float *coeffs, int n_coeffs, float divisor, float s,
+                                int bounded, int has_clip, float clip_max, float *d) {
+    const float x = !bounded || g < F(1.0) || g != g ? g : F(1.0);
     float p = coeffs[n_coeffs - 1], dp = F(0.0);
     for (int k = n_coeffs - 2; k >= 0; --k) {
         dp = dp * x + p;
         p = p * x + coeffs[k];
     }
-    const float sigma_raw = p / g_max;
-    const float sigma = maxf(F(0.0), sigma_raw) * s;
+    const float sigma_raw = p / divisor;
+    const float sigma = (bounded ? maxf(F(0.0), sigma_raw) : sigma_raw) * s;
     float v = g + sigma * z;
     const int passes = v >= F(0.0) && !(has_clip && v > clip_max);
-    const float dsigma = (g <= F(1.0) && sigma_raw >= F(0.0)) ? dp / g_max * s : F(0.0);
-    *d = passes ? F(1.0) + z * dsigma : F(0.0);
+    const int sigma_moves = !bounded || (g <= F(1.0) && sigma_raw >= F(0.0));
+    *d = passes ? F(1.0) + z * (sigma_moves ? dp / divisor * s : F(0.0)) : F(0.0);
     v = maxf(F(0.0), v);
     if (has_clip && v > clip_max) v = clip_max;
     return v;
@@ -420,16 +422,17 @@ static inline float reram_device(float g, float z, const float *coeffs, int n_co
 
 /* With a `deriv` buffer also deriv = ∂out/∂w: g+'s derivative where w >= 0 plus g-'s where w <= 0 (see
  * hfc_stuck_at: at w = 0 both, as autograd takes it). */
-void hfc_reram_program(const float *w, float *out, float *deriv, i64 n, const float *coeffs, int n_coeffs,
-                       float g_max, float s, int has_clip, float clip_max, uint32_t k0, uint32_t k1, int threads) {
+void hfc_pair_program(const float *w, float *out, float *deriv, i64 n, const float *coeffs, int n_coeffs,
+                      float divisor, float s, int bounded, int has_clip, float clip_max, uint32_t k0, uint32_t k1,
+                      int threads) {
     PARALLEL_FOR_CHUNKS(n, lo, hi) {
         for (i64 i = lo; i < hi; ++i) {
             const float wi = w[i];
             const float gp = maxf(F(0.0), wi), gm = maxf(F(0.0), -wi);
             const float zp = gaussian((uint32_t)i, k0, k1), zm = gaussian((uint32_t)(n + i), k0, k1);
             float dp, dm;
-            out[i] = reram_device(gp, zp, coeffs, n_coeffs, g_max, s, has_clip, clip_max, &dp) -
-                     reram_device(gm, zm, coeffs, n_coeffs, g_max, s, has_clip, clip_max, &dm);
+            out[i] = pair_device(gp, zp, coeffs, n_coeffs, divisor, s, bounded, has_clip, clip_max, &dp) -
+                     pair_device(gm, zm, coeffs, n_coeffs, divisor, s, bounded, has_clip, clip_max, &dm);
             if (deriv) deriv[i] = (wi >= F(0.0) ? dp : F(0.0)) + (wi <= F(0.0) ? dm : F(0.0));
         }
     }

@@ -66,7 +66,7 @@ _SIGNATURES = {
     "hfc_add_scaled_randn": [_ptr, _ptr, _i64, _f32, _i32, _u32, _u32, _i32, _i32],
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
     "hfc_lognormal_program": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _u32, _u32, _i32],
-    "hfc_reram_program": [_ptr, _ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _f32, _u32, _u32, _i32],
+    "hfc_pair_program": [_ptr, _ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _i32, _f32, _u32, _u32, _i32],
     "hfc_within": [_ptr, _ptr, _i64, _f32, _i32],
     "hfc_stuck_at": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
 }
@@ -458,40 +458,49 @@ def lognormal_program(
     )  # fmt: skip
 
 
-def reram_program(
+def pair_program(
     w: torch.Tensor,
     out: torch.Tensor,
     coeffs: torch.Tensor,
-    g_max: float,
+    divisor: float,
     s: float,
     clip_max: float | None,
+    bounded: bool,
     k0: int,
     k1: int,
     derivative: torch.Tensor | None = None,
 ) -> None:
-    """``out`` = ReRAM-programmed ``w``: each device of the pair ``g± = max(±w, 0)`` moves by
-    ``s·max(poly(min(g, 1))/g_max, 0)·ξ`` and is clamped to ``[0, clip_max]`` (``ReRAMNoise.program``); and
-    ``derivative`` = ``∂out/∂w`` as autograd takes it through that formula, when a buffer is given."""
+    """``out`` = ``w`` programmed on device pairs with polynomial programming noise: each device of the pair
+    ``g± = max(±w, 0)`` moves by ``s·σ(g)·ξ`` and is clamped to ``[0, clip_max]``, ``σ(g) = max(poly(min(g, 1)) /
+    divisor, 0)`` when ``bounded`` (``ReRAMNoise.program``) and ``poly(g) / divisor`` otherwise (``PCMNoise``'s
+    programming step); and ``derivative`` = ``∂out/∂w`` as autograd takes it through that formula, when a buffer is
+    given."""
     shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
-    _check("reram_program", "w", w, shape)
-    _check("reram_program", "out", out, shape)
+    _check("pair_program", "w", w, shape)
+    _check("pair_program", "out", out, shape)
     if derivative is not None:
-        _check("reram_program", "derivative", derivative, shape)
+        _check("pair_program", "derivative", derivative, shape)
     n_coeffs = coeffs.numel() if isinstance(coeffs, torch.Tensor) else 0
-    _check("reram_program", "coeffs", coeffs, (n_coeffs,))
+    _check("pair_program", "coeffs", coeffs, (n_coeffs,))
     if n_coeffs < 1:
-        raise ValueError("hf_cim.native.reram_program: `coeffs` must hold at least one coefficient")
+        raise ValueError("hf_cim.native.pair_program: `coeffs` must hold at least one coefficient")
     if 2 * w.numel() > 2**32:  # the Gaussian's counter is 32 bits over the pair tensor
-        raise ValueError(f"hf_cim.native.reram_program: `w` has {w.numel()} elements; at most 2^31 are supported")
+        raise ValueError(f"hf_cim.native.pair_program: `w` has {w.numel()} elements; at most 2^31 are supported")
     has_clip = clip_max is not None
-    _lib().hfc_reram_program(
+    _lib().hfc_pair_program(
         w.data_ptr(), out.data_ptr(), None if derivative is None else derivative.data_ptr(), w.numel(),
-        coeffs.data_ptr(), n_coeffs, g_max, s, has_clip, clip_max if has_clip else 0.0, k0, k1, threads(),
+        coeffs.data_ptr(), n_coeffs, divisor, s, int(bool(bounded)), has_clip, clip_max if has_clip else 0.0, k0, k1,
+        threads(),
     )  # fmt: skip
 
 
 def stuck_at(
-    w: torch.Tensor, u: torch.Tensor, out: torch.Tensor, p_off: float, p_on: float, derivative: torch.Tensor | None = None
+    w: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    p_off: float,
+    p_on: float,
+    derivative: torch.Tensor | None = None,
 ) -> None:
     """``out`` = ``w`` with stuck devices: each device of the pair ``g± = max(±w, 0)`` is 0 where its uniform
     ``u < p_off``, 1 where ``p_off <= u < p_off + p_on`` (``StuckAtFaults.program``); ``u`` has shape ``(2, *w.shape)``

@@ -217,7 +217,7 @@ def test_bfloat16_spread_operands_are_read_exactly_in_float32():
         native.add_scaled_randn(y, a.half(), 0.3, True, 7, 9)
 
 
-def test_reram_program_checks_its_buffers():
+def test_pair_program_checks_its_buffers():
     from hf_cim import native
 
     if not native.available():
@@ -225,13 +225,13 @@ def test_reram_program_checks_its_buffers():
     w = torch.zeros(4, 5)
     coeffs = torch.tensor([0.1, 0.2])
     with pytest.raises(ValueError, match="`out` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
-        native.reram_program(w, torch.zeros(5, 4), coeffs, 40.0, 1.0, None, 1, 2)
+        native.pair_program(w, torch.zeros(5, 4), coeffs, 40.0, 1.0, None, True, 1, 2)
     with pytest.raises(ValueError, match="`coeffs` must hold at least one coefficient"):
-        native.reram_program(w, torch.zeros(4, 5), torch.zeros(0), 40.0, 1.0, None, 1, 2)
+        native.pair_program(w, torch.zeros(4, 5), torch.zeros(0), 40.0, 1.0, None, True, 1, 2)
     with pytest.raises(ValueError, match="`w` must be a contiguous float32"):
-        native.reram_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2)
+        native.pair_program(w.double(), torch.zeros(4, 5), coeffs, 40.0, 1.0, None, True, 1, 2)
     with pytest.raises(ValueError, match="`derivative` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
-        native.reram_program(w, torch.zeros(4, 5), coeffs, 40.0, 1.0, None, 1, 2, torch.zeros(4, 5).t())
+        native.pair_program(w, torch.zeros(4, 5), coeffs, 40.0, 1.0, None, True, 1, 2, torch.zeros(4, 5).t())
 
 
 def test_lognormal_program_checks_its_buffers_and_range():

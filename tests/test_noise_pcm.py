@@ -123,3 +123,56 @@ def test_invalid_fields():
         PCMNoise(t0=-1.0)
     with pytest.raises(TypeError, match="`drift_compensation`"):
         PCMNoise(drift_compensation="yes")
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+def test_the_fresh_programming_pass_and_its_derivative_are_the_formulas(impl):
+    # Without drift to apply, program runs the programming step in the backend's one pass (the C kernel on the CPU)
+    # and program_derivative writes ∂out/∂w beside it: the formula's numbers on the same draws, bit for bit, the
+    # generator left where the formula leaves it (ξ_ν's key taken), and autograd's gradient through the formula.
+    from hf_cim import kernels, native
+
+    if impl == "native" and not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(1)
+    w = torch.rand(64, 301, generator=gen) * 2 - 1
+    w[0, :4] = torch.tensor([0.0, -0.0, 1.0, -1.0])
+    cot = torch.randn(64, 301, generator=gen)
+    model = PCMNoise(prog_noise_scale=20.0)  # large noise: devices clamped at 0 often
+
+    def c():
+        return NoiseContext(generator=torch.Generator().manual_seed(5), level=1.5, sampler=kernels.SAMPLER)
+
+    kernels.set_native(impl == "native")
+    try:
+        with torch.no_grad():
+            fused = model.program(w, c1 := c())
+            out, d = model.program_derivative(w, c2 := c())
+        leaf = w.clone().requires_grad_()
+        formula = model.program(leaf, c3 := c())
+        (grad,) = torch.autograd.grad(formula, leaf, cot)
+    finally:
+        kernels.set_native(None)
+    assert torch.equal(fused, formula.detach()) and torch.equal(out, fused)
+    after = [torch.randn(3, generator=x.generator) for x in (c1, c2, c3)]
+    assert torch.equal(after[0], after[2]) and torch.equal(after[1], after[2])
+    torch.testing.assert_close(cot * d, grad, rtol=1e-5, atol=1e-5)  # products in another order than autograd's
+    assert (d == 0).float().mean() > 0.05 and (d > 1.5).any()  # clamped devices and the w = 0 sum were reached
+
+
+def test_the_derivative_of_drift_without_compensation_is_autograds():
+    # Drifted and not compensated, the programming is still element-wise: autograd's derivative of the formula.
+    gen = torch.Generator().manual_seed(2)
+    w = torch.rand(30, 40, generator=gen) * 2 - 1
+    cot = torch.randn(30, 40, generator=gen)
+    model = PCMNoise(drift_compensation=False)
+    with torch.no_grad():
+        out, d = model.program_derivative(w, ctx(seed=3, t=86400.0))
+    leaf = w.clone().requires_grad_()
+    formula = model.program(leaf, ctx(seed=3, t=86400.0))
+    (grad,) = torch.autograd.grad(formula, leaf, cot)
+    assert torch.equal(out, formula.detach())
+    torch.testing.assert_close(cot * d, grad, rtol=1e-6, atol=1e-7)
+    assert model.elementwise_derivative("program", ctx(t=86400.0))
+    assert not PCMNoise().elementwise_derivative("program", ctx(t=86400.0))  # compensated: a mean over the matrix
+    assert PCMNoise().elementwise_derivative("program", ctx(t=0.0))

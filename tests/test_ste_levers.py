@@ -164,13 +164,13 @@ def test_program_gradient_is_the_device_factor_times_the_crossbar_gradient(kind)
     torch.testing.assert_close(probe.weight_oi(gw_chain)[read], ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("noise", ["paper", "rram"])
+@pytest.mark.parametrize("noise", ["paper", "rram", "pcm_drift"])
 @pytest.mark.parametrize("gradient", ["ste", "ste_detach"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_program_gradient_in_closed_form_equals_the_programming_under_autograd(kind, gradient, noise, monkeypatch):
-    """Lognormal devices (each device's factor), ReRAM devices and stuck-at faults have closed-form derivatives: the
-    chain multiplies by them instead of running the programming under autograd, with the same gradients (the
-    programmed values agree to an ulp: the C kernel's exp against torch's)."""
+    """Lognormal devices (each device's factor), ReRAM and fresh PCM devices and stuck-at faults have closed-form
+    derivatives: the chain multiplies by them instead of running the programming under autograd, with the same
+    gradients (the programmed values agree to an ulp: the C kernel's exp against torch's)."""
     plain, x = _layer(kind)
     fields = dict(gradient=gradient, noise=noise, level=3.0, output_bits=None, tile_size=16, seed=4,
                   backward_weights="programmed", program_gradient=True)  # fmt: skip

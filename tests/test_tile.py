@@ -312,6 +312,7 @@ _ELEMENTWISE = {
                                       {"name": "gaussian_weight", "std": 0.03, "per_channel": False}],
     "gaussian": [{"name": "gaussian_weight", "std": 0.05}],
     "rram": [{"name": "reram"}, {"name": "stuck_at", "p_off": 0.05, "p_on": 0.01}],
+    "pcm": [{"name": "pcm", "prog_noise_scale": 3.0}],
 }  # fmt: skip
 
 
@@ -351,8 +352,11 @@ def test_only_closed_form_programming_is_elementwise():
     from hf_cim.tile import programs_elementwise
 
     ctx = NoiseContext(generator=None, level=1.0)
-    for preset in ("paper", "rram"):
+    for preset in ("paper", "rram", "pcm_drift"):
         assert programs_elementwise(AnalogNoiseConfig(noise=preset).noise, ctx)
+    # PCM's global drift compensation, a mean over the whole matrix, acts once the chip has drifted
+    aged = NoiseContext(generator=None, level=1.0, t_inference=86400.0)
     custom = AnalogNoiseConfig(noise=[{"name": "lognormal"}, {"name": "pcm"}]).noise
-    assert not programs_elementwise(custom, ctx)
-    assert programs_elementwise(custom, NoiseContext(generator=None, level=0.0))  # nothing programs at level 0
+    assert not programs_elementwise(custom, aged)
+    assert programs_elementwise(AnalogNoiseConfig(noise=[{"name": "pcm", "drift_compensation": False}]).noise, aged)
+    assert programs_elementwise(custom, NoiseContext(generator=None, level=0.0, t_inference=86400.0))  # level 0

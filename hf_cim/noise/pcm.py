@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
 from .conductance import from_pair, polyval, to_pair
 
 __all__ = ["PCMNoise", "pcm_drift_exponent_stats", "pcm_programming_std", "pcm_read_std"]
 
 _G_MIN = 1e-7  # floor of ĝ inside logarithms and powers (aihwkit's _ZERO_CLIP)
+_PROG_DIVISOR = 25.0  # σ_prog's polynomial is in µS at g_max = 25 µS
 
 
 def pcm_programming_std(g_hat: torch.Tensor, coeffs=(0.26348, 1.9650, -1.1731)) -> torch.Tensor:
@@ -32,7 +33,7 @@ def pcm_programming_std(g_hat: torch.Tensor, coeffs=(0.26348, 1.9650, -1.1731)) 
     ``σ_prog = (c0 + c1·ĝ + c2·ĝ²)·(g_max/25) µS`` (Nandakumar 2019, measured at ``g_max = 25 µS``); divided by
     ``g_max`` this is ``poly(ĝ)/25`` whatever ``g_max`` is: 0.01054 at ĝ = 0, 0.04220 at ĝ = 1.
     """
-    return polyval(coeffs, g_hat) / 25.0
+    return polyval(coeffs, g_hat) / _PROG_DIVISOR
 
 
 def pcm_drift_exponent_stats(g_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +54,11 @@ def pcm_read_std(g_hat: torch.Tensor, t: float, t_read: float = 250e-9) -> torch
     """
     q_s = (0.0088 / g_hat.clamp(min=_G_MIN).pow(0.65).clamp(min=1e-3)).clamp(max=0.2)
     return q_s * math.sqrt(max(0.0, math.log((t + t_read) / (2.0 * t_read))))
+
+
+def _program_devices(g: torch.Tensor, xi: torch.Tensor, coeffs, scale: float) -> torch.Tensor:
+    """The programming step on device conductances ``g``: ``max(0, g + scale·σ_prog(g)·ξ)``."""
+    return (g + pcm_programming_std(g, coeffs) * scale * xi).clamp(min=0.0)
 
 
 @register_noise_model("pcm")
@@ -116,15 +122,58 @@ class PCMNoise(NoiseModel):
                 raise TypeError(f"PCMNoise: `{name}` must be a bool, got {getattr(self, name)!r}")
 
     def rowwise(self, hook: str, ctx: NoiseContext) -> bool:
+        return hook == "program" and type(self).program is PCMNoise.program and not self._compensates(ctx)
+
+    def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
+        return hook == "program" and type(self).program is PCMNoise.program and not self._compensates(ctx)
+
+    def _compensates(self, ctx: NoiseContext) -> bool:
         # Element-wise, except the global drift compensation (a mean over all rows), which only acts when t > 0.
-        compensated = self.drift and self.drift_compensation and ctx.t_inference > 0.0
-        return hook == "program" and type(self).program is PCMNoise.program and not compensated
+        return self.drift and self.drift_compensation and ctx.t_inference > 0.0
 
     def program(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
+        if (torch.is_grad_enabled() and w.requires_grad) or self._drifts(ctx):
+            return self._formula(w, ctx)
+        # No drift to apply: the programming step alone, the backend's one pass (the C kernel on the CPU).
+        return self._programmed(w, ctx, with_derivative=False)[0]
+
+    def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:
+        if self._drifts(ctx):  # drift without compensation (element-wise): autograd's derivative of the formula
+            return autograd_derivative(lambda leaf: self._formula(leaf, ctx), w)
+        # The programming step alone: its derivative written in the same pass.
+        return self._programmed(w, ctx, with_derivative=True)
+
+    def _drifts(self, ctx: NoiseContext) -> bool:
+        return self.drift and float(ctx.t_inference) > 0.0
+
+    def _programmed(self, w: torch.Tensor, ctx: NoiseContext, with_derivative: bool):
+        """``(from_pair(g_prog), ∂/∂w or None)`` without autograd, where no drift applies: the programming step in
+        the backend's one pass, the same numbers as :meth:`_formula` on the same draws (and the drift exponents'
+        key taken, as the formula draws them at every ``t``)."""
+        key = ctx.new_key(w.device)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        derivative = torch.empty_like(out) if with_derivative else None
+        scale = ctx.level * self.prog_noise_scale
+
+        def reference(out, derivative, w, coeffs, divisor, s, clip_max, key):  # the sampler's draws for this key
+            def step(w):
+                g = to_pair(w)
+                return from_pair(_program_devices(g, ctx.randn_for_key(g, key), coeffs, s))
+
+            if derivative is None:
+                return out.copy_(step(w))
+            programmed, d = autograd_derivative(step, w)
+            derivative.copy_(d)
+            return out.copy_(programmed)
+
+        ctx.fused("pcm_program_", reference, out, derivative, w, self.prog_coeff, _PROG_DIVISOR, scale, None, key)
+        if self.drift:
+            ctx.new_key(w.device)  # ξ_ν's key: one chip seed gives the same devices whatever t is
+        return out, derivative
+
+    def _formula(self, w: torch.Tensor, ctx: NoiseContext) -> torch.Tensor:
         g = to_pair(w)  # (2, out, in) targets ĝ
-        xi_prog = ctx.randn_like(g)
-        sigma = pcm_programming_std(g, self.prog_coeff) * (ctx.level * self.prog_noise_scale)
-        g_prog = (g + sigma * xi_prog).clamp(min=0.0)
+        g_prog = _program_devices(g, ctx.randn_like(g), self.prog_coeff, ctx.level * self.prog_noise_scale)
         if not self.drift:
             return from_pair(g_prog)
         xi_nu = ctx.randn_like(g)  # drawn at every t: the same chip seed gives the same ν at every t
