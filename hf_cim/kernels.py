@@ -265,6 +265,13 @@ def _native_pair_program_(out, derivative, w, coeffs, divisor, s, clip_max, key,
     return out
 
 
+def _native_pcm_read_(out, w, g_min, sqrt_log, scale, key):
+    if not (native.accepts(out, w) and _same_layout(out, w)) or _native_lib() is None or w.numel() > 2**32:
+        return NotImplemented
+    native.pcm_read(w, out, g_min, sqrt_log, scale, *_key_words(key)[1:])
+    return out
+
+
 def _native_stuck_at_(out, derivative, w, u, p_off, p_on):
     operands = (out, w) if derivative is None else (out, derivative, w)
     if not (native.accepts(*operands, u) and _same_layout(*operands) and u.is_contiguous()) or _native_lib() is None:
@@ -341,6 +348,7 @@ _noise_stages = {
     "reram_program_": _stage("reram_program_", None, functools.partial(_native_pair_program_, bounded=True)),
     "pcm_program_": _stage("pcm_program_", None, functools.partial(_native_pair_program_, bounded=False)),
     "stuck_at_": _stage("stuck_at_", None, _native_stuck_at_),
+    "pcm_read_": _stage("pcm_read_", None, _native_pcm_read_),
 }
 
 

@@ -392,6 +392,24 @@ void hfc_stuck_at(const float *w, const float *u, float *out, float *deriv, i64 
     }
 }
 
+/* PCMNoise.read in one pass: out = w·max(0, 1 + scale·σ_r(|w|)·z), σ_r(g) = min(0.0088 / max(max(g, g_min)^0.65,
+ * 1e-3), 0.2)·sqrt_log (hf_cim.noise.pcm.pcm_read_std with its time factor), z the Gaussian at w's flat index. The
+ * torch formula's operations in its order; powf is libm's, torch's pow its own vectorized one: the two may differ in
+ * the last bit (tests/test_noise_pcm.py bounds it). */
+void hfc_pcm_read(const float *w, float *out, i64 n, float g_min, float sqrt_log, float scale, uint32_t k0,
+                  uint32_t k1, int threads) {
+    PARALLEL_FOR_CHUNKS(n, lo, hi) {
+        for (i64 i = lo; i < hi; ++i) {
+            const float g = maxf(g_min, fabsf(w[i]));
+            /* torch evaluates the Python expression 0.0088 / tensor as reciprocal(tensor) * 0.0088. */
+            float q = (F(1.0) / maxf(F(1e-3), powf(g, F(0.65)))) * F(0.0088);
+            q = q > F(0.2) ? F(0.2) : q;
+            const float sigma = q * sqrt_log * scale;
+            out[i] = w[i] * maxf(F(0.0), F(1.0) + sigma * gaussian((uint32_t)i, k0, k1));
+        }
+    }
+}
+
 /* The programming noise of a device pair whose σ is a polynomial of the target conductance, in one pass over a weight
  * tensor: each weight's pair g+ = max(w, 0), g- = max(-w, 0) gets g' = clamp(g + s·σ(g)·z, 0, clip_max), z the
  * Gaussian at the pair tensor's flat index (g+ at i, g- at n + i), and out = g+' − g-'. With `bounded` (ReRAMNoise)

@@ -67,6 +67,7 @@ _SIGNATURES = {
     "hfc_ir_drop": [_ptr, _ptr, _ptr, _i64, _i32, _i32, _i32],
     "hfc_lognormal_program": [_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _u32, _u32, _i32],
     "hfc_pair_program": [_ptr, _ptr, _ptr, _i64, _ptr, _i32, _f32, _f32, _i32, _i32, _f32, _u32, _u32, _i32],
+    "hfc_pcm_read": [_ptr, _ptr, _i64, _f32, _f32, _f32, _u32, _u32, _i32],
     "hfc_within": [_ptr, _ptr, _i64, _f32, _i32],
     "hfc_stuck_at": [_ptr, _ptr, _ptr, _ptr, _i64, _f32, _f32, _i32],
 }
@@ -519,6 +520,22 @@ def stuck_at(
         w.data_ptr(), u.data_ptr(), out.data_ptr(), None if derivative is None else derivative.data_ptr(), w.numel(),
         p_off, p_off + p_on, threads(),
     )  # fmt: skip
+
+
+def pcm_read(
+    w: torch.Tensor, out: torch.Tensor, g_min: float, sqrt_log: float, scale: float, k0: int, k1: int
+) -> None:
+    """``out = w·max(0, 1 + scale·σ_r(|w|)·ξ)``, ``σ_r(g) = min(0.0088 / max(max(g, g_min)^0.65, 1e-3), 0.2)·sqrt_log``
+    (``PCMNoise.read``)."""
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+    _check("pcm_read", "w", w, shape)
+    _check("pcm_read", "out", out, shape)
+    for name, v in (("g_min", g_min), ("sqrt_log", sqrt_log), ("scale", scale)):
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(f"hf_cim.native.pcm_read: `{name}` must be finite and >= 0, got {v}")
+    if w.numel() > 2**32:  # the Gaussian's counter is 32 bits
+        raise ValueError(f"hf_cim.native.pcm_read: `w` has {w.numel()} elements; at most 2^32 are supported")
+    _lib().hfc_pcm_read(w.data_ptr(), out.data_ptr(), w.numel(), g_min, sqrt_log, scale, k0, k1, threads())
 
 
 def within(y: torch.Tensor, out: torch.Tensor, bound: float) -> None:

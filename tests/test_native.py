@@ -297,3 +297,17 @@ def test_within_is_the_torch_comparison_at_the_bound_and_checks_its_buffers():
         native.within(y.double(), out, bound)
     with pytest.raises(ValueError, match="`bound` must not be NaN"):
         native.within(y, out, float("nan"))
+
+
+def test_pcm_read_checks_its_buffers_and_scalars():
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    w, out = torch.full((4, 5), 0.5), torch.zeros(4, 5)
+    with pytest.raises(ValueError, match="`out` must be a contiguous float32 CPU tensor of shape \\(4, 5\\)"):
+        native.pcm_read(w, torch.zeros(5, 4), 1e-7, 1.0, 1.0, 1, 2)
+    with pytest.raises(ValueError, match="`scale` must be finite and >= 0, got nan"):
+        native.pcm_read(w, out, 1e-7, 1.0, float("nan"), 1, 2)
+    native.pcm_read(w, out, 1e-7, 0.0, 1.0, 1, 2)  # no time for 1/f noise to accumulate: the weights as they are
+    assert torch.equal(out, w)

@@ -176,3 +176,38 @@ def test_the_derivative_of_drift_without_compensation_is_autograds():
     assert model.elementwise_derivative("program", ctx(t=86400.0))
     assert not PCMNoise().elementwise_derivative("program", ctx(t=86400.0))  # compensated: a mean over the matrix
     assert PCMNoise().elementwise_derivative("program", ctx(t=0.0))
+
+
+@pytest.mark.parametrize("impl", ["native", "eager"])
+@pytest.mark.parametrize("t", [0.0, 86400.0 * 365])
+def test_the_read_pass_is_the_formula(impl, t):
+    # Without autograd the read noise is one pass of the backend (the C kernel on the CPU): the formula's draws and
+    # numbers (libm's powf against torch's pow: within an ulp or two of the spread), the generator left where the
+    # formula leaves it; factors clamped at 0 for tiny weights included.
+    from hf_cim import kernels, native
+
+    if impl == "native" and not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(4)
+    w = torch.rand(64, 301, generator=gen) * 2 - 1
+    w[0, :5] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-9])
+    model = PCMNoise(read_noise_scale=5.0)
+
+    def c():
+        return NoiseContext(
+            generator=torch.Generator().manual_seed(6), level=2.0, t_inference=t, sampler=kernels.SAMPLER
+        )
+
+    kernels.set_native(impl == "native")
+    try:
+        with torch.no_grad():
+            fused = model.read(w, c1 := c())
+        formula = model.read(w.clone().requires_grad_(), c2 := c()).detach()
+    finally:
+        kernels.set_native(None)
+    tol = dict(rtol=0, atol=0) if impl == "eager" else dict(rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(fused, formula, **tol)
+    assert torch.equal(torch.randn(3, generator=c1.generator), torch.randn(3, generator=c2.generator))
+    assert ((fused == 0) & (w != 0)).any() and (
+        fused != w
+    ).float().mean() > 0.9  # factors clamped at 0; the rest moved

@@ -53,7 +53,12 @@ def pcm_read_std(g_hat: torch.Tensor, t: float, t_read: float = 250e-9) -> torch
     ``Q_s = min(0.0088/ĝ^0.65, 0.2)``, ``σ_r = Q_s·sqrt(ln((t + t_read)/(2·t_read)))`` (0 when ``t < t_read``).
     """
     q_s = (0.0088 / g_hat.clamp(min=_G_MIN).pow(0.65).clamp(min=1e-3)).clamp(max=0.2)
-    return q_s * math.sqrt(max(0.0, math.log((t + t_read) / (2.0 * t_read))))
+    return q_s * _read_time_factor(t, t_read)
+
+
+def _read_time_factor(t: float, t_read: float) -> float:
+    """``sqrt(ln((t + t_read)/(2·t_read)))``, 0 when ``t < t_read``: the 1/f noise accumulated over ``[t_read, t]``."""
+    return math.sqrt(max(0.0, math.log((t + t_read) / (2.0 * t_read))))
 
 
 def _program_devices(g: torch.Tensor, xi: torch.Tensor, coeffs, scale: float) -> torch.Tensor:
@@ -194,6 +199,21 @@ class PCMNoise(NoiseModel):
         scale = ctx.level * self.read_noise_scale
         if scale == 0.0:
             return w
-        sigma = pcm_read_std(w.detach().abs(), float(ctx.t_inference) + self.t0, self.t_read) * scale
-        factor = (1.0 + sigma * ctx.randn_like(w)).clamp(min=0.0)
-        return w * factor
+        t = float(ctx.t_inference) + self.t0
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _read(w, t, self.t_read, scale, ctx.randn_like)
+        # Without autograd (every STE forward): the backend's one pass over the weights (the C kernel on the CPU).
+        key = ctx.new_key(w.device)
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+        sqrt_log = _read_time_factor(t, self.t_read)
+
+        def reference(out, w, g_min, sqrt_log, scale, key):  # the sampler's draws for this key
+            return out.copy_(_read(w, t, self.t_read, scale, lambda v: ctx.randn_for_key(v, key)))
+
+        return ctx.fused("pcm_read_", reference, out, w, _G_MIN, sqrt_log, scale, key)
+
+
+def _read(w: torch.Tensor, t: float, t_read: float, scale: float, randn_like) -> torch.Tensor:
+    """``w·max(0, 1 + scale·σ_r(|w|, t)·ξ)``, ``ξ = randn_like(w)`` (the spread not differentiated)."""
+    sigma = pcm_read_std(w.detach().abs(), t, t_read) * scale
+    return w * (1.0 + sigma * randn_like(w)).clamp(min=0.0)
