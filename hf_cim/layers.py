@@ -28,7 +28,7 @@ from .correction import correct_on_batch
 from .noise.base import NoiseContext
 from .rng import chip_generator, layer_generator
 from .state import STATE_ATTR, AnalogState
-from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp, program_chained
+from .ste import analog_forward, chains_programming, lever_surrogate, lever_vjp, masked_gradient, program_chained
 from .tile import (
     TileSpec,
     analog_matmul,
@@ -296,14 +296,14 @@ class AnalogLayerMixin:
         backward."""
         grad_x, grad_w = self._lever_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
         if input_mask is not None and grad_x is not None:
-            grad_x = grad_x * input_mask  # bool promotes to grad_x's dtype
+            grad_x = masked_gradient(grad_x, input_mask)
         return grad_x, grad_w
 
     def _lever_backward(self, x, weight, grad, mask, w_prog, need_x, need_w, dtype):
         if mask is not None and mask.shape[0] > 1:
             return self._tiled_ste_backward(x, weight, grad, mask, w_prog, need_x, need_w, dtype)
         if mask is not None:
-            grad = grad * self.from_rows(mask[0], x)  # bool promotes to grad's dtype
+            grad = masked_gradient(grad, self.from_rows(mask[0], x))
         if w_prog is None:
             return self.clean_backward(x, weight, grad, need_x, need_w, dtype)
         grad_x, _ = self.clean_backward(x, self.weight_from_oi(w_prog, weight), grad, need_x, False, dtype)

@@ -32,6 +32,7 @@ __all__ = [
     "chains_programming",
     "lever_surrogate",
     "lever_vjp",
+    "masked_gradient",
     "program_chained",
     "ste_detach_forward",
 ]
@@ -96,6 +97,12 @@ def _tiles(t: torch.Tensor, n_tiles: int, rows: int) -> torch.Tensor:
     return F.pad(t, (0, n_tiles * rows - t.shape[1])).view(t.shape[0], n_tiles, rows).transpose(0, 1)
 
 
+def masked_gradient(g: torch.Tensor, mask: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``g`` where the bool ``mask`` passes, exact zeros elsewhere (also where ``g`` is not finite). One pass: ``g *
+    mask`` would first convert the mask to ``g``'s dtype, a float copy the size of the logits for an LM head."""
+    return torch.where(mask, g, g.new_zeros(()), out=out)
+
+
 def lever_vjp(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -119,7 +126,7 @@ def lever_vjp(
     w_x = (w if w_b is None else w_b).to(dtype)
     if mask is None or mask.shape[0] == 1:
         if mask is not None:
-            g = g * mask[0]  # bool promotes to g's dtype: no float copy of the mask
+            g = masked_gradient(g, mask[0])
         return (g @ w_x if need_x else None), (g.t() @ x if need_w else None)
     k, n, out = x.shape[1], x.shape[0], w.shape[0]
     # One tile at a time through one (vectors, out) buffer: the masked gradient of every tile at once would be
@@ -130,7 +137,7 @@ def lever_vjp(
     gw = g.new_empty(out, k) if need_w else None
     for t in range(mask.shape[0]):
         lo, hi = t * tile_rows, min(k, (t + 1) * tile_rows)
-        torch.mul(g, mask[t], out=g_m)  # (bool promotes to g's dtype)
+        masked_gradient(g, mask[t], out=g_m)
         if need_x:
             gx[:, lo:hi] = g_m @ w_x[:, lo:hi]
         if need_w:

@@ -119,3 +119,17 @@ def test_ste_under_autocast_saves_the_compute_dtype_input_and_gives_the_plain_au
     (px, pw), (nx, nw) = grads
     assert nx.dtype == torch.float32 and nw.dtype == torch.float32
     assert torch.equal(nx, px) and torch.equal(nw, pw)  # the same bfloat16 products, bit for bit
+
+
+def test_masked_gradient_passes_the_gradient_where_the_mask_does_and_exact_zeros_elsewhere():
+    # The STE's saturation mask: g where the ADC passed, 0 where it clipped, also where g is not finite (a product
+    # with the mask would give NaN there); the out= buffer gets the same numbers; the dtype is g's.
+    from hf_cim.ste import masked_gradient
+
+    g = torch.tensor([[1.5, -2.0, float("inf"), float("nan")], [-0.0, 3.0, -4.0, 5.0]])
+    mask = torch.tensor([[True, False, False, False], [True, True, False, True]])
+    expected = torch.tensor([[1.5, 0.0, 0.0, 0.0], [-0.0, 3.0, 0.0, 5.0]])
+    assert torch.equal(masked_gradient(g, mask), expected)
+    out = torch.full_like(g, 7.0)
+    assert masked_gradient(g, mask, out=out) is out and torch.equal(out, expected)
+    assert masked_gradient(g.bfloat16(), mask).dtype == torch.bfloat16

@@ -129,11 +129,14 @@ class IRDrop(NoiseModel):
         used = x.shape[-1]
         rows = max(used, array_rows or 0)
         pos = ir_drop_position_weights(rows, device=x.device, dtype=x.dtype)[:used]
-        w_t = w.transpose(1, 2)
         current_dtype = resolve_spread_dtype(self.current_dtype, x.device)
         position_dtype = resolve_spread_dtype(self.position_dtype, x.device)
+        dtype = w.dtype
         if current_dtype == position_dtype == "bfloat16" and w.dtype == torch.float32:
-            w_t = w_t.to(torch.bfloat16)  # rounded once for both products (|round(w)| = round(|w|): the same numbers)
+            dtype = torch.bfloat16  # rounded once for both products (|round(w)| = round(|w|): the same numbers)
+        # Each tile a plain transposed matrix: a tile of a wider layer is a strided view, which bmm would copy for
+        # each of the two products.
+        w_t = w.to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
         # Constant factors go on the small (tokens × rows) operands, not on the (tokens × out) results.
         x_abs = x.abs() * (rows / self.g_ratio)
         if self.column_current == "exact":
