@@ -56,6 +56,7 @@ __all__ = [
     "register_noise_model",
     "resolve_spread_dtype",
     "spread_bmm",
+    "write_programmed",
 ]
 
 #: Precisions a model may compute a second-order term in (a noise spread, an IR-drop correction): never the signal.
@@ -246,6 +247,21 @@ def autograd_derivative(
     return out.detach(), derivative
 
 
+def write_programmed(
+    out: torch.Tensor,
+    derivative: torch.Tensor | None,
+    program: Callable[[torch.Tensor], torch.Tensor],
+    w: torch.Tensor,
+) -> torch.Tensor:
+    """``out ← program(w)`` and, when a ``derivative`` buffer is given, ``derivative ← ∂program/∂w``
+    (:func:`autograd_derivative`): the torch reference of a fused programming stage that writes both."""
+    if derivative is None:
+        return out.copy_(program(w))
+    programmed, d = autograd_derivative(program, w)
+    derivative.copy_(d)
+    return out.copy_(programmed)
+
+
 class NoiseModel:
     """Base class of every noise model; subclasses are ``@dataclass``es registered with :func:`register_noise_model`.
 
@@ -319,10 +335,10 @@ class NoiseModel:
 
     def elementwise_derivative(self, hook: str, ctx: NoiseContext) -> bool:
         """Chain capability: whether this model's ``hook`` (only ``"program"``) acts on each weight on its own at
-        ``ctx`` (a model may depend on ``ctx.t_inference``, as :meth:`rowwise`), so that :meth:`program_derivative` gives its derivative element by element. ``program_gradient``'s STE backward
-        then multiplies the weight gradient by that derivative instead of keeping the programming's autograd graph
-        for the backward. Default False (the graph is kept). A subclass that changes the hook must override this as
-        well."""
+        ``ctx`` (a model may depend on ``ctx.t_inference``, as :meth:`rowwise`), so that :meth:`program_derivative`
+        gives its derivative element by element. ``program_gradient``'s STE backward then multiplies the weight
+        gradient by that derivative instead of keeping the programming's autograd graph for the backward. Default
+        False (the graph is kept). A subclass that changes the hook must override this as well."""
         return False
 
     def program_derivative(self, w: torch.Tensor, ctx: NoiseContext) -> tuple[torch.Tensor, torch.Tensor | float]:

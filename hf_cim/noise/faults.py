@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, check_range, register_noise_model, write_programmed
 from .conductance import from_pair, to_pair
 
 __all__ = ["StuckAtFaults"]
@@ -69,11 +69,7 @@ class StuckAtFaults(NoiseModel):
         derivative = torch.empty_like(out) if with_derivative else None
 
         def reference(out, derivative, w, u, p_off, p_on):
-            if derivative is None:
-                return out.copy_(_stick(w, u, p_off, p_on))
-            stuck, d = autograd_derivative(lambda leaf: _stick(leaf, u, p_off, p_on), w)
-            derivative.copy_(d)
-            return out.copy_(stuck)
+            return write_programmed(out, derivative, lambda w: _stick(w, u, p_off, p_on), w)
 
         ctx.fused("stuck_at_", reference, out, derivative, w, u, p_off, p_on)
         return out, derivative

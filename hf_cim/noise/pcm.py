@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model, write_programmed
 from .conductance import from_pair, polyval, to_pair
 
 __all__ = ["PCMNoise", "pcm_drift_exponent_stats", "pcm_programming_std", "pcm_read_std"]
@@ -165,11 +165,7 @@ class PCMNoise(NoiseModel):
                 g = to_pair(w)
                 return from_pair(_program_devices(g, ctx.randn_for_key(g, key), coeffs, s))
 
-            if derivative is None:
-                return out.copy_(step(w))
-            programmed, d = autograd_derivative(step, w)
-            derivative.copy_(d)
-            return out.copy_(programmed)
+            return write_programmed(out, derivative, step, w)
 
         ctx.fused("pcm_program_", reference, out, derivative, w, self.prog_coeff, _PROG_DIVISOR, scale, None, key)
         if self.drift:

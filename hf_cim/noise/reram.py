@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import NoiseContext, NoiseModel, autograd_derivative, check_range, register_noise_model
+from .base import NoiseContext, NoiseModel, check_range, register_noise_model, write_programmed
 from .conductance import from_pair, polyval, to_pair
 
 __all__ = ["ReRAMNoise", "reram_programming_std"]
@@ -92,12 +92,10 @@ class ReRAMNoise(NoiseModel):
         derivative = torch.empty_like(out) if with_derivative else None
 
         def reference(out, derivative, w, coeffs, g_max, s, clip_max, key):  # the sampler's draws for this key
-            randn = lambda g: ctx.randn_for_key(g, key)  # noqa: E731
-            if derivative is None:
-                return out.copy_(_program(w, coeffs, g_max, s, clip_max, randn))
-            programmed, d = autograd_derivative(lambda leaf: _program(leaf, coeffs, g_max, s, clip_max, randn), w)
-            derivative.copy_(d)
-            return out.copy_(programmed)
+            def program(w):
+                return _program(w, coeffs, g_max, s, clip_max, lambda g: ctx.randn_for_key(g, key))
+
+            return write_programmed(out, derivative, program, w)
 
         ctx.fused("reram_program_", reference, out, derivative, w, self.coeff, self.g_max, s, self.clip_max, key)
         return out, derivative
