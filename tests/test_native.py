@@ -234,6 +234,41 @@ def test_pair_program_checks_its_buffers():
         native.pair_program(w, torch.zeros(4, 5), coeffs, 40.0, 1.0, None, True, 1, 2, torch.zeros(4, 5).t())
 
 
+@pytest.mark.parametrize(
+    "bounded, coeffs",
+    [(True, (0.348, 16.030, -43.853, 45.393, -16.815)), (False, (0.26348, 1.9650, -1.1731))],
+    ids=["reram", "pcm"],
+)
+@pytest.mark.parametrize("clip_max", [None, 1.2], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("with_derivative", [False, True], ids=["out", "out+derivative"])
+def test_pair_program_vectorized_curves_equal_the_generic_loop(bounded, coeffs, clip_max, with_derivative):
+    # The presets' two curves run in loops specialized on their degree and flags (vectorized); every other curve in
+    # a generic loop. A zero highest-order coefficient leaves Horner's values and derivative the same for finite g
+    # (0·x + c is c exactly), and sends the same curve down the generic loop: both must give the same numbers, bit
+    # for bit, through every branch (clamps at 0 and clip_max, g at and above 1, w = 0).
+    from hf_cim import native
+
+    if not native.available():
+        pytest.skip("no C compiler: the C kernels are not built")
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(67, 301, generator=gen) * 2.6 - 1.3  # an odd size: the vector loop's remainder runs too
+    w[0, :6] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.1, -1.1])
+    runs = []
+    for c in (coeffs, (*coeffs, 0.0)):  # lowest order first (hf_cim.noise.conductance.polyval): a zero on top
+        c = torch.tensor(c, dtype=torch.float32)
+        out = torch.empty_like(w)
+        d = torch.empty_like(w) if with_derivative else None
+        native.pair_program(w, out, c, 40.0, 30.0, clip_max, bounded, 11, 13, d)
+        runs.append((out, d))
+    (out, d), (out_generic, d_generic) = runs
+    assert torch.equal(out, out_generic)
+    if with_derivative:
+        assert torch.equal(d, d_generic)
+        assert (d == 0).any() and (d > 1.5).any()  # clamped devices and the w = 0 sum were reached
+    if clip_max is not None:
+        assert (out.abs() == clip_max).any()
+
+
 def test_lognormal_program_checks_its_buffers_and_range():
     from hf_cim import native
 

@@ -182,15 +182,16 @@ def test_the_derivative_of_drift_without_compensation_is_autograds():
 @pytest.mark.parametrize("t", [0.0, 86400.0 * 365])
 def test_the_read_pass_is_the_formula(impl, t):
     # Without autograd the read noise is one pass of the backend (the C kernel on the CPU): the formula's draws and
-    # numbers (libm's powf against torch's pow: within an ulp or two of the spread), the generator left where the
-    # formula leaves it; factors clamped at 0 for tiny weights included.
+    # numbers (the C pass's own power against torch's pow: within an ulp or two of the spread), the generator left
+    # where the formula leaves it; factors clamped at 0 for tiny weights included.
     from hf_cim import kernels, native
 
     if impl == "native" and not native.available():
         pytest.skip("no C compiler: the C kernels are not built")
     gen = torch.Generator().manual_seed(4)
     w = torch.rand(64, 301, generator=gen) * 2 - 1
-    w[0, :5] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-9])
+    w[0, :8] = torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-9, float("inf"), float("-inf"), float("nan")])
+    w[1, :3] = torch.tensor([1e-40, 3e38, 2.0**-126])  # a subnormal, the top of the range, the smallest normal
     model = PCMNoise(read_noise_scale=5.0)
 
     def c():
@@ -206,7 +207,7 @@ def test_the_read_pass_is_the_formula(impl, t):
     finally:
         kernels.set_native(None)
     tol = dict(rtol=0, atol=0) if impl == "eager" else dict(rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(fused, formula, **tol)
+    torch.testing.assert_close(fused, formula, equal_nan=True, **tol)  # inf and NaN weights as the formula has them
     assert torch.equal(torch.randn(3, generator=c1.generator), torch.randn(3, generator=c2.generator))
     assert ((fused == 0) & (w != 0)).any() and (
         fused != w
