@@ -40,6 +40,18 @@ static inline uint32_t as_bits(float f) {
     return b;
 }
 
+static inline uint64_t as_bits64(double d) {
+    uint64_t b;
+    memcpy(&b, &d, sizeof b);
+    return b;
+}
+
+static inline double as_double(uint64_t b) {
+    double d;
+    memcpy(&d, &b, sizeof d);
+    return d;
+}
+
 static inline float log_poly(float u) {
     uint32_t bits = as_bits(u);
     float exponent = (float)((int32_t)((bits >> 23) & 0xFFu) - 127);
@@ -398,18 +410,6 @@ void hfc_stuck_at(const float *w, const float *u, float *out, float *deriv, i64 
  * series of the mantissa in [√½, √2), exp by Cody–Waite and its Taylor polynomial; both truncated below 1e-13), then
  * rounded to float once. Branch-free so that the loop vectorizes (libm's powf is a call per element); against
  * glibc's powf on every 7th float in (0, 2): 0.06 % of them one ulp apart, none more. inf gives inf, NaN NaN. */
-static inline uint64_t as_bits64(double d) {
-    uint64_t b;
-    memcpy(&b, &d, sizeof b);
-    return b;
-}
-
-static inline double as_double(uint64_t b) {
-    double d;
-    memcpy(&d, &b, sizeof d);
-    return d;
-}
-
 static inline float pow_poly(float x_f, float y_f) {
     const double x = (double)x_f; /* a float subnormal is a normal double: one exponent path */
     const uint64_t b = as_bits64(x);
